@@ -1,0 +1,341 @@
+// group_assign on the CPU: one pass over the pixels for the forward, one for
+// the backward, parallel over fixed-size pixel chunks.
+//
+// Why this shape: the op is memory-bound (k and v are B×P×C and B×P×D; q is
+// tiny), so each pixel's k and v rows are read once per pass and everything
+// else (similarities to the N tokens, softmax over N, argmax, the gradient
+// terms) is computed from registers/L1. Chunks have a fixed size and their
+// partial sums are reduced in chunk order, so results do not depend on the
+// number of threads (bitwise reproducible).
+//
+// Math and notation: rexfast/ops/group_assign.py.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "rng.h"
+
+namespace rexfast {
+namespace {
+
+constexpr int64_t kChunk = 256;  // pixels per work item
+constexpr double kL2nEps = 1e-12;
+
+template <typename acc_t>
+inline acc_t gumbel(uint32_t key, uint32_t index);
+template <>
+inline float gumbel<float>(uint32_t key, uint32_t index) {
+  return gumbel_from_key(key, index);
+}
+template <>
+inline double gumbel<double>(uint32_t key, uint32_t index) {
+  return gumbel_from_key_f64(key, index);
+}
+
+template <typename acc_t>
+inline acc_t dot(const acc_t* __restrict a, const acc_t* __restrict b, int64_t n) {
+  acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+template <typename scalar_t, typename acc_t>
+inline acc_t load_row(const scalar_t* __restrict src, acc_t* __restrict dst, int64_t n) {
+  // Converts one row to the accumulation type and returns its squared norm.
+  acc_t norm2 = 0;
+#pragma omp simd reduction(+ : norm2)
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t x = static_cast<acc_t>(src[i]);
+    dst[i] = x;
+    norm2 += x * x;
+  }
+  return norm2;
+}
+
+struct Shapes {
+  int64_t B, N, P, C, D, chunks;
+};
+
+Shapes shapes_of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  Shapes s{q.size(0), q.size(1), k.size(1), q.size(2), v.size(2), 0};
+  s.chunks = (s.P + kChunk - 1) / kChunk;
+  return s;
+}
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& tau,
+                  const c10::optional<at::Tensor>& noise) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "group_assign_fwd: q, k, v must be 3-D");
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
+              "group_assign (cpu): q, k, v must be CPU tensors");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type(),
+              "group_assign (cpu): q, k, v must share a dtype");
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(2) == q.size(2), "group_assign (cpu): k must be (B, P, C)");
+  TORCH_CHECK(v.size(0) == q.size(0) && v.size(1) == k.size(1), "group_assign (cpu): v must be (B, P, D)");
+  TORCH_CHECK(k.size(1) > 0, "group_assign (cpu): empty pixel axis");
+  TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1,
+              "group_assign (cpu): q, k, v need unit stride on the last axis");
+  TORCH_CHECK(tau.numel() == 1, "group_assign (cpu): tau must hold one value");
+  TORCH_CHECK(q.size(0) * q.size(1) * k.size(1) < (int64_t(1) << 31), "group_assign (cpu): B*N*P must be < 2^31");
+  if (noise.has_value()) {
+    TORCH_CHECK(noise->is_contiguous() && noise->numel() == q.size(0) * q.size(1) * k.size(1),
+                "group_assign (cpu): noise must be a contiguous (B, N, P) tensor");
+  }
+}
+
+// l2n over the last axis of q, in the accumulation type: (B*N, C) contiguous.
+at::Tensor normalised_queries(const at::Tensor& q, at::ScalarType acc) {
+  at::Tensor qa = q.to(acc);
+  return (qa / (at::linalg_vector_norm(qa, 2, {-1}, /*keepdim=*/true) + kL2nEps)).contiguous();
+}
+
+template <typename scalar_t, typename acc_t>
+void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, acc_t tau,
+                    const c10::optional<at::Tensor>& noise, int64_t key, bool use_key, at::Tensor& out,
+                    at::Tensor& assign, at::Tensor& counts) {
+  const Shapes s = shapes_of(q, k, v);
+  const at::ScalarType acc_type = c10::CppTypeToScalarType<acc_t>::value;
+  const at::Tensor qhat_t = normalised_queries(q, acc_type);
+  const acc_t* qhat = qhat_t.data_ptr<acc_t>();
+  const scalar_t* kp0 = k.data_ptr<scalar_t>();
+  const scalar_t* vp0 = v.data_ptr<scalar_t>();
+  at::Tensor noise_acc;
+  const acc_t* g0 = nullptr;
+  if (noise.has_value()) {
+    noise_acc = noise->to(acc_type).contiguous();
+    g0 = noise_acc.data_ptr<acc_t>();
+  }
+  scalar_t* assign0 = assign.data_ptr<scalar_t>();
+  // Partial sums per (b, chunk): zeroed by their owner below.
+  at::Tensor sums = at::empty({s.B, s.chunks, s.N, s.D}, q.options().dtype(acc_type));
+  at::Tensor hits = at::empty({s.B, s.chunks, s.N}, q.options().dtype(acc_type));
+  acc_t* sums0 = sums.data_ptr<acc_t>();
+  acc_t* hits0 = hits.data_ptr<acc_t>();
+  const int64_t skb = k.stride(0), skp = k.stride(1), svb = v.stride(0), svp = v.stride(1);
+  const uint32_t key32 = static_cast<uint32_t>(key);
+  const acc_t inv_tau = acc_t(1) / tau;
+
+  at::parallel_for(0, s.B * s.chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> krow(s.C), z(s.N);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / s.chunks, chunk = item % s.chunks;
+      acc_t* part = sums0 + item * s.N * s.D;
+      acc_t* hit = hits0 + item * s.N;
+      std::fill(part, part + s.N * s.D, acc_t(0));
+      std::fill(hit, hit + s.N, acc_t(0));
+      const acc_t* qb = qhat + b * s.N * s.C;
+      const int64_t p_end = std::min(s.P, (chunk + 1) * kChunk);
+      for (int64_t p = chunk * kChunk; p < p_end; ++p) {
+        const acc_t norm = std::sqrt(load_row(kp0 + b * skb + p * skp, krow.data(), s.C));
+        const acc_t inv_d = acc_t(1) / (norm + acc_t(kL2nEps));
+        int64_t best = 0;
+        for (int64_t n = 0; n < s.N; ++n) {
+          const int64_t flat = (b * s.N + n) * s.P + p;
+          acc_t logit = dot(qb + n * s.C, krow.data(), s.C) * inv_d;
+          if (g0) logit += g0[flat];
+          else if (use_key) logit += gumbel<acc_t>(key32, static_cast<uint32_t>(flat));
+          z[n] = logit * inv_tau;
+          if (z[n] > z[best]) best = n;  // first maximum wins, as torch.argmax
+        }
+        for (int64_t n = 0; n < s.N; ++n) assign0[(b * s.N + n) * s.P + p] = scalar_t(n == best ? 1 : 0);
+        acc_t* dst = part + best * s.D;
+        const scalar_t* vrow = vp0 + b * svb + p * svp;
+#pragma omp simd
+        for (int64_t d = 0; d < s.D; ++d) dst[d] += static_cast<acc_t>(vrow[d]);
+        hit[best] += 1;
+      }
+    }
+  });
+
+  // Reduce the chunk partials in chunk order (deterministic), normalise.
+  float* counts0 = counts.data_ptr<float>();
+  scalar_t* out0 = out.data_ptr<scalar_t>();
+  at::parallel_for(0, s.B * s.N, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(s.D);
+    for (int64_t bn = begin; bn < end; ++bn) {
+      const int64_t b = bn / s.N, n = bn % s.N;
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      acc_t count = 0;
+      for (int64_t chunk = 0; chunk < s.chunks; ++chunk) {
+        const acc_t* part = sums0 + ((b * s.chunks + chunk) * s.N + n) * s.D;
+#pragma omp simd
+        for (int64_t d = 0; d < s.D; ++d) acc[d] += part[d];
+        count += hits0[(b * s.chunks + chunk) * s.N + n];
+      }
+      const acc_t scale = acc_t(1) / (count + 1);
+      for (int64_t d = 0; d < s.D; ++d) out0[bn * s.D + d] = static_cast<scalar_t>(acc[d] * scale);
+      counts0[bn] = static_cast<float>(count);
+    }
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+void backward_kernel(const at::Tensor& dout, const at::Tensor& dassign, const at::Tensor& q, const at::Tensor& k,
+                     const at::Tensor& v, acc_t tau, const c10::optional<at::Tensor>& noise, int64_t key,
+                     bool use_key, const at::Tensor& out, const at::Tensor& counts, at::Tensor& dq, at::Tensor& dk,
+                     at::Tensor& dv, at::Tensor& dtau) {
+  const Shapes s = shapes_of(q, k, v);
+  const at::ScalarType acc_type = c10::CppTypeToScalarType<acc_t>::value;
+  const at::Tensor qhat_t = normalised_queries(q, acc_type);
+  const acc_t* qhat = qhat_t.data_ptr<acc_t>();
+  // Per-token constants: 1/(r+1), c = dout·out, and dout/(r+1) (the dv rows).
+  const at::Tensor inv_r1_t = (1.0 / (counts.to(acc_type) + 1.0)).contiguous();
+  const at::Tensor dout_acc = dout.to(acc_type).contiguous();
+  const at::Tensor c_t = (dout_acc * out.to(acc_type)).sum(-1).contiguous();
+  const at::Tensor dv_rows_t = (dout_acc * inv_r1_t.unsqueeze(-1)).to(dv.scalar_type()).contiguous();
+  const acc_t* inv_r1 = inv_r1_t.data_ptr<acc_t>();
+  const acc_t* dout0 = dout_acc.data_ptr<acc_t>();
+  const acc_t* c0 = c_t.data_ptr<acc_t>();
+  const scalar_t* dv_rows = dv_rows_t.data_ptr<scalar_t>();
+  const at::Tensor dassign_acc = dassign.to(acc_type).contiguous();
+  const acc_t* da0 = dassign_acc.data_ptr<acc_t>();
+  at::Tensor noise_acc;
+  const acc_t* g0 = nullptr;
+  if (noise.has_value()) {
+    noise_acc = noise->to(acc_type).contiguous();
+    g0 = noise_acc.data_ptr<acc_t>();
+  }
+  const scalar_t* kp0 = k.data_ptr<scalar_t>();
+  const scalar_t* vp0 = v.data_ptr<scalar_t>();
+  scalar_t* dk0 = dk.data_ptr<scalar_t>();
+  scalar_t* dv0 = dv.data_ptr<scalar_t>();
+  at::Tensor dqhat_parts = at::empty({s.B, s.chunks, s.N, s.C}, q.options().dtype(acc_type));
+  at::Tensor dtau_parts = at::empty({s.B, s.chunks}, q.options().dtype(acc_type));
+  acc_t* dqp0 = dqhat_parts.data_ptr<acc_t>();
+  acc_t* dtp0 = dtau_parts.data_ptr<acc_t>();
+  const int64_t skb = k.stride(0), skp = k.stride(1), svb = v.stride(0), svp = v.stride(1);
+  const int64_t sdkb = dk.stride(0), sdkp = dk.stride(1), sdvb = dv.stride(0), sdvp = dv.stride(1);
+  const uint32_t key32 = static_cast<uint32_t>(key);
+  const acc_t inv_tau = acc_t(1) / tau;
+
+  at::parallel_for(0, s.B * s.chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> krow(s.C), vrow(s.D), dkrow(s.C), sim(s.N), z(s.N), y(s.N), ds(s.N);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / s.chunks, chunk = item % s.chunks;
+      acc_t* dqp = dqp0 + item * s.N * s.C;
+      std::fill(dqp, dqp + s.N * s.C, acc_t(0));
+      acc_t dtau_acc = 0;
+      const acc_t* qb = qhat + b * s.N * s.C;
+      const acc_t* doutb = dout0 + b * s.N * s.D;
+      const int64_t p_end = std::min(s.P, (chunk + 1) * kChunk);
+      for (int64_t p = chunk * kChunk; p < p_end; ++p) {
+        const acc_t norm = std::sqrt(load_row(kp0 + b * skb + p * skp, krow.data(), s.C));
+        const acc_t inv_d = acc_t(1) / (norm + acc_t(kL2nEps));
+        load_row(vp0 + b * svb + p * svp, vrow.data(), s.D);
+        // Recompute the forward: similarities, logits, softmax over N, argmax.
+        int64_t best = 0;
+        for (int64_t n = 0; n < s.N; ++n) {
+          const int64_t flat = (b * s.N + n) * s.P + p;
+          sim[n] = dot(qb + n * s.C, krow.data(), s.C) * inv_d;
+          acc_t logit = sim[n];
+          if (g0) logit += g0[flat];
+          else if (use_key) logit += gumbel<acc_t>(key32, static_cast<uint32_t>(flat));
+          z[n] = logit * inv_tau;
+          if (z[n] > z[best]) best = n;
+        }
+        acc_t denom = 0;
+        for (int64_t n = 0; n < s.N; ++n) denom += (y[n] = std::exp(z[n] - z[best]));
+        // dY = dA + (dout·v − c)/(r+1);  dZ = Y (dY − Σ Y dY)
+        acc_t weighted = 0;
+        for (int64_t n = 0; n < s.N; ++n) {
+          y[n] /= denom;
+          const int64_t bn = b * s.N + n;
+          ds[n] = da0[bn * s.P + p] + (dot(doutb + n * s.D, vrow.data(), s.D) - c0[bn]) * inv_r1[bn];
+          weighted += y[n] * ds[n];
+        }
+        acc_t ds_dot_sim = 0;
+        for (int64_t n = 0; n < s.N; ++n) {
+          const acc_t dz = y[n] * (ds[n] - weighted);
+          dtau_acc -= dz * (z[n] - z[best]);  // Σ dZ = 0: the shift is exact, avoids cancellation
+          ds[n] = dz * inv_tau;  // now dS
+          ds_dot_sim += ds[n] * sim[n];
+        }
+        // dv: the pixel's token row of dout/(r+1).
+        const scalar_t* dv_src = dv_rows + (b * s.N + best) * s.D;
+        std::copy(dv_src, dv_src + s.D, dv0 + b * sdvb + p * sdvp);
+        // dk = (Σ_n dS_n q̂_n)/d − k (Σ_n dS_n S_n)/(‖k‖ d);  dq̂ += dS k̂
+        std::fill(dkrow.begin(), dkrow.end(), acc_t(0));
+        for (int64_t n = 0; n < s.N; ++n) {
+          const acc_t dsn = ds[n];
+          const acc_t* qn = qb + n * s.C;
+          acc_t* dqn = dqp + n * s.C;
+          const acc_t dsn_inv_d = dsn * inv_d;
+#pragma omp simd
+          for (int64_t c = 0; c < s.C; ++c) {
+            dkrow[c] += dsn * qn[c];
+            dqn[c] += dsn_inv_d * krow[c];
+          }
+        }
+        const acc_t radial = norm > 0 ? ds_dot_sim / norm : acc_t(0);
+        scalar_t* dkp = dk0 + b * sdkb + p * sdkp;
+#pragma omp simd
+        for (int64_t c = 0; c < s.C; ++c) dkp[c] = static_cast<scalar_t>((dkrow[c] - krow[c] * radial) * inv_d);
+      }
+      dtp0[item] = dtau_acc * inv_tau;
+    }
+  });
+
+  // dq from dq̂ through the l2n backward; partials reduced in chunk order.
+  const at::Tensor dqhat = dqhat_parts.sum(1);
+  const at::Tensor qa = q.to(acc_type);
+  const at::Tensor qnorm = at::linalg_vector_norm(qa, 2, {-1}, true);
+  const at::Tensor qden = qnorm + kL2nEps;
+  const at::Tensor proj = (qa * dqhat).sum(-1, true);
+  const at::Tensor radial = at::where(qnorm > 0, proj / (qnorm * qden * qden), at::zeros_like(proj));
+  dq.copy_(dqhat / qden - qa * radial);
+  dtau.fill_(dtau_parts.sum());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_assign_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                                    const at::Tensor& v, const at::Tensor& tau,
+                                                                    const c10::optional<at::Tensor>& noise,
+                                                                    int64_t key, bool use_key) {
+  check_inputs(q, k, v, tau, noise);
+  const int64_t B = q.size(0), N = q.size(1), P = k.size(1), D = v.size(2);
+  at::Tensor out = at::empty({B, N, D}, q.options());
+  at::Tensor assign = at::empty({B, N, P}, q.options());
+  at::Tensor counts = at::empty({B, N}, q.options().dtype(at::kFloat));
+  const double tau_value = tau.to(at::kDouble).item<double>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "group_assign_fwd_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    forward_kernel<scalar_t, acc_t>(q, k, v, static_cast<acc_t>(tau_value), noise, key, use_key, out, assign,
+                                    counts);
+  });
+  return {out, assign, counts};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_assign_bwd_cpu(
+    const at::Tensor& dout, const at::Tensor& dassign, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& tau, const c10::optional<at::Tensor>& noise, int64_t key, bool use_key, const at::Tensor& out,
+    const at::Tensor& counts) {
+  check_inputs(q, k, v, tau, noise);
+  const int64_t B = q.size(0), N = q.size(1), P = k.size(1), D = v.size(2);
+  TORCH_CHECK(dout.sizes() == at::IntArrayRef({B, N, D}), "group_assign_bwd (cpu): dout must be (B, N, D)");
+  TORCH_CHECK(dassign.sizes() == at::IntArrayRef({B, N, P}), "group_assign_bwd (cpu): dassign must be (B, N, P)");
+  TORCH_CHECK(out.sizes() == at::IntArrayRef({B, N, D}), "group_assign_bwd (cpu): out must be (B, N, D)");
+  TORCH_CHECK(counts.sizes() == at::IntArrayRef({B, N}), "group_assign_bwd (cpu): counts must be (B, N)");
+  at::Tensor dq = at::empty_like(q, at::MemoryFormat::Contiguous);
+  at::Tensor dk = at::empty_like(k, at::MemoryFormat::Contiguous);
+  at::Tensor dv = at::empty_like(v, at::MemoryFormat::Contiguous);
+  const bool is_double = q.scalar_type() == at::kDouble;
+  at::Tensor dtau = at::empty({1}, q.options().dtype(is_double ? at::kDouble : at::kFloat));
+  const double tau_value = tau.to(at::kDouble).item<double>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "group_assign_bwd_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    backward_kernel<scalar_t, acc_t>(dout, dassign, q, k, v, static_cast<acc_t>(tau_value), noise, key, use_key, out,
+                                     counts, dq, dk, dv, dtau);
+  });
+  return {dq, dk, dv, dtau};
+}
+
+}  // namespace
+}  // namespace rexfast
+
+TORCH_LIBRARY_IMPL(rexfast_C, CPU, m) {
+  m.impl("group_assign_fwd", &rexfast::group_assign_fwd_cpu);
+  m.impl("group_assign_bwd", &rexfast::group_assign_bwd_cpu);
+}

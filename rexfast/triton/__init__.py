@@ -1,0 +1,1 @@
+"""Triton kernels. Imported lazily by the op layer so `import rexfast` works without triton."""
