@@ -33,7 +33,10 @@ def extensions():
 
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))  # noqa: E731
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
-    cxx = ["-O3", "-std=c++17", "-fopenmp-simd"]
+    # -fopenmp: at::parallel_for's OpenMP loop is inlined from ATen's headers, so
+    # without it the CPU kernels silently run on one thread.
+    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    link = ["-fopenmp"]
     if not flag("REXFAST_PORTABLE"):
         cxx.append("-march=native")
     include_dirs = [os.path.join(ROOT, "kernels")]
@@ -59,13 +62,16 @@ def extensions():
             sources,
             include_dirs=include_dirs,
             define_macros=[("REXFAST_WITH_CUDA", None)],
+            extra_link_args=link,
             extra_compile_args={
                 "cxx": cxx,
                 "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "-DREXFAST_WITH_CUDA"],
             },
         )
     else:
-        ext = CppExtension("rexfast._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx})
+        ext = CppExtension(
+            "rexfast._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx}, extra_link_args=link
+        )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

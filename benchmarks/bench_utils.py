@@ -1,0 +1,130 @@
+"""Shared benchmark plumbing (imported by the benchmark modules and conftest.py): timing, device ceilings, and JSON results.
+
+Every benchmark module records rows with :func:`record`; at the end of the
+session the rows are written to ``benchmarks/results/<module>-<device>.json``
+together with the device name, torch/triton versions and the git commit, and
+a side-by-side table is printed. Timings are medians: CUDA via
+``triton.testing.do_bench``, CPU via ``time.perf_counter``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import subprocess
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).parent / "results"
+_ROWS: dict[str, list[dict]] = defaultdict(list)
+_CEILINGS: dict[str, dict] = {}
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def git_commit() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+        return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except Exception:
+        return "unknown"
+
+
+def median_ms(fn, device: str, *, rounds: int = 7, warmup: int = 2) -> float:
+    """Median wall time of ``fn()`` in milliseconds."""
+    if device == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def ceilings(device: str) -> dict:
+    """The device's measured ceilings: copy bandwidth (GB/s, read+write bytes)
+    and, on CUDA, bf16 matmul throughput (TFLOP/s). Measured once per session."""
+    if device in _CEILINGS:
+        return _CEILINGS[device]
+    if device == "cuda":
+        src = torch.empty(2**28, dtype=torch.uint8, device="cuda")  # 256 MiB
+        dst = torch.empty_like(src)
+        ms = median_ms(lambda: dst.copy_(src), "cuda")
+        a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+        mm_ms = median_ms(lambda: a @ b, "cuda")
+        out = {"copy_GBps": 2 * src.numel() / ms / 1e6, "bf16_matmul_TFLOPs": 2 * 8192**3 / mm_ms / 1e9}
+    else:
+        src = torch.randn(2**25)  # 128 MiB fp32, well past the caches
+        dst = torch.empty_like(src)
+        ms = median_ms(lambda: dst.copy_(src), "cpu")
+        out = {"copy_GBps": 2 * src.numel() * 4 / ms / 1e6}
+    _CEILINGS[device] = out
+    return out
+
+
+def record(suite: str, row: dict) -> None:
+    _ROWS[suite].append(row)
+
+
+def _environment(device: str) -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    import rexfast
+
+    return {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "git_commit": git_commit(),
+        "torch_threads": torch.get_num_threads(),
+        "rexfast_backends": rexfast.info().get(f"backends_{device}"),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def write_results():
+    if not _ROWS:
+        return
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    for suite, rows in _ROWS.items():
+        device = rows[0].get("device_type", "cpu")
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", "cuda-" + device_name("cuda") if device == "cuda" else "cpu").strip("-")
+        payload = {"suite": suite, "environment": _environment(device), "ceilings": _CEILINGS.get(device), "rows": rows}
+        path = RESULTS_DIR / f"{suite}-{slug.lower()}.json"
+        path.write_text(json.dumps(payload, indent=2) + "\n")
+        print(f"\n[{suite}] results written to {path}")
+        keys = [k for k in rows[0] if k not in ("device_type",)]
+        print("  " + " | ".join(keys))
+        for row in rows:
+            print("  " + " | ".join(f"{row.get(k):.4g}" if isinstance(row.get(k), float) else str(row.get(k))
+                                    for k in keys))
+
+

@@ -1,0 +1,110 @@
+"""group_assign: fused backends vs the eager reference vs torch.compile, side by side.
+
+CPU (always): the issue's target shape B=8, N=2, P=3600, C=D=512 fp32, and
+B=2 at N ∈ {2, 8, 32}. CUDA (when present): B=8, N ∈ {2, 8, 32},
+P ∈ {900, 3600, 14400}, C=D=512, bf16. Each shape reports every variant's
+median forward and forward+backward time, the speed-up over eager and over
+torch.compile, and the achieved bandwidth for the bytes the op must move
+against the device's measured copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench_utils import ceilings, median_ms, record
+from rexfast.ops import _backends, group_assign, group_assign_reference
+
+SUITE = "group_assign"
+CPU_SHAPES = [(8, 2, 3600, 512, 512), (2, 2, 3600, 512, 512), (2, 8, 3600, 512, 512), (2, 32, 3600, 512, 512)]
+GPU_SHAPES = [(8, n, p, 512, 512) for n in (2, 8, 32) for p in (900, 3600, 14400)]
+
+
+def min_bytes(B, N, P, C, D, elt, backward):
+    """Bytes the op cannot avoid moving: forward reads k, v and writes assign, out;
+    backward re-reads k, v, reads dassign, writes dk, dv (q/dq/out/dout are tiny)."""
+    fwd = elt * (B * P * C + B * P * D + B * N * P + B * N * D)
+    if not backward:
+        return fwd
+    return fwd + elt * (2 * B * P * C + 2 * B * P * D + B * N * P)
+
+
+def _inputs(shape, device, dtype):
+    B, N, P, C, D = shape
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, N, C, generator=g).to(device, dtype)
+    k = torch.randn(B, P, C, generator=g).to(device, dtype)
+    v = torch.randn(B, P, D, generator=g).to(device, dtype)
+    tau = torch.tensor([0.5], device=device)
+    return q, k, v, tau
+
+
+def _variants(device):
+    ref = lambda q, k, v, t: group_assign_reference(q, k, v, t)  # noqa: E731
+    out = {"eager": ref, "compile": torch.compile(ref, dynamic=False)}
+    for name in ("cpu", "cuda", "triton"):
+        if name in _backends.available(device) and not (name == "triton" and device == "cpu"):
+            out[name] = lambda q, k, v, t, _n=name: group_assign(q, k, v, t, backend=_n)
+    return out
+
+
+def _run(shape, device, dtype):
+    q, k, v, tau = _inputs(shape, device, dtype)
+    leaves = [t.requires_grad_(True) for t in (q, k, v, tau)]
+    rows = {}
+    for name, fn in _variants(device).items():
+        def forward():
+            with torch.no_grad():
+                return fn(q, k, v, tau)
+
+        def forward_backward():
+            out, assign = fn(*leaves)
+            # grads of out.sum() + assign.sum(): autograd.grad, so nothing accumulates in .grad
+            return torch.autograd.grad((out, assign), leaves, (torch.ones_like(out), torch.ones_like(assign)))
+
+        rows[name] = (median_ms(forward, device), median_ms(forward_backward, device))
+    ceiling = ceilings(device)["copy_GBps"]
+    elt = torch.empty((), dtype=dtype).element_size()
+    for name, (fwd_ms, fb_ms) in rows.items():
+        gbps = min_bytes(*shape, elt, True) / fb_ms / 1e6
+        record(SUITE, {
+            "device_type": device,
+            "shape_BNPCD": "x".join(map(str, shape)),
+            "dtype": str(dtype).replace("torch.", ""),
+            "variant": name,
+            "fwd_ms": fwd_ms,
+            "fwd_bwd_ms": fb_ms,
+            "fwd_bwd_speedup_vs_eager": rows["eager"][1] / fb_ms,
+            "fwd_bwd_speedup_vs_compile": rows["compile"][1] / fb_ms,
+            "fwd_speedup_vs_eager": rows["eager"][0] / fwd_ms,
+            "fwd_bwd_GBps": gbps,
+            "fraction_of_copy_bw": gbps / ceiling,
+        })
+    return rows
+
+
+@pytest.mark.parametrize("shape", CPU_SHAPES, ids=lambda s: "B{}N{}P{}C{}D{}".format(*s))
+def test_group_assign_cpu(benchmark, shape):
+    rows = _run(shape, "cpu", torch.float32)
+    # pytest-benchmark's own table times the fused CPU forward+backward.
+    q, k, v, tau = (t.requires_grad_(True) for t in _inputs(shape, "cpu", torch.float32))
+    best = "cpu" if "cpu" in rows else "eager"
+    fn = _variants("cpu")[best]
+
+    def step():
+        out, assign = fn(q, k, v, tau)
+        torch.autograd.grad((out, assign), (q, k, v, tau), (torch.ones_like(out), torch.ones_like(assign)))
+
+    benchmark.extra_info.update({k: {"fwd_ms": a, "fwd_bwd_ms": b} for k, (a, b) in rows.items()})
+    benchmark.pedantic(step, rounds=3, iterations=1, warmup_rounds=1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "B{}N{}P{}C{}D{}".format(*s))
+def test_group_assign_cuda(benchmark, shape):
+    rows = _run(shape, "cuda", torch.bfloat16)
+    benchmark.extra_info.update({k: {"fwd_ms": a, "fwd_bwd_ms": b} for k, (a, b) in rows.items()})
+    q, k, v, tau = (t.requires_grad_(True) for t in _inputs(shape, "cuda", torch.bfloat16))
+    fn = _variants("cuda").get("triton") or _variants("cuda")["eager"]
+    benchmark.pedantic(lambda: fn(q, k, v, tau)[0].sum().backward(), rounds=3, iterations=1, warmup_rounds=1)
