@@ -113,12 +113,26 @@ def info() -> dict:
         "backends_cpu": available("cpu"),
         "backends_cuda": available("cuda") if torch.cuda.is_available() else [],
         "cuda_available": torch.cuda.is_available(),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else _cpu_name(),
+        "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "env_override": os.environ.get(ENV_VAR),
     }
     return out
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "cpu"
 
 
 _warned: set = set()

@@ -1,0 +1,142 @@
+"""The ``rexfast`` command line: info, train, eval, predict, demo.
+
+Bad input (missing file, unreadable image, empty text, wrong checkpoint, bad
+config) ends with one ``rexfast: error: ...`` line on stderr and exit code 2;
+outputs are written atomically, so nothing is left half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+USER_ERRORS = (FileNotFoundError, ValueError, TypeError, KeyError, PermissionError, IsADirectoryError)
+
+
+def _cmd_info(args) -> int:
+    import rexfast
+
+    info = rexfast.info()
+    if args.json:
+        print(json.dumps(info, indent=1))
+    else:
+        width = max(map(len, info))
+        for key, value in info.items():
+            print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from .engine.config import load_config
+    from .engine.trainer import train
+
+    overrides = list(args.set or [])
+    if args.out:
+        overrides.append(f"train.out_dir={args.out}")
+    cfg = load_config(args.config, overrides)
+    summary = train(cfg, resume=args.resume, progress=not args.no_progress)
+    if summary is not None:
+        print(json.dumps(summary, indent=1))
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from .engine.evaluator import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(
+        args.checkpoint, split=args.split, overrides=args.set or [], out=args.out, batch_size=args.batch_size,
+        device=args.device, max_samples=args.max_samples,
+    )
+    from .metrics import format_table
+
+    print(format_table(metrics))
+    return 0
+
+
+def _cmd_predict(args) -> int:
+    from .engine.predictor import predict_to_files
+
+    written = predict_to_files(
+        args.checkpoint, args.image, args.text, out_dir=args.out_dir, threshold=args.threshold, device=args.device
+    )
+    for path in written:
+        print(path)
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .engine.demo import run_demo
+
+    run_demo(out_dir=args.out, quick=args.quick, minutes=args.minutes, seed=args.seed, progress=not args.no_progress)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rexfast", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log which backend each op runs, and more")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="versions, built extensions, available backends, device")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("train", help="train from a config file (works under torchrun for DDP)")
+    p.add_argument("--config", help="YAML/JSON config (sections data, model, train)")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
+    p.add_argument("--out", help="output directory (train.out_dir)")
+    p.add_argument("--resume", metavar="CKPT", help="continue exactly from a training checkpoint (last.pt)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint on a split; prints and writes the metric table")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--split", default=None, help="split name (default: the config's val split)")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override e.g. data.root")
+    p.add_argument("--out", help="write the metrics as JSON here")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-samples", type=int, default=None)
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("predict", help="segment what a sentence names in one image")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--image", required=True)
+    p.add_argument("--text", required=True)
+    p.add_argument("--out-dir", default=".", help="where mask.png and overlay.png go")
+    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("demo", help="synthetic GRES data → train a small CGFormer → evaluate → overlays")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--quick", action="store_true", help="a tiny run that finishes in about a minute")
+    p.add_argument("--minutes", type=float, default=15.0, help="training time budget (full mode)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    if args.verbose:
+        logging.getLogger("rexfast").setLevel(logging.INFO)
+    from .engine.checkpoint import CheckpointError
+
+    try:
+        return args.func(args)
+    except (CheckpointError, *USER_ERRORS) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"rexfast: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rexfast: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
