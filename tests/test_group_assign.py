@@ -1,6 +1,7 @@
 """group_assign on every backend this machine can run, against the float64 reference."""
 
 import math
+import zlib
 
 import pytest
 import torch
@@ -21,6 +22,11 @@ SHAPES = [  # (B, N, P, C, D)
 ]
 
 
+def _stable_seed(*parts) -> int:
+    # Python's str hash is salted per process; cases must be the same every run
+    return zlib.crc32(repr(parts).encode()) % 1000
+
+
 def _reference(case, dout, dassign):
     leaves = [t.detach().double().requires_grad_(True) for t in (*case.inputs(),)]
     noise = None if case.noise is None else case.noise.double()
@@ -33,8 +39,10 @@ def _check_backend(case, backend, dtype):
     leaves = [t.detach().clone().requires_grad_(True) for t in case.inputs()]
     out, assign = group_assign(*leaves, **case.kwargs(), backend=backend)
     assert out.dtype == dtype and assign.dtype == dtype
-    dout = torch.randn(out.shape).to(dtype)
-    dassign = torch.randn(assign.shape).to(dtype)
+    # seeded: an unseeded draw made dtau's relative error flaky when dtau ≈ 0
+    gen = torch.Generator().manual_seed(1234)
+    dout = torch.randn(out.shape, generator=gen).to(dtype)
+    dassign = torch.randn(assign.shape, generator=gen).to(dtype)
     grads = torch.autograd.grad((out, assign), leaves, (dout, dassign))
     ref_out, ref_assign, ref_grads = _reference(case, dout, dassign)
     tol = TOLERANCE[dtype]
@@ -52,7 +60,7 @@ def _check_backend(case, backend, dtype):
 def test_matches_reference_fp32(poisoned_outputs, backend, shape, noise):
     if backend == "triton" and shape[1] * shape[2] * max(shape[3], shape[4]) > 2_000_000:
         pytest.skip("too slow for the Triton interpreter")
-    case = make_case(*shape, dtype=torch.float32, noise=noise, generator_seed=hash((shape, noise)) % 1000)
+    case = make_case(*shape, dtype=torch.float32, noise=noise, generator_seed=_stable_seed(shape, noise))
     _check_backend(case, backend, torch.float32)
 
 

@@ -1,0 +1,120 @@
+"""Triton-backend specifics of group_assign: block boundaries, split reductions, hash keys.
+
+Runs on CPU under the Triton interpreter (TRITON_INTERPRET=1, set by conftest.py
+without CUDA) and on CUDA tensors when a GPU is present. The block sizes these
+cases straddle come from ``rexfast.triton.group_assign._blocks``: BLOCK_N =
+max(16, next_pow2(N)); BLOCK_P = 64 / 32 / 32 / 16 for BLOCK_N = 16 / 32 / 64 / 128;
+BLOCK_C = 32; BLOCK_D = 64 (32 for BLOCK_N = 64).
+"""
+
+import pytest
+import torch
+
+from group_assign_cases import TOLERANCE, make_case, rel_err
+from rexfast.ops import _backends, group_assign, group_assign_reference
+from rexfast.ops.reference import gumbel_noise_from_key
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(
+    "triton" not in _backends.available(DEVICE), reason=f"triton backend unavailable for {DEVICE} tensors"
+)
+
+
+def _ref_grads(case, dout, dassign):
+    leaves = [t.detach().double().requires_grad_(True) for t in case.inputs()]
+    noise = None if case.noise is None else case.noise.double()
+    out, assign = group_assign_reference(*leaves, noise=noise, seed=case.seed)
+    grads = torch.autograd.grad((out, assign), leaves, (dout.double(), dassign.double()))
+    return out, assign, grads
+
+
+def _parity(case, dtype, grad_seed=0):
+    leaves = [t.detach().clone().requires_grad_(True) for t in case.inputs()]
+    out, assign = group_assign(*leaves, **case.kwargs(), backend="triton")
+    assert out.dtype == dtype and assign.dtype == dtype
+    g = torch.Generator().manual_seed(grad_seed)  # seeded: a reproducible dτ magnitude
+    dout = torch.randn(out.shape, generator=g).to(dtype).to(out.device)
+    dassign = torch.randn(assign.shape, generator=g).to(dtype).to(out.device)
+    grads = torch.autograd.grad((out, assign), leaves, (dout, dassign))
+    ref_out, ref_assign, ref_grads = _ref_grads(case, dout, dassign)
+    tol = TOLERANCE[dtype]
+    assert rel_err(assign, ref_assign) == 0.0, "assignment differs from the float64 reference"
+    assert rel_err(out, ref_out) < tol, f"out: {rel_err(out, ref_out):.2e}"
+    for name, got, want in zip(("dq", "dk", "dv", "dtau"), grads, ref_grads):
+        assert got.shape == want.shape, name
+        err = rel_err(got, want)
+        assert err < tol * (5 if name == "dtau" else 1), f"{name}: rel err {err:.2e} (tol {tol:.0e})"
+    return out, assign, grads
+
+
+BOUNDARY = [  # (B, N, P, C, D): around BLOCK_P/BLOCK_C/BLOCK_D/BLOCK_N edges
+    (1, 1, 63, 33, 65),
+    (2, 2, 64, 32, 64),
+    (1, 2, 65, 31, 63),
+    (1, 16, 129, 16, 16),
+    (1, 17, 64, 40, 17),
+    (1, 33, 97, 32, 33),
+    (1, 128, 33, 20, 9),
+    (1, 3, 65, 1025, 5),
+    (1, 2, 40, 6, 1025),
+]
+
+
+@pytest.mark.parametrize("shape", BOUNDARY, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("noise", ["explicit", "seed"])
+def test_block_boundaries_fp32(poisoned_outputs, shape, noise):
+    case = make_case(*shape, noise=noise, device=DEVICE, generator_seed=sum(shape))
+    _parity(case, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 2, 65, 31, 63), (1, 17, 64, 40, 17)], ids=lambda s: "x".join(map(str, s)))
+def test_block_boundaries_half(poisoned_outputs, dtype, shape):
+    case = make_case(*shape, dtype=dtype, noise="explicit", device=DEVICE, generator_seed=3)
+    _parity(case, dtype)
+
+
+def test_many_tiles_per_split(poisoned_outputs):
+    # B=1, P=1100 → 18 pixel tiles over at most 8 (interpreter) programs: each
+    # split owns several tiles, so the in-kernel dq̂ read-modify-write and the
+    # two-phase forward both run over more than one tile.
+    case = make_case(1, 3, 1100, 24, 20, noise="none", device=DEVICE, generator_seed=17)
+    _parity(case, torch.float32)
+
+
+def test_strided_kv_and_noise_dtypes(poisoned_outputs):
+    case = make_case(2, 4, 150, 24, 20, noise="explicit", layout="strided", device=DEVICE, generator_seed=3)
+    case.noise = case.noise.double()  # any float dtype of noise is read in-kernel
+    case.tau = case.tau.double()
+    _parity(case, torch.float32)
+
+
+@pytest.mark.parametrize("key", [0, 1, 0x7FFFFFFF, 0x80000000, 0xFFFFFFF0])
+def test_hash_keys_match_reference_noise(key):
+    # Keys at int32 edges: the kernel receives the key's int32 bit pattern.
+    from rexfast.triton import group_assign as tk
+
+    case = make_case(2, 3, 70, 8, 6, noise="none", device=DEVICE, generator_seed=4)
+    q, k, v, tau = case.inputs()
+    tau = tau.reshape(1).float()
+    noise = gumbel_noise_from_key(key, (2, 3, 70), dtype=torch.float32, device=DEVICE)
+    out_k, assign_k, counts_k = tk.forward(q, k, v, tau, None, key)
+    out_n, assign_n, counts_n = tk.forward(q, k, v, tau, noise, None)
+    assert torch.equal(assign_k, assign_n)
+    assert torch.equal(counts_k, counts_n)
+    assert rel_err(out_k, out_n) < 1e-6
+
+
+def test_counts_and_determinism(poisoned_outputs):
+    case = make_case(2, 5, 300, 16, 12, noise="seed", device=DEVICE, generator_seed=8)
+    args = [t.detach().clone().requires_grad_(True) for t in case.inputs()]
+    out, assign, counts = torch.ops.rexfast.group_assign(*args, None, 12345, "triton")
+    assert counts.dtype == torch.float32
+    assert torch.equal(counts, assign.detach().sum(-1))
+    dout, dassign = torch.ones_like(out), torch.full_like(assign, 0.5)
+    first = torch.autograd.grad((out, assign), args, (dout, dassign))
+    out2, assign2, counts2 = torch.ops.rexfast.group_assign(*args, None, 12345, "triton")
+    second = torch.autograd.grad((out2, assign2), args, (dout, dassign))
+    assert torch.equal(out, out2) and torch.equal(assign, assign2) and torch.equal(counts, counts2)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b), "backward must be bitwise reproducible"
