@@ -1,0 +1,531 @@
+"""CGFormer (Tang et al., CVPR 2023): Contrastive Grouping with Transformer.
+
+    images ─► multimodal Swin (PWAM after every stage) ─► c1 (H/4) … c4 (H/32)
+    words  ─► BERT (fine-tuned) ────────────────────────┘
+    decoder, three consecutive steps, coarse to fine (c4+c3 → +c2 → +c1):
+        Fusion (upsample, concat, 2×[3×3 conv, BN, ReLU])
+        Load   (the referent token cross-attends to the words; then LN + MLP)
+        Group  (tokens group the pixels by hard Gumbel assignment: rexfast.ops.group_assign)
+    mask head (DProjector): 2×[upsample ×2, 3×3 conv, BN, ReLU], 1×1 conv, then a
+        per-sample 1×1 kernel (+bias) predicted from the referent token.
+
+Module and parameter names follow the released code (``model/layers.py``,
+``model/segmenter.py`` of SooLab/CGFormer), so ``state_dict()`` keys equal the
+released checkpoint's (after stripping DDP's ``module.``).
+
+Released-code behaviour kept on purpose (it is what the checkpoint computes):
+- only the last (referent) token reads the words; the first decoder step does
+  not read them at all; the second and third group steps share one block
+  (``cgattention2``); the group block's MLP output replaces the tokens (no
+  residual around the MLP);
+- ``LoadToken.norm`` / ``LoadToken.mlp`` exist (and are in the checkpoint) but
+  are never used; ``tau`` is clamped at 0 (τ = exp(min(τ_p, 0))), so while
+  τ_p ≥ 0 — its initial value is 1 — it receives no gradient;
+- the mask head's dynamic 1×1 kernel is applied with ``padding=1``: the logits
+  are (H+2)×(W+2), the border holding only the dynamic bias, and are then
+  resized to the input size (bilinear, align_corners=True).
+
+Exact speed-ups (``fused=True``, the default; outputs equal up to rounding):
+- Â·v without V: ``group_assign`` pools the normalised features X and v_proj
+  is applied afterwards, Â(XWᵀ + b) = (ÂX)Wᵀ + rowsum(Â) b, rowsum(Â) = r/(r+1)
+  with r = Σ_P assign (gradients identical: r carries the straight-through
+  gradient back through ``assign``);
+- the mask head's last 1×1 conv is folded into the dynamic kernel:
+  w·(W₁x + b₁) + b = (wW₁)x + (w·b₁ + b), saving a 512→512 conv at full resolution.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .losses import cgformer_losses
+from .swin import Mlp, MultiModalSwinTransformer, SwinConfig, swin_config
+from .text import bert_config, build_bert
+
+_VARIANTS = ("released", "paper")
+
+
+# ----------------------------------------------------------------------------- configuration
+@dataclass
+class CGFormerConfig:
+    """Everything that defines a CGFormer. Presets: :meth:`released`,
+    :meth:`paper`, :meth:`tiny`, :meth:`demo`; any field can be overridden."""
+
+    variant: str = "released"  # released: 2 tokens, no contrastive loss | paper: N tokens + contrastive loss
+    swin: SwinConfig = field(default_factory=lambda: swin_config("base"))
+    bert: Any = "bert-base-uncased"  # preset name, dict of BertConfig fields, or local folder
+    bert_weights: Optional[str] = None  # local folder / state-dict file; never downloaded
+    token_dim: int = 512
+    num_tokens: int = 2
+    image_size: int = 480  # the size the decoder's positional embeddings are built for
+    decoder_dropout: float = 0.1
+    hitmap_loss_weights: tuple[float, ...] = (0.001, 0.01, 0.1)
+    contrastive_weight: float = 0.0
+    contrastive_temperature: float = 0.07
+    eval_noise: bool = False  # True: Gumbel noise at eval too, like the released code
+    ops_backend: Optional[str] = None  # pin group_assign's backend (reference | cpu | cuda | triton)
+    fused: bool = True  # the exact algebraic fusions (see module docstring)
+    channels_last: bool = False  # keep conv feature maps (and conv weights) in NHWC
+
+    def __post_init__(self):
+        if isinstance(self.swin, str):
+            self.swin = swin_config(self.swin)
+        elif isinstance(self.swin, Mapping):
+            swin = dict(self.swin)
+            base = swin.pop("name", None)
+            self.swin = swin_config(base, **swin) if base else SwinConfig(**{
+                k: tuple(v) if isinstance(v, list) else v for k, v in swin.items()})
+        self.hitmap_loss_weights = tuple(self.hitmap_loss_weights)
+        if self.variant not in _VARIANTS:
+            raise ValueError(f"variant must be one of {_VARIANTS}, got {self.variant!r}")
+        if self.num_tokens < 1:
+            raise ValueError(f"num_tokens must be >= 1, got {self.num_tokens}")
+        if self.image_size % 32:
+            raise ValueError(f"image_size must be divisible by 32, got {self.image_size}")
+        if len(self.swin.depths) != 4:
+            raise ValueError(f"CGFormer needs a 4-stage Swin, got depths {self.swin.depths}")
+        if len(self.hitmap_loss_weights) != 3:
+            raise ValueError(f"hitmap_loss_weights needs 3 values, got {self.hitmap_loss_weights}")
+
+    # presets ---------------------------------------------------------------
+    @classmethod
+    def released(cls, **overrides) -> "CGFormerConfig":
+        """The released checkpoint's architecture: Swin-B (window 12), BERT-base, 2 tokens, 480²."""
+        return cls(**overrides)
+
+    @classmethod
+    def paper(cls, num_tokens: int = 8, **overrides) -> "CGFormerConfig":
+        """The paper's description: N tokens and a contrastive loss between the
+        referent token (the last) and the sentence feature."""
+        overrides.setdefault("contrastive_weight", 0.1)
+        return cls(variant="paper", num_tokens=num_tokens, **overrides)
+
+    @classmethod
+    def tiny(cls, **overrides) -> "CGFormerConfig":
+        """A few-thousand-parameter-per-layer model at 64² for tests (CPU, seconds)."""
+        base = dict(
+            swin=SwinConfig(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), window_size=4,
+                            drop_path_rate=0.1, pwam_heads=(1, 2, 2, 2)),
+            bert="tiny", token_dim=32, image_size=64)
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def demo(cls, **overrides) -> "CGFormerConfig":
+        """A small model that trains on CPU in minutes (synthetic data, 128²)."""
+        base = dict(
+            swin=SwinConfig(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), window_size=4,
+                            drop_path_rate=0.1, pwam_heads=(1, 1, 2, 2)),
+            bert="tiny", token_dim=64, image_size=128)
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "CGFormerConfig":
+        presets = {"released": cls.released, "paper": cls.paper, "tiny": cls.tiny, "demo": cls.demo}
+        if name not in presets:
+            raise ValueError(f"unknown CGFormer preset {name!r}; expected one of {sorted(presets)}")
+        return presets[name](**overrides)
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["swin"] = {k: list(v) if isinstance(v, tuple) else v for k, v in out["swin"].items()}
+        out["hitmap_loss_weights"] = list(self.hitmap_loss_weights)
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: Mapping) -> "CGFormerConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(raw) - names
+        if unknown:
+            raise ValueError(f"unknown CGFormerConfig fields {sorted(unknown)}; valid: {sorted(names)}")
+        return cls(**dict(raw))
+
+
+# ----------------------------------------------------------------------------- decoder blocks
+class Fusion(nn.Module):
+    """Resize the coarser map to the finer one, concat, two 3×3 conv-BN-ReLU."""
+
+    def __init__(self, in_dim_1: int, in_dim_2: int, out_dim: int, bias: bool = True):
+        super().__init__()
+        self.fusion = nn.Sequential(
+            nn.Conv2d(in_dim_1 + in_dim_2, out_dim, 3, padding=1, bias=bias), nn.BatchNorm2d(out_dim), nn.ReLU(),
+            nn.Conv2d(out_dim, out_dim, 3, padding=1, bias=bias), nn.BatchNorm2d(out_dim), nn.ReLU(),
+        )
+
+    def forward(self, coarse: Tensor, fine: Tensor) -> Tensor:
+        # the released code compares widths only
+        if coarse.shape[-1] < fine.shape[-1]:
+            coarse = F.interpolate(coarse, size=fine.shape[-2:], mode="bilinear", align_corners=True)
+        elif coarse.shape[-1] > fine.shape[-1]:
+            fine = F.interpolate(fine, size=coarse.shape[-2:], mode="bilinear", align_corners=True)
+        return self.fusion(torch.cat((coarse, fine), dim=1))
+
+
+class CrossAttn(nn.Module):
+    """Multi-head cross-attention with the released padding convention:
+    padded keys/values are zeroed and their logits lowered by 1e4."""
+
+    def __init__(self, q_dim: int, kv_dim: int, hidden_dim: int, num_heads: int = 1, out_dim: Optional[int] = None,
+                 qkv_bias: bool = False, attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (hidden_dim // num_heads) ** -0.5
+        self.q_proj = nn.Linear(q_dim, hidden_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(kv_dim, hidden_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(kv_dim, hidden_dim, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(hidden_dim, out_dim or q_dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, query: Tensor, key: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        b, n, _ = query.shape
+        s, h = key.shape[1], self.num_heads
+        q = self.q_proj(query).view(b, n, h, -1).transpose(1, 2)
+        k = self.k_proj(key).view(b, s, h, -1).transpose(1, 2)
+        v = self.v_proj(key).view(b, s, h, -1).transpose(1, 2)
+        if mask is not None:
+            m = mask.to(k.dtype)[:, None, :, None]  # B, 1, S, 1
+            k, v = k * m, v * m
+            attn = (q @ k.transpose(-2, -1)) * self.scale + (1e4 * m.transpose(-2, -1) - 1e4)
+        else:
+            attn = (q @ k.transpose(-2, -1)) * self.scale
+        attn = self.attn_drop(attn.softmax(dim=-1))
+        out = (attn @ v).transpose(1, 2).reshape(b, n, -1)
+        return self.proj_drop(self.proj(out))
+
+
+class LoadToken(nn.Module):
+    """The referent (last) token reads the words; the other tokens pass through."""
+
+    def __init__(self, token_dim: int, text_dim: int, bias: bool, drop: float):
+        super().__init__()
+        self.cross_attn = CrossAttn(token_dim, text_dim, token_dim, num_heads=1, out_dim=token_dim, qkv_bias=bias,
+                                    attn_drop=drop, proj_drop=drop)
+        self.normq = nn.LayerNorm(token_dim)
+        self.normk = nn.LayerNorm(text_dim)
+        # present in the released module (and checkpoint) but unused by its forward
+        self.norm = nn.LayerNorm(token_dim)
+        self.mlp = Mlp(token_dim, token_dim * 2, token_dim)
+
+    def forward(self, tokens: Tensor, words: Tensor, word_mask: Tensor) -> Tensor:
+        others, referent = tokens[:, :-1], tokens[:, -1:]
+        referent = referent + self.cross_attn(self.normq(referent), self.normk(words), word_mask)
+        return torch.cat((others, referent), dim=1)
+
+
+class LoadLayer(nn.Module):
+    """Holds the step's positional embedding; all steps but the first also load words."""
+
+    def __init__(self, token_dim: int, text_dim: int, pe_size: int, load_words: bool, drop: float):
+        super().__init__()
+        self.load_words = load_words
+        if load_words:
+            self.loadtoken = LoadToken(token_dim, text_dim, bias=False, drop=drop)
+            self.norm = nn.LayerNorm(token_dim)
+            self.mlp = Mlp(token_dim, token_dim * 2, token_dim)
+        self.positional_embedding = nn.Parameter(torch.randn(pe_size**2, token_dim) / token_dim**0.5)
+        self.pe_size = pe_size
+
+    def forward(self, tokens: Tensor, words: Tensor, word_mask: Tensor) -> Tensor:
+        if self.load_words:
+            tokens = self.mlp(self.norm(self.loadtoken(tokens, words, word_mask)))  # no residual, as released
+        return tokens
+
+    def positional_embedding_for(self, h: int, w: int) -> Tensor:
+        """(h·w, C) positional embedding; resized (bicubic) when the map is not pe_size²."""
+        pe = self.positional_embedding
+        if (h, w) == (self.pe_size, self.pe_size):
+            return pe
+        grid = pe.reshape(1, self.pe_size, self.pe_size, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
+        return grid.permute(0, 2, 3, 1).reshape(h * w, -1)
+
+
+def _gumbel_from_torch_rng(shape, like: Tensor) -> Tensor:
+    u = torch.rand(shape, device=like.device, dtype=torch.float32).clamp_(1e-10, 1 - 1e-7)
+    return -torch.log(-torch.log(u))
+
+
+class CGAttention(nn.Module):
+    """Group block: tokens claim pixels by hard Gumbel assignment, pool them, update."""
+
+    def __init__(self, token_dim: int, vis_dim: int, hidden_dim: int, drop: float = 0.0, bias: bool = True):
+        super().__init__()
+        self.norm_v = nn.LayerNorm(vis_dim)
+        self.norm_t = nn.LayerNorm(token_dim)
+        self.q_proj = nn.Linear(token_dim, hidden_dim, bias=bias)
+        self.k_proj = nn.Linear(vis_dim, hidden_dim, bias=bias)
+        self.v_proj = nn.Linear(vis_dim, hidden_dim, bias=bias)
+        self.proj = nn.Linear(hidden_dim, token_dim)
+        self.proj_drop = nn.Dropout(drop)
+        self.norm = nn.LayerNorm(token_dim)
+        self.mlp = Mlp(token_dim, token_dim * 2, token_dim, drop=drop)
+        self.tau = nn.Parameter(torch.ones(1))
+
+    def forward(self, tokens: Tensor, vis: Tensor, pe: Tensor, *, noise: Optional[Tensor] = None,
+                seed: Optional[int] = None, fused: bool = True, backend: Optional[str] = None):
+        from rexfast.ops import group_assign
+
+        b, c, h, w = vis.shape
+        x = self.norm_v(vis.flatten(2).transpose(1, 2) + pe)  # B, P, C
+        q = self.q_proj(self.norm_t(tokens))
+        k = self.k_proj(x)
+        tau = self.tau.clamp(max=0).exp()
+        dtype = k.dtype  # under autocast: the autocast dtype (LayerNorm outputs stay fp32)
+        if fused:
+            pooled, assign = group_assign(q.to(dtype), k, x.to(dtype), tau, noise=noise, seed=seed, backend=backend)
+            counts = assign.sum(dim=-1, keepdim=True)  # r, with the straight-through gradient
+            out = F.linear(pooled, self.v_proj.weight)
+            if self.v_proj.bias is not None:
+                out = out + (counts / (counts + 1)).to(out.dtype) * self.v_proj.bias
+        else:
+            v = self.v_proj(x)
+            out, assign = group_assign(q.to(dtype), k, v.to(dtype), tau, noise=noise, seed=seed, backend=backend)
+        out = self.proj_drop(self.proj(out))
+        tokens = self.mlp(self.norm(out + tokens))  # no residual around the MLP, as released
+        return tokens, assign.reshape(b, -1, h, w)
+
+
+def conv_bn_relu(in_dim: int, out_dim: int, kernel_size: int = 1, padding: int = 0) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(in_dim, out_dim, kernel_size, 1, padding, bias=False), nn.BatchNorm2d(out_dim),
+                         nn.ReLU(True))
+
+
+class DProjector(nn.Module):
+    """Mask head: upsample ×4 through two conv blocks, a 1×1 conv, then a
+    per-sample 1×1 kernel and bias predicted from the referent token."""
+
+    def __init__(self, text_dim: int, in_dim: int):
+        super().__init__()
+        self.in_dim = in_dim
+        self.vis = nn.Sequential(
+            nn.Upsample(scale_factor=2, mode="bilinear"),
+            conv_bn_relu(in_dim, in_dim, 3, padding=1),
+            nn.Upsample(scale_factor=2, mode="bilinear"),
+            conv_bn_relu(in_dim, in_dim, 3, padding=1),
+            nn.Conv2d(in_dim, in_dim, 1),
+        )
+        self.txt = nn.Linear(text_dim, in_dim + 1)
+
+    def forward(self, x: Tensor, referent: Tensor, fused: bool = True) -> Tensor:
+        """x (B, C, h, w), referent (B, T) -> logits (B, 1, 4h+2, 4w+2)."""
+        params = self.txt(referent)
+        weight, bias = params[:, :-1], params[:, -1]
+        b = x.shape[0]
+        if not fused:
+            y = self.vis(x)
+            _, c, h, w = y.shape
+            # one group per sample; padding=1 with a 1×1 kernel as in the released code
+            out = F.conv2d(y.reshape(1, b * c, h, w), weight.reshape(b, c, 1, 1).to(y.dtype), bias.to(y.dtype),
+                           padding=1, groups=b)
+            return out.transpose(0, 1)
+        y = self.vis[:4](x)  # up, conv, up, conv — the 1×1 conv is folded below
+        conv = self.vis[4]
+        _, c, h, w = y.shape
+        w_eff = weight @ conv.weight.reshape(c, c).to(weight.dtype)  # (B, C): w·W₁
+        b_inner = weight @ conv.bias.to(weight.dtype) if conv.bias is not None else weight.new_zeros(b)
+        w_eff = w_eff.to(y.dtype)
+        if y.is_contiguous(memory_format=torch.channels_last):
+            inner = (y.permute(0, 2, 3, 1).reshape(b, h * w, c) @ w_eff.unsqueeze(-1)).reshape(b, 1, h, w)
+        else:
+            inner = (w_eff.unsqueeze(1) @ y.reshape(b, c, h * w)).reshape(b, 1, h, w)
+        inner = inner + b_inner.to(inner.dtype).view(b, 1, 1, 1)
+        # the padded border sees zero features: only the dynamic bias survives there
+        return F.pad(inner, (1, 1, 1, 1)) + bias.to(inner.dtype).view(b, 1, 1, 1)
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: CGFormerConfig, feature_dims: Sequence[int], text_dim: int):
+        super().__init__()
+        d = config.token_dim
+        self.tokens = nn.Embedding(config.num_tokens, d)
+        nn.init.trunc_normal_(self.tokens.weight, std=0.02)
+        pe_sizes = [config.image_size // s for s in (16, 8, 4)]
+        self.layers = nn.ModuleList([
+            LoadLayer(d, text_dim, size, load_words=i > 0, drop=config.decoder_dropout)
+            for i, size in enumerate(pe_sizes)
+        ])
+        self.cgattention1 = CGAttention(d, d, d, drop=config.decoder_dropout, bias=True)
+        self.cgattention2 = CGAttention(d, d, d, drop=config.decoder_dropout, bias=True)
+        c1, c2, c3, c4 = feature_dims
+        # The released code declares the first fusion as dims[0] + token_dim
+        # (1024 + 512), which equals c4 + c3 only for Swin-B; c4 + c3 is what it
+        # actually concatenates, so we size it from the features.
+        self.fuses = nn.ModuleList([Fusion(c4, c3, d), Fusion(c2, d, d), Fusion(c1, d, d)])
+        self.proj = DProjector(text_dim=d, in_dim=d)
+        if config.variant == "paper":
+            self.sentence_proj = nn.Linear(text_dim, d)
+
+    def forward(self, features: Sequence[Tensor], words: Tensor, word_mask: Tensor, *,
+                noises: Sequence[Optional[Tensor]], seeds: Sequence[Optional[int]], fused: bool,
+                backend: Optional[str]):
+        c1, c2, c3, c4 = features
+        tokens = self.tokens.weight[None].expand(c1.shape[0], -1, -1)
+        maps = []
+        v = c4
+        blocks = (self.cgattention1, self.cgattention2, self.cgattention2)
+        for i, (load, block, fuse, skip) in enumerate(zip(self.layers, blocks, self.fuses, (c3, c2, c1))):
+            v = fuse(v, skip)
+            tokens = load(tokens, words, word_mask)
+            pe = load.positional_embedding_for(v.shape[-2], v.shape[-1]).to(v.dtype)
+            tokens, hit = block(tokens, v, pe, noise=noises[i], seed=seeds[i], fused=fused, backend=backend)
+            maps.append(hit)
+        logits = self.proj(v, tokens[:, -1], fused=fused)
+        return logits, maps, tokens
+
+
+# ----------------------------------------------------------------------------- model
+class CGFormer(nn.Module):
+    """CGFormer for referring expression segmentation.
+
+    ``CGFormer()`` builds the released architecture (random weights; BERT from
+    ``config.bert_weights`` if given); ``CGFormer(CGFormerConfig.tiny())`` a toy;
+    ``CGFormer.from_official(path)`` the released checkpoint. Keyword arguments
+    override config fields: ``CGFormer(ops_backend="reference", fused=False)``.
+
+    ``forward(images, input_ids, attention_mask, targets=None)``:
+        images (B, 3, H, W), H and W divisible by 32, normalised as the data
+        pipeline does; input_ids / attention_mask (B, L) (the released model
+        uses L = 20). Returns mask logits (B, 1, H, W); with ``targets``
+        (B, H, W) binary masks, returns ``(logits, losses)`` where ``losses``
+        is a dict whose values sum to the training loss.
+    """
+
+    def __init__(self, config: Optional[CGFormerConfig] = None, **overrides):
+        super().__init__()
+        if config is None:
+            config = CGFormerConfig.released(**overrides)
+        elif overrides:
+            config = dataclasses.replace(config, **overrides)
+        self.config = config
+        text_cfg = bert_config(config.bert)
+        self.backbone = MultiModalSwinTransformer(config.swin, text_dim=text_cfg.hidden_size)
+        self.decoder = Decoder(config, self.backbone.num_features, text_cfg.hidden_size)
+        self.text_encoder = build_bert(text_cfg, config.bert_weights)
+        if config.channels_last:
+            self.to(memory_format=torch.channels_last)
+
+    # -- construction helpers ---------------------------------------------
+    @classmethod
+    def from_official(cls, checkpoint, config: Optional[CGFormerConfig] = None, **overrides) -> "CGFormer":
+        """Load the released checkpoint (path or loaded dict; DDP ``module.``
+        prefixes and the ``model_state_dict`` wrapper are handled). The
+        architecture is inferred from the weights unless ``config`` is given.
+        Unknown or missing keys raise a ``ValueError`` listing them."""
+        from .official import load_official
+
+        return load_official(checkpoint, config=config, **overrides)
+
+    def param_groups(self, lr: float = 1e-4, lr_backbone: float = 5e-5, lr_text_encoder: float = 5e-5) -> list[dict]:
+        """The released optimizer groups: decoder and PWAM at ``lr``, the rest of
+        the backbone at ``lr_backbone``, BERT at ``lr_text_encoder``."""
+        groups = {"decoder": [], "pwam": [], "backbone": [], "text": []}
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            if name.startswith("text_encoder."):
+                groups["text"].append(p)
+            elif name.startswith("backbone."):
+                groups["pwam" if "pwam" in name else "backbone"].append(p)
+            else:
+                groups["decoder"].append(p)
+        return [
+            {"params": groups["decoder"], "lr": lr},
+            {"params": groups["pwam"], "lr": lr},
+            {"params": groups["backbone"], "lr": lr_backbone},
+            {"params": groups["text"], "lr": lr_text_encoder},
+        ]
+
+    # -- forward ----------------------------------------------------------------
+    def _check_inputs(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor):
+        if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3:
+            shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+            raise ValueError(f"images must be (B, 3, H, W), got {shape}")
+        h, w = images.shape[-2:]
+        if h % 32 or w % 32 or h == 0 or w == 0:
+            raise ValueError(f"image height and width must be positive multiples of 32, got {h}×{w}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (B, L), got {tuple(input_ids.shape)}")
+        if tuple(attention_mask.shape) != tuple(input_ids.shape):
+            raise ValueError(
+                f"attention_mask {tuple(attention_mask.shape)} must have the shape of input_ids {tuple(input_ids.shape)}")
+        if input_ids.shape[0] != images.shape[0]:
+            raise ValueError(f"batch sizes differ: images {images.shape[0]}, input_ids {input_ids.shape[0]}")
+        if input_ids.dtype.is_floating_point:
+            raise ValueError(f"input_ids must be integer token ids, got {input_ids.dtype}")
+
+    def _noise_plan(self, gumbel_noise):
+        """Per group block: explicit noise, or a seed drawn from torch's RNG (so
+        ``torch.manual_seed`` reproduces runs), or nothing (deterministic eval)."""
+        if gumbel_noise is not None:
+            if len(gumbel_noise) != 3:
+                raise ValueError(f"gumbel_noise needs one (B, N, P) tensor per group block (3), got {len(gumbel_noise)}")
+            return list(gumbel_noise), [None] * 3
+        if not (self.training or self.config.eval_noise):
+            return [None] * 3, [None] * 3
+        if torch.compiler.is_compiling():
+            return ["torch_rng"] * 3, [None] * 3  # materialised per block: a Python int seed would recompile
+        return [None] * 3, [int(torch.randint(0, 2**31 - 1, (1,))) for _ in range(3)]
+
+    def forward_features(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor, *,
+                         gumbel_noise: Optional[Sequence[Tensor]] = None) -> dict[str, Any]:
+        """Everything the forward computes: ``logits`` (B,1,H,W), ``hit_maps``
+        (three (B,N,h,w) assignments, coarse to fine), ``tokens`` (B,N,C),
+        ``words`` (B,L,768) and ``sentence`` (paper variant)."""
+        self._check_inputs(images, input_ids, attention_mask)
+        cfg = self.config
+        words = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        word_mask = attention_mask.to(words.dtype)
+        if cfg.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        features = self.backbone(images, words, word_mask)
+        memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        features = [f.contiguous(memory_format=memory_format) for f in features]
+        noises, seeds = self._noise_plan(gumbel_noise)
+        if any(isinstance(n, str) for n in noises):
+            noises = [self._torch_noise(features, i) for i in range(3)]
+        logits, maps, tokens = self.decoder(features, words, word_mask, noises=noises, seeds=seeds, fused=cfg.fused,
+                                            backend=cfg.ops_backend)
+        logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=True)
+        out = {"logits": logits, "hit_maps": maps, "tokens": tokens, "words": words}
+        if cfg.variant == "paper":
+            pooled = (words * word_mask[..., None]).sum(1) / word_mask.sum(1, keepdim=True).clamp(min=1)
+            out["sentence"] = self.decoder.sentence_proj(pooled)
+        return out
+
+    def _torch_noise(self, features, i: int) -> Tensor:
+        c1 = features[0]
+        b, n = c1.shape[0], self.config.num_tokens
+        h, w = c1.shape[-2] // 2 ** (2 - i), c1.shape[-1] // 2 ** (2 - i)
+        return _gumbel_from_torch_rng((b, n, h * w), c1)
+
+    def losses(self, outputs: Mapping[str, Any], targets: Tensor) -> dict[str, Tensor]:
+        cfg = self.config
+        return cgformer_losses(
+            outputs["logits"], outputs["hit_maps"], targets, referent_index=-1,
+            hitmap_weights=cfg.hitmap_loss_weights, tokens=outputs["tokens"], sentence=outputs.get("sentence"),
+            contrastive_weight=cfg.contrastive_weight if cfg.variant == "paper" else 0.0,
+            temperature=cfg.contrastive_temperature)
+
+    def forward(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor, targets: Optional[Tensor] = None,
+                *, gumbel_noise: Optional[Sequence[Tensor]] = None):
+        out = self.forward_features(images, input_ids, attention_mask, gumbel_noise=gumbel_noise)
+        if targets is None:
+            return out["logits"]
+        if targets.shape[0] != images.shape[0] or targets.shape[-2:] != images.shape[-2:]:
+            raise ValueError(f"targets {tuple(targets.shape)} must be (B, H, W) matching images {tuple(images.shape)}")
+        return out["logits"], self.losses(out, targets)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+__all__ = ["CGFormer", "CGFormerConfig", "CGAttention", "DProjector", "Decoder", "Fusion", "LoadLayer", "LoadToken",
+           "CrossAttn", "count_parameters"]

@@ -1,0 +1,97 @@
+"""Multimodal Swin backbone: the channels-last rewrites equal the released
+(B, C, L) formulation, shifted-window masking, shapes, presets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rexfast.models.swin import (
+    PWAM,
+    MultiModalSwinTransformer,
+    SwinConfig,
+    WindowAttention,
+    shifted_window_mask,
+    swin_config,
+    window_partition,
+    window_reverse,
+)
+
+
+def test_window_partition_round_trip():
+    x = torch.randn(2, 8, 12, 5)
+    windows = window_partition(x, 4)
+    assert windows.shape == (2 * 2 * 3, 16, 5)
+    assert torch.equal(window_reverse(windows, 4, 8, 12), x)
+
+
+def test_window_attention_matches_explicit_softmax():
+    torch.manual_seed(0)
+    attn = WindowAttention(dim=8, window_size=3, num_heads=2)
+    x = torch.randn(4, 9, 8)  # batch 2 × 2 windows
+    mask = shifted_window_mask(3, 6, 3, 1)  # 2 windows
+    out = attn(x, mask)
+    # explicit: softmax(q kᵀ·scale + relative bias + mask) v
+    qkv = attn.qkv(x).reshape(4, 9, 3, 2, 4).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0] * attn.scale, qkv[1], qkv[2]
+    bias = attn.relative_position_bias_table[attn.relative_position_index.view(-1)].view(9, 9, 2).permute(2, 0, 1)
+    logits = (q @ k.transpose(-2, -1) + bias).view(2, 2, 2, 9, 9) + mask[None, :, None]
+    ref = attn.proj((logits.view(4, 2, 9, 9).softmax(-1) @ v).transpose(1, 2).reshape(4, 9, 8))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_relative_position_index_range_and_symmetry():
+    attn = WindowAttention(dim=4, window_size=4, num_heads=1)
+    idx = attn.relative_position_index
+    assert idx.shape == (16, 16) and idx.min() == 0 and idx.max() == 48
+    assert (idx.diagonal() == 24).all()  # zero offset sits in the table's centre
+
+
+def test_shifted_window_mask_blocks_only_across_regions():
+    mask = shifted_window_mask(8, 8, 4, 2)
+    assert mask.shape == (4, 16, 16)
+    assert (mask[0] == 0).all()  # the top-left window never wraps around
+    assert set(mask.unique().tolist()) == {0.0, -100.0}
+    assert (mask.diagonal(dim1=1, dim2=2) == 0).all()
+
+
+def test_pwam_matches_conv1d_instance_norm_formulation():
+    """The (B, L, C) matmul rewrite equals Conv1d + InstanceNorm1d on (B, C, L)."""
+    torch.manual_seed(0)
+    dim, text_dim, heads = 16, 12, 4
+    pwam = PWAM(dim, dim, text_dim, dim, dim, num_heads=heads).eval()
+    x, words = torch.randn(2, 30, dim), torch.randn(2, 7, text_dim)
+    word_mask = torch.tensor([[1, 1, 1, 0, 0, 0, 0], [1] * 7], dtype=torch.float32)
+    out = pwam(x, words, word_mask)
+
+    att = pwam.image_lang_att
+    xt, lt, m = x.transpose(1, 2), words.transpose(1, 2), word_mask[:, None, :]
+    query = att.f_query(xt).transpose(1, 2)  # Conv1d + InstanceNorm1d
+    key, value = att.f_key(lt) * m, att.f_value(lt) * m
+    query = query.reshape(2, 30, heads, dim // heads).permute(0, 2, 1, 3)
+    key = key.reshape(2, heads, dim // heads, 7)
+    value = value.reshape(2, heads, dim // heads, 7)
+    sim = (query @ key) * dim**-0.5 + (1e4 * m[:, None] - 1e4)
+    lang = (sim.softmax(-1) @ value.transpose(-1, -2)).permute(0, 2, 1, 3).reshape(2, 30, dim)
+    lang = att.W(lang.transpose(1, 2))
+    ref = pwam.project_mm(pwam.vis_project(xt) * lang).transpose(1, 2)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_backbone_feature_shapes_non_square_and_padding():
+    torch.manual_seed(0)
+    cfg = SwinConfig(embed_dim=8, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), window_size=3, pwam_heads=(1, 1, 2, 2))
+    net = MultiModalSwinTransformer(cfg, text_dim=12).eval()
+    images = torch.randn(2, 3, 64, 96)  # maps 16×24 … 2×3: every stage pads to the window
+    feats = net(images, torch.randn(2, 5, 12), torch.ones(2, 5))
+    assert [tuple(f.shape) for f in feats] == [(2, 8, 16, 24), (2, 16, 8, 12), (2, 32, 4, 6), (2, 64, 2, 3)]
+    assert all(torch.isfinite(f).all() for f in feats)
+
+
+@pytest.mark.parametrize("name,embed,depth3", [("tiny", 96, 6), ("small", 96, 18), ("base", 128, 18), ("large", 192, 18)])
+def test_swin_presets(name, embed, depth3):
+    cfg = swin_config(name, window_size=12)
+    assert cfg.embed_dim == embed and cfg.depths[2] == depth3 and cfg.window_size == 12
+    with pytest.raises(ValueError, match="unknown Swin variant"):
+        swin_config("huge")
