@@ -96,7 +96,13 @@ def _gumbel_from_key(index, key):
     # index, key: uint32. u = ((h >> 9) + 0.5) * 2^-23, g = -log(-log(u)).
     h = _mix32(_mix32(index ^ key) + key)
     u = ((h >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
-    return -tl.log(-tl.log(u))
+    # -log(u) near u = 1 from w = 1 - u (exact in fp32) by its series: a GPU
+    # log with an absolute error near 2^-22 could make -log(u) <= 0 for the
+    # largest u (1 - 2^-24) and the noise inf/NaN. Truncation error < 5e-10 relative.
+    w = 1.0 - u
+    series = w * (1.0 + w * (0.5 + w * (0.3333333333333333 + w * (0.25 + w * (0.2 + w * (0.16666666666666666 + w * 0.14285714285714285))))))
+    neg_log_u = tl.where(w < 0.0625, series, -tl.log(u))
+    return -tl.log(neg_log_u)
 
 
 @triton.jit
