@@ -1,0 +1,197 @@
+"""``ReferringDataset``: RefCOCO / RefCOCO+ / RefCOCOg / ReferIt / gRefCOCO / synthetic.
+
+Samples follow the LAVT / CGFormer / ReLA pipelines: the image is resized
+(bilinear, PIL) to ``image_size``², scaled to [0, 1] and ImageNet-normalised;
+the mask is resized with nearest neighbour; the expression (its ``raw`` text)
+is BERT-tokenized to ``max_tokens``. Evaluation uses one sample per sentence
+(against the mask at the original resolution, ``orig_mask``); training uses one
+sample per ref with a sentence drawn at random.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .refer import ReferIndex, load_grefer, load_refer
+from .tokenize import load_tokenizer, tokenize
+
+__all__ = ["ReferringDataset", "DATASETS", "DatasetSpec", "IMAGENET_MEAN", "IMAGENET_STD", "load_image", "preprocess_image"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    folder: str  # <root>/<folder>/ holds the annotations
+    fmt: str  # "refer" | "grefer"
+    split_bys: tuple  # accepted split_by values, the first is the default
+    image_dir: str  # default image root, relative to <root>
+    task: str  # "res" | "gres"
+
+
+DATASETS = {
+    "refcoco": DatasetSpec("refcoco", "refer", ("unc", "google"), "images/train2014", "res"),
+    "refcoco+": DatasetSpec("refcoco+", "refer", ("unc",), "images/train2014", "res"),
+    "refcocog_umd": DatasetSpec("refcocog", "refer", ("umd",), "images/train2014", "res"),
+    "refcocog_google": DatasetSpec("refcocog", "refer", ("google",), "images/train2014", "res"),
+    "refclef": DatasetSpec("refclef", "refer", ("unc", "berkeley"), "images/saiapr_tc-12", "res"),
+    "grefcoco": DatasetSpec("grefcoco", "grefer", ("unc",), "images/train2014", "gres"),
+    "synthetic": DatasetSpec("synthetic", "grefer", ("unc",), "synthetic/images", "gres"),
+    "synthetic_res": DatasetSpec("synthetic", "refer", ("unc",), "synthetic/images", "res"),
+}
+
+
+def load_image(path: Union[str, os.PathLike]) -> Image.Image:
+    """An RGB PIL image; FileNotFoundError / ValueError naming the path."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ValueError(f"cannot read image {path}: {e}") from None
+
+
+def preprocess_image(image, size: int) -> torch.Tensor:
+    """float32 (3, size, size): PIL bilinear resize, [0, 1] scaling, ImageNet normalisation.
+
+    ``image`` is a PIL image or a uint8 (H, W, 3) array.
+    """
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"image must be a uint8 (H, W, 3) array, got {image.dtype} {tuple(image.shape)}")
+        image = Image.fromarray(image)
+    elif not isinstance(image, Image.Image):
+        raise TypeError(f"image must be a PIL image or a uint8 array, got {type(image).__name__}")
+    size = int(size)
+    resized = np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.float32) / 255.0
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
+    return ((torch.from_numpy(resized).permute(2, 0, 1) - mean) / std).contiguous()
+
+
+class ReferringDataset:
+    """One dataset split in a referring-segmentation format.
+
+    Args:
+        root: the data root (``<root>/<dataset folder>/…``, ``<root>/images/…``).
+        dataset: a key of :data:`DATASETS`.
+        split: ``train``, ``val``, ``testA``, … (as the annotations define them).
+        split_by: the annotation variant (``unc``, ``umd``, ``google``, ``berkeley``); default per dataset.
+        image_root: overrides the dataset's default image folder.
+        image_size: the square input size S.
+        tokenizer: a BERT tokenizer, or a path for :func:`load_tokenizer`; for the
+            synthetic datasets ``<root>/vocab.txt`` is used when None.
+        max_tokens: token sequence length.
+        train: one sample per ref with a random sentence (else one per sentence).
+    """
+
+    def __init__(self, root, dataset: str, split: str, *, split_by: Optional[str] = None,
+                 image_root=None, image_size: int = 480, tokenizer=None, max_tokens: int = 20,
+                 train: bool = False):
+        if dataset not in DATASETS:
+            raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(DATASETS)}")
+        spec = DATASETS[dataset]
+        if split_by is None:
+            split_by = spec.split_bys[0]
+        if split_by not in spec.split_bys:
+            raise ValueError(f"unknown split_by {split_by!r} for {dataset}; expected one of {list(spec.split_bys)}")
+        if int(image_size) < 1:
+            raise ValueError(f"image_size must be positive, got {image_size}")
+        if int(max_tokens) < 2:
+            raise ValueError(f"max_tokens must be >= 2, got {max_tokens}")
+        self.root = Path(root)
+        self.dataset = dataset
+        self.split = split
+        self.split_by = split_by
+        self.task = spec.task
+        self.image_size = int(image_size)
+        self.max_tokens = int(max_tokens)
+        self.train = bool(train)
+        self.image_root = Path(image_root) if image_root is not None else self.root / spec.image_dir
+
+        if tokenizer is None:
+            if dataset in ("synthetic", "synthetic_res"):
+                tokenizer = self.root / "vocab.txt"
+            else:
+                raise ValueError(f"{dataset}: pass a tokenizer (or a local vocab.txt / BERT folder path)")
+        if isinstance(tokenizer, (str, os.PathLike)):
+            tokenizer = load_tokenizer(tokenizer)
+        self.tokenizer = tokenizer
+
+        if spec.fmt == "refer":
+            self.index: ReferIndex = load_refer(self.root, spec.folder, split_by)
+        else:
+            self.index = load_grefer(self.root, spec.folder, split_by)
+        self.refs = self.index.refs_for_split(split)
+        if self.train:
+            self.samples = [(r, None) for r in range(len(self.refs))]
+        else:
+            self.samples = [(r, s) for r, ref in enumerate(self.refs) for s in range(len(ref["sentences"]))]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __repr__(self) -> str:
+        return (f"ReferringDataset(dataset={self.dataset!r}, split={self.split!r}, split_by={self.split_by!r}, "
+                f"task={self.task!r}, train={self.train}, samples={len(self)})")
+
+    def __getitem__(self, index: int) -> dict:
+        return self.get(index, None)
+
+    def image_path(self, ref: dict) -> Path:
+        return self.image_root / self.index.image_info(ref)["file_name"]
+
+    def get(self, index: int, seed: Optional[int] = None) -> dict:
+        """Sample ``index``. In training mode ``seed`` picks the sentence
+        (``random.Random(seed)``); None picks the first one. Ignored in eval mode."""
+        n = len(self.samples)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {n} samples")
+        ref_idx, sent_idx = self.samples[index]
+        ref = self.refs[ref_idx]
+        sentences = self.index.sentences(ref)
+        if sent_idx is None:
+            sent_idx = 0 if seed is None else random.Random(seed).randrange(len(sentences))
+        sentence = sentences[sent_idx]
+
+        info = self.index.image_info(ref)
+        height, width = int(info["height"]), int(info["width"])
+        path = self.image_path(ref)
+        image = load_image(path)
+        if image.size != (width, height):
+            raise ValueError(f"image {path} is {image.size[0]}x{image.size[1]} (WxH) but its annotations say "
+                             f"{width}x{height}")
+        mask = self.index.mask(ref)
+        no_target = self.index.is_no_target(ref)
+
+        S = self.image_size
+        img_t = preprocess_image(image, S)
+        target = Image.fromarray(mask.astype(np.uint8)).resize((S, S), Image.NEAREST)
+        target_t = torch.from_numpy(np.asarray(target, dtype=np.float32).copy()).unsqueeze(0)
+        input_ids, attention_mask = tokenize(self.tokenizer, sentence, self.max_tokens)
+        return {
+            "image": img_t,
+            "target": target_t,
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "orig_mask": torch.from_numpy(mask),
+            "orig_size": (height, width),
+            "image_path": str(path),
+            "sentence": sentence,
+            "ref_id": ref["ref_id"],
+            "image_id": ref["image_id"],
+            "sent_index": sent_idx,
+            "no_target": bool(no_target),
+        }
