@@ -1,7 +1,7 @@
 """group_assign: fused backends vs the eager reference vs torch.compile, side by side.
 
 CPU (always): the issue's target shape B=8, N=2, P=3600, C=D=512 fp32, and
-B=2 at N ∈ {2, 8, 32}. CUDA (when present): B=8, N ∈ {2, 8, 32},
+B=2 at N ∈ {2, 8, 32} (P=3600) and P ∈ {900, 14400} (N=8). CUDA (when present): B=8, N ∈ {2, 8, 32},
 P ∈ {900, 3600, 14400}, C=D=512, bf16. Each shape reports every variant's
 median forward and forward+backward time, the speed-up over eager and over
 torch.compile, and the achieved bandwidth for the bytes the op must move
@@ -17,7 +17,9 @@ from bench_utils import ceilings, median_ms, record
 from rexfast.ops import _backends, group_assign, group_assign_reference
 
 SUITE = "group_assign"
-CPU_SHAPES = [(8, 2, 3600, 512, 512), (2, 2, 3600, 512, 512), (2, 8, 3600, 512, 512), (2, 32, 3600, 512, 512)]
+# the issue's target shape, then B=2 across the token counts and, at N=8, the pixel counts
+CPU_SHAPES = [(8, 2, 3600, 512, 512)] + [(2, n, 3600, 512, 512) for n in (2, 8, 32)] + [
+    (2, 8, p, 512, 512) for p in (900, 14400)]
 GPU_SHAPES = [(8, n, p, 512, 512) for n in (2, 8, 32) for p in (900, 3600, 14400)]
 
 

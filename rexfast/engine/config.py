@@ -37,6 +37,7 @@ class ModelConfig:
 class TrainConfig:
     epochs: int = 50
     max_steps: Optional[int] = None  # optimizer steps; stops early when reached
+    time_budget_min: Optional[float] = None  # stop (evaluate, checkpoint) once this much training time is spent
     batch_size: int = 8  # per process and micro-batch
     grad_accum: int = 1
     lr: float = 1e-4

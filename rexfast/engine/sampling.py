@@ -50,3 +50,11 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     x = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) % (2**64)
     x ^= x >> 31
     return x % (2**63 - 1)
+
+
+def micro_batch_seed(seed: int, step: int, micro_index: int) -> int:
+    """The torch RNG seed for one micro-batch's model randomness (dropout,
+    Gumbel seeds). ``micro_index`` is the step-global index ``rank * accum + j``,
+    so DDP ranks and single-process accumulation draw the same numbers for the
+    same samples, and a resumed run draws what the uninterrupted run drew."""
+    return sample_seed(seed ^ 0x5DEECE66D, step, micro_index)

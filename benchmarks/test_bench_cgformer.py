@@ -1,0 +1,139 @@
+"""CGFormer end to end: rexfast (fused ops + exact fusions) vs the same model
+with every op on the reference backend and no fusions vs torch.compile of that
+reference model. Forward (eval, no grad) and a training step (forward with
+losses + backward), median times and, on CUDA, peak memory.
+
+CPU (always): a reduced configuration (Swin 32-wide, 2-2-2-2, tiny BERT,
+128-dim tokens) at B=2, 128², fp32. torch.compile needs minutes of C++
+compilation on a small CPU, so the CPU compile variant only runs with
+``REXFAST_BENCH_CPU_COMPILE=1``.
+CUDA (when present): the released configuration (Swin-B, BERT-base) at B=8,
+480², bf16 autocast; the rexfast variant also uses channels_last.
+
+Rows go to ``benchmarks/results/cgformer-<device>.json`` (see ``bench_utils``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from bench_utils import median_ms, record
+from rexfast.models import CGFormer, CGFormerConfig
+from rexfast.models.swin import SwinConfig
+
+SUITE = "cgformer"
+
+
+def reduced_config(**overrides) -> CGFormerConfig:
+    swin = SwinConfig(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=4,
+                      pwam_heads=(2, 2, 2, 2))
+    return CGFormerConfig(**{**dict(swin=swin, bert="tiny", token_dim=128, image_size=128), **overrides})
+
+
+def _batch(b, size, device):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(b, 3, size, size, generator=g).to(device)
+    ids = torch.randint(1000, 30000, (b, 20), generator=g).to(device)
+    mask = torch.ones(b, 20, dtype=torch.long)
+    mask[:, 12:] = 0
+    targets = (torch.rand(b, size, size, generator=g) > 0.7).float().to(device)
+    return images, ids, mask.to(device), targets
+
+
+def _variants(config: CGFormerConfig, device: str, with_compile: bool, channels_last: bool):
+    torch.manual_seed(0)
+    fused = CGFormer(config, channels_last=channels_last).to(device)
+    reference = CGFormer(config, ops_backend="reference", fused=False).to(device)
+    reference.load_state_dict(fused.state_dict())  # same weights everywhere
+    out = {"rexfast": fused, "reference": reference}
+    if with_compile:
+        compiled = CGFormer(config, ops_backend="reference", fused=False).to(device)
+        compiled.load_state_dict(fused.state_dict())
+        out["compile"] = torch.compile(compiled)
+    return out
+
+
+def _measure(models, batch, device, amp_dtype, rounds):
+    images, ids, mask, targets = batch
+    autocast = lambda: torch.autocast(device, dtype=amp_dtype, enabled=amp_dtype is not None)  # noqa: E731
+    results = {}
+    for name, model in models.items():
+        def forward():
+            with torch.no_grad(), autocast():
+                return model(images, ids, mask)
+
+        def train_step():
+            with autocast():
+                _, losses = model(images, ids, mask, targets=targets)
+            sum(losses.values()).backward()
+            for p in model.parameters():
+                p.grad = None
+
+        row = {}
+        for mode, fn in (("fwd", forward), ("train", train_step)):
+            model.train(mode == "train")
+            if device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+                fn()  # also the compile warm-up
+                torch.cuda.synchronize()
+                row[f"{mode}_peak_MiB"] = torch.cuda.max_memory_allocated() / 2**20
+                row[f"{mode}_ms"] = median_ms(fn, device)
+            else:
+                row[f"{mode}_ms"] = median_ms(fn, device, rounds=rounds, warmup=1)
+                row[f"{mode}_peak_MiB"] = None  # no allocator statistics on CPU
+        results[name] = row
+    return results
+
+
+def _record(results, device, label, batch_size, size, dtype):
+    for name, row in results.items():
+        out = {"device_type": device, "config": label, "batch": batch_size, "image": size, "dtype": dtype,
+               "variant": name, **row}
+        for mode in ("fwd", "train"):
+            out[f"{mode}_speedup_vs_reference"] = results["reference"][f"{mode}_ms"] / row[f"{mode}_ms"]
+            if "compile" in results:
+                out[f"{mode}_speedup_vs_compile"] = results["compile"][f"{mode}_ms"] / row[f"{mode}_ms"]
+        record(SUITE, out)
+
+
+def _pedantic(benchmark, model, batch, device, amp_dtype):
+    images, ids, mask, targets = batch
+    model.train()
+
+    def step():
+        with torch.autocast(device, dtype=amp_dtype, enabled=amp_dtype is not None):
+            _, losses = model(images, ids, mask, targets=targets)
+        sum(losses.values()).backward()
+        for p in model.parameters():
+            p.grad = None
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    benchmark.pedantic(step, rounds=3, iterations=1, warmup_rounds=1)
+
+
+def test_cgformer_cpu(benchmark):
+    with_compile = os.environ.get("REXFAST_BENCH_CPU_COMPILE") == "1"
+    config, size, b = reduced_config(), 128, 2
+    models = _variants(config, "cpu", with_compile, channels_last=False)
+    batch = _batch(b, size, "cpu")
+    results = _measure(models, batch, "cpu", None, rounds=3)
+    _record(results, "cpu", "reduced (Swin 32, 2-2-2-2; tiny BERT; tokens 128)", b, size, "float32")
+    benchmark.extra_info.update(results)
+    _pedantic(benchmark, models["rexfast"], batch, "cpu", None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cgformer_cuda_released_b8_480_bf16(benchmark):
+    config, size, b = CGFormerConfig.released(), 480, 8
+    models = _variants(config, "cuda", with_compile=True, channels_last=True)
+    batch = _batch(b, size, "cuda")
+    results = _measure(models, batch, "cuda", torch.bfloat16, rounds=None)
+    _record(results, "cuda", "released (Swin-B w12, BERT-base, 2 tokens)", b, size, "bfloat16 autocast")
+    benchmark.extra_info.update(results)
+    _pedantic(benchmark, models["rexfast"], batch, "cuda", torch.bfloat16)
