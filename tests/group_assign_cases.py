@@ -110,3 +110,26 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+# (B, N, P, C, D): N from 1 to 128, P off any block multiple, C and D up to 1024
+PARITY_SHAPES = [
+    (2, 1, 37, 8, 5),
+    (2, 2, 300, 64, 48),
+    (1, 8, 129, 32, 16),
+    (2, 32, 97, 16, 24),
+    (1, 128, 70, 24, 8),
+    (1, 3, 50, 1024, 7),
+    (1, 2, 33, 5, 1024),
+]
+
+
+def reference_with_grads(case, dout, dassign):
+    """The float64 reference's outputs and its (dq, dk, dv, dtau) for these upstream gradients."""
+    from rexfast.ops import group_assign_reference
+
+    leaves = [t.detach().double().requires_grad_(True) for t in case.inputs()]
+    noise = None if case.noise is None else case.noise.double()
+    out, assign = group_assign_reference(*leaves, noise=noise, seed=case.seed)
+    grads = torch.autograd.grad((out, assign), leaves, (dout.double(), dassign.double()))
+    return out, assign, grads

@@ -6,20 +6,12 @@ import zlib
 import pytest
 import torch
 
-from group_assign_cases import TOLERANCE, make_case, rel_err
-from rexfast.ops import group_assign, group_assign_reference, gumbel_noise
+from group_assign_cases import PARITY_SHAPES, TOLERANCE, make_case, reference_with_grads, rel_err
+from rexfast.ops import group_assign, gumbel_noise
 from rexfast.ops import _backends
 
 CPU_BACKENDS = [b for b in ("reference", "cpu", "triton") if b in _backends.available("cpu")]
-SHAPES = [  # (B, N, P, C, D)
-    (2, 1, 37, 8, 5),
-    (2, 2, 300, 64, 48),
-    (1, 8, 129, 32, 16),
-    (2, 32, 97, 16, 24),
-    (1, 128, 70, 24, 8),
-    (1, 3, 50, 1024, 7),
-    (1, 2, 33, 5, 1024),
-]
+SHAPES = PARITY_SHAPES
 
 
 def _stable_seed(*parts) -> int:
@@ -27,12 +19,6 @@ def _stable_seed(*parts) -> int:
     return zlib.crc32(repr(parts).encode()) % 1000
 
 
-def _reference(case, dout, dassign):
-    leaves = [t.detach().double().requires_grad_(True) for t in (*case.inputs(),)]
-    noise = None if case.noise is None else case.noise.double()
-    out, assign = group_assign_reference(*leaves, noise=noise, seed=case.seed)
-    grads = torch.autograd.grad((out, assign), leaves, (dout.double(), dassign.double()))
-    return out, assign, grads
 
 
 def _check_backend(case, backend, dtype):
@@ -44,7 +30,7 @@ def _check_backend(case, backend, dtype):
     dout = torch.randn(out.shape, generator=gen).to(dtype)
     dassign = torch.randn(assign.shape, generator=gen).to(dtype)
     grads = torch.autograd.grad((out, assign), leaves, (dout, dassign))
-    ref_out, ref_assign, ref_grads = _reference(case, dout, dassign)
+    ref_out, ref_assign, ref_grads = reference_with_grads(case, dout, dassign)
     tol = TOLERANCE[dtype]
     assert rel_err(assign, ref_assign) < tol
     assert rel_err(out, ref_out) < tol
