@@ -92,12 +92,12 @@ def _overlays(model, dataset, out_dir: Path, count: int, device) -> list[str]:
         (pred,) = predict_masks(model, batch, [gt.shape], 0.5)
         image = builders.original_image(item)
         scale = max(1, 192 // max(gt.shape))
-        tiles = [overlay(image, gt), overlay(image, pred.cpu().numpy())]
-        canvas = Image.new("RGB", (2 * gt.shape[1] * scale + 10, gt.shape[0] * scale + 30), "white")
+        tiles = [image, overlay(image, gt), overlay(image, pred.cpu().numpy())]
+        canvas = Image.new("RGB", (3 * gt.shape[1] * scale + 20, gt.shape[0] * scale + 30), "white")
         for j, tile in enumerate(tiles):
             big = Image.fromarray(tile).resize((gt.shape[1] * scale, gt.shape[0] * scale), Image.NEAREST)
             canvas.paste(big, (j * (gt.shape[1] * scale + 10), 30))
-        ImageDraw.Draw(canvas).text((2, 2), f"{builders.sentence_of(item)}   [left: truth, right: prediction]",
+        ImageDraw.Draw(canvas).text((2, 2), f"{builders.sentence_of(item)!r}   image | truth | prediction",
                                     fill="black")
         path = out_dir / f"overlay_{i:03d}.png"
         canvas.save(path)

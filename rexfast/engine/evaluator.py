@@ -1,8 +1,9 @@
 """Evaluation: predictions at each image's original resolution, RES/GRES metrics.
 
-As in the official evaluation code, the model runs at its input size and the
-mask logits are resized (bilinear) to the original image size before
-thresholding; an empty predicted mask is a no-target prediction (GRES).
+As in the official CGFormer evaluation (``engine.inference``), the model runs
+at its input size, the mask probabilities (sigmoid of the logits) are resized
+to the original image size (bicubic, align_corners=True) and thresholded at
+0.5; an empty predicted mask is a no-target prediction (GRES).
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ def predict_masks(model, batch: dict, sizes: list[tuple[int, int]], threshold: f
     device = batch["image"].device
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         logits = model(batch["image"], batch["input_ids"], batch["attention_mask"])
-    logits = logits.float()
+    probs = logits.float().sigmoid()
     masks = []
     for i, (h, w) in enumerate(sizes):
-        resized = F.interpolate(logits[i : i + 1], size=(h, w), mode="bilinear", align_corners=False)
-        masks.append(resized[0, 0].sigmoid() > threshold)
+        resized = F.interpolate(probs[i : i + 1], size=(h, w), mode="bicubic", align_corners=True)
+        masks.append(resized[0, 0] > threshold)
     return masks
 
 

@@ -11,7 +11,7 @@ import torch
 from . import builders, checkpoint
 from .evaluator import predict_masks
 
-OVERLAY_COLOUR = np.array([255, 40, 40], dtype=np.float32)
+OVERLAY_COLOUR = np.array([255, 0, 255], dtype=np.float32)  # magenta: unlike any scene colour
 
 
 def load_image(path) -> "PIL.Image.Image":  # noqa: F821
@@ -51,7 +51,7 @@ class Predictor:
         return mask.cpu().numpy()
 
 
-def overlay(image, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+def overlay(image, mask: np.ndarray, alpha: float = 0.6) -> np.ndarray:
     pixels = np.asarray(image, dtype=np.float32).copy()
     pixels[mask] = (1 - alpha) * pixels[mask] + alpha * OVERLAY_COLOUR
     return pixels.clip(0, 255).astype(np.uint8)

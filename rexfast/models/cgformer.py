@@ -118,11 +118,12 @@ class CGFormerConfig:
 
     @classmethod
     def demo(cls, **overrides) -> "CGFormerConfig":
-        """A small model that trains on CPU in minutes (synthetic data, 128²)."""
+        """A small model that trains on CPU in minutes (synthetic data). No
+        dropout or drop-path: a demo run sees each sample about once."""
         base = dict(
             swin=SwinConfig(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), window_size=4,
-                            drop_path_rate=0.1, pwam_heads=(1, 1, 2, 2)),
-            bert="tiny", token_dim=64, image_size=128)
+                            drop_path_rate=0.0, pwam_heads=(1, 1, 2, 2)),
+            bert="small", token_dim=64, image_size=128, decoder_dropout=0.0)
         return cls(**{**base, **overrides})
 
     @classmethod
@@ -348,6 +349,9 @@ class Decoder(nn.Module):
         nn.init.trunc_normal_(self.tokens.weight, std=0.02)
         pe_sizes = [config.image_size // s for s in (16, 8, 4)]
         self.layers = nn.ModuleList([
+            # The released rule is "load words when pe_size > 30", written for
+            # 480² only (pe sizes 30, 60, 120); "every step but the first" is
+            # the same structure at 480 and keeps it at other sizes.
             LoadLayer(d, text_dim, size, load_words=i > 0, drop=config.decoder_dropout)
             for i, size in enumerate(pe_sizes)
         ])

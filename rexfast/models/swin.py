@@ -2,9 +2,11 @@
 pixel-word attention module (PWAM) whose output is added back through a tanh gate.
 
 Used by CGFormer (and, later, ReLA). Module and parameter names follow the
-released CGFormer / LAVT backbone so that their checkpoints load key for key:
+released CGFormer backbone so that its checkpoint loads key for key:
 ``patch_embed``, ``layers.{i}.blocks.{j}``, ``layers.{i}.pwam_fusion``,
-``layers.{i}.pwam_gate``, ``layers.{i}.downsample``, ``norm{i}``.
+``layers.{i}.pwam_gate``, ``layers.{i}.downsample``, ``norm{i}``. (LAVT's own
+backbone calls the last two ``fusion`` and ``res_gate``: its checkpoints need a
+key map.)
 
 Behaviour reproduced from the released backbone (it differs from the original
 classification Swin in places):

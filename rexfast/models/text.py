@@ -27,7 +27,10 @@ BERT_BASE_UNCASED = dict(
 # a few-layer BERT with the same vocabulary (so the bert-base tokenizer works) for tests and demos
 BERT_TINY = dict(BERT_BASE_UNCASED, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                  max_position_embeddings=64)
-BERT_PRESETS = {"bert-base-uncased": BERT_BASE_UNCASED, "tiny": BERT_TINY}
+# twice as wide, for the CPU demo, where the text encoder is trained from scratch
+BERT_SMALL = dict(BERT_TINY, hidden_size=64, num_attention_heads=4, intermediate_size=128, hidden_dropout_prob=0.0,
+                  attention_probs_dropout_prob=0.0)
+BERT_PRESETS = {"bert-base-uncased": BERT_BASE_UNCASED, "small": BERT_SMALL, "tiny": BERT_TINY}
 
 
 def bert_config(spec: Union[str, Mapping, "object", None] = "bert-base-uncased"):
@@ -129,4 +132,4 @@ def encode_text(bert, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     return bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
-__all__ = ["BERT_BASE_UNCASED", "BERT_TINY", "bert_config", "build_bert", "load_bert_weights", "encode_text"]
+__all__ = ["BERT_BASE_UNCASED", "BERT_SMALL", "BERT_TINY", "bert_config", "build_bert", "load_bert_weights", "encode_text"]
