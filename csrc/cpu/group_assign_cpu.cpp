@@ -28,6 +28,11 @@ namespace {
 
 constexpr int64_t kChunk = 256;  // pixels per work item
 constexpr double kL2nEps = 1e-12;
+// From this many tokens on, the per-pixel dot products against all N tokens
+// become a small matrix product per chunk (rows × C times C × N): a GEMM reuses
+// each loaded k element N times from registers, where N separate dot products
+// reload it from L1 and are bound by loads. Below it the direct loop wins.
+constexpr int64_t kGemmMinTokens = 8;
 
 template <typename acc_t>
 inline acc_t gumbel(uint32_t key, uint32_t index);
@@ -46,6 +51,18 @@ inline acc_t dot(const acc_t* __restrict a, const acc_t* __restrict b, int64_t n
 #pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < n; ++i) sum += a[i] * b[i];
   return sum;
+}
+
+// out (rows × N) = a (rows × width) · tokensᵀ (width × N), or out += when accumulate.
+// Runs inside at::parallel_for, where the BLAS call is single-threaded; chunk
+// shapes are fixed, so the result does not depend on the thread count.
+template <typename acc_t>
+void matmul_rows(const acc_t* a, int64_t rows, int64_t width, const acc_t* tokens, int64_t n, acc_t* out) {
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  at::Tensor lhs = at::from_blob(const_cast<acc_t*>(a), {rows, width}, opts);
+  at::Tensor rhs = at::from_blob(const_cast<acc_t*>(tokens), {n, width}, opts);
+  at::Tensor dst = at::from_blob(out, {rows, n}, opts);
+  at::mm_out(dst, lhs, rhs.t());
 }
 
 template <typename scalar_t, typename acc_t>
@@ -140,8 +157,10 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const uint32_t key32 = static_cast<uint32_t>(key);
   const acc_t inv_tau = acc_t(1) / tau;
 
+  const bool gemm = s.N >= kGemmMinTokens;
   at::parallel_for(0, s.B * s.chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> krow(s.C), z(s.N);
+    std::vector<acc_t> krows(gemm ? kChunk * s.C : 0), dots(gemm ? kChunk * s.N : 0), inv_ds(gemm ? kChunk : 0);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / s.chunks, chunk = item % s.chunks;
       acc_t* part = sums0 + item * s.N * s.D;
@@ -149,14 +168,27 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       std::fill(part, part + s.N * s.D, acc_t(0));
       std::fill(hit, hit + s.N, acc_t(0));
       const acc_t* qb = qhat + b * s.N * s.C;
-      const int64_t p_end = std::min(s.P, (chunk + 1) * kChunk);
-      for (int64_t p = chunk * kChunk; p < p_end; ++p) {
-        const acc_t norm = std::sqrt(load_row(kp0 + b * skb + p * skp, krow.data(), s.C));
-        const acc_t inv_d = acc_t(1) / (norm + acc_t(kL2nEps));
+      const int64_t p0 = chunk * kChunk, p_end = std::min(s.P, (chunk + 1) * kChunk);
+      if (gemm) {
+        for (int64_t p = p0; p < p_end; ++p) {
+          const acc_t norm = std::sqrt(load_row(kp0 + b * skb + p * skp, krows.data() + (p - p0) * s.C, s.C));
+          inv_ds[p - p0] = acc_t(1) / (norm + acc_t(kL2nEps));
+        }
+        matmul_rows(krows.data(), p_end - p0, s.C, qb, s.N, dots.data());
+      }
+      for (int64_t p = p0; p < p_end; ++p) {
+        acc_t inv_d;
+        if (gemm) {
+          inv_d = inv_ds[p - p0];
+        } else {
+          const acc_t norm = std::sqrt(load_row(kp0 + b * skb + p * skp, krow.data(), s.C));
+          inv_d = acc_t(1) / (norm + acc_t(kL2nEps));
+        }
         int64_t best = 0;
         for (int64_t n = 0; n < s.N; ++n) {
           const int64_t flat = (b * s.N + n) * s.P + p;
-          acc_t logit = dot(qb + n * s.C, krow.data(), s.C) * inv_d;
+          const acc_t raw = gemm ? dots[(p - p0) * s.N + n] : dot(qb + n * s.C, krow.data(), s.C);
+          acc_t logit = raw * inv_d;
           if (g0) logit += g0[flat];
           else if (use_key) logit += gumbel<acc_t>(key32, static_cast<uint32_t>(flat));
           z[n] = logit * inv_tau;
@@ -233,8 +265,14 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& dassign, const at
   const uint32_t key32 = static_cast<uint32_t>(key);
   const acc_t inv_tau = acc_t(1) / tau;
 
+  const bool gemm = s.N >= kGemmMinTokens;
   at::parallel_for(0, s.B * s.chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> krow(s.C), vrow(s.D), dkrow(s.C), sim(s.N), z(s.N), y(s.N), ds(s.N);
+    // GEMM path: the chunk's k and v rows, their products with the tokens, and
+    // the dS rows that become dk and dq̂ through two more matrix products.
+    const int64_t rows_cap = gemm ? kChunk : 0;
+    std::vector<acc_t> krows(rows_cap * s.C), vrows(rows_cap * s.D), qdots(rows_cap * s.N), vdots(rows_cap * s.N),
+        dsrows(rows_cap * s.N), dkrows(rows_cap * s.C), norms(rows_cap), inv_ds(rows_cap), radials(rows_cap);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / s.chunks, chunk = item % s.chunks;
       acc_t* dqp = dqp0 + item * s.N * s.C;
@@ -242,16 +280,32 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& dassign, const at
       acc_t dtau_acc = 0;
       const acc_t* qb = qhat + b * s.N * s.C;
       const acc_t* doutb = dout0 + b * s.N * s.D;
-      const int64_t p_end = std::min(s.P, (chunk + 1) * kChunk);
-      for (int64_t p = chunk * kChunk; p < p_end; ++p) {
-        const acc_t norm = std::sqrt(load_row(kp0 + b * skb + p * skp, krow.data(), s.C));
-        const acc_t inv_d = acc_t(1) / (norm + acc_t(kL2nEps));
-        load_row(vp0 + b * svb + p * svp, vrow.data(), s.D);
+      const int64_t p0 = chunk * kChunk, p_end = std::min(s.P, (chunk + 1) * kChunk), rows = p_end - p0;
+      if (gemm) {
+        for (int64_t r = 0; r < rows; ++r) {
+          norms[r] = std::sqrt(load_row(kp0 + b * skb + (p0 + r) * skp, krows.data() + r * s.C, s.C));
+          inv_ds[r] = acc_t(1) / (norms[r] + acc_t(kL2nEps));
+          load_row(vp0 + b * svb + (p0 + r) * svp, vrows.data() + r * s.D, s.D);
+        }
+        matmul_rows(krows.data(), rows, s.C, qb, s.N, qdots.data());
+        matmul_rows(vrows.data(), rows, s.D, doutb, s.N, vdots.data());
+      }
+      for (int64_t p = p0; p < p_end; ++p) {
+        const int64_t r = p - p0;
+        acc_t norm, inv_d;
+        if (gemm) {
+          norm = norms[r];
+          inv_d = inv_ds[r];
+        } else {
+          norm = std::sqrt(load_row(kp0 + b * skb + p * skp, krow.data(), s.C));
+          inv_d = acc_t(1) / (norm + acc_t(kL2nEps));
+          load_row(vp0 + b * svb + p * svp, vrow.data(), s.D);
+        }
         // Recompute the forward: similarities, logits, softmax over N, argmax.
         int64_t best = 0;
         for (int64_t n = 0; n < s.N; ++n) {
           const int64_t flat = (b * s.N + n) * s.P + p;
-          sim[n] = dot(qb + n * s.C, krow.data(), s.C) * inv_d;
+          sim[n] = (gemm ? qdots[r * s.N + n] : dot(qb + n * s.C, krow.data(), s.C)) * inv_d;
           acc_t logit = sim[n];
           if (g0) logit += g0[flat];
           else if (use_key) logit += gumbel<acc_t>(key32, static_cast<uint32_t>(flat));
@@ -265,7 +319,8 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& dassign, const at
         for (int64_t n = 0; n < s.N; ++n) {
           y[n] /= denom;
           const int64_t bn = b * s.N + n;
-          ds[n] = da0[bn * s.P + p] + (dot(doutb + n * s.D, vrow.data(), s.D) - c0[bn]) * inv_r1[bn];
+          const acc_t dout_v = gemm ? vdots[r * s.N + n] : dot(doutb + n * s.D, vrow.data(), s.D);
+          ds[n] = da0[bn * s.P + p] + (dout_v - c0[bn]) * inv_r1[bn];
           weighted += y[n] * ds[n];
         }
         acc_t ds_dot_sim = 0;
@@ -278,6 +333,11 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& dassign, const at
         // dv: the pixel's token row of dout/(r+1).
         const scalar_t* dv_src = dv_rows + (b * s.N + best) * s.D;
         std::copy(dv_src, dv_src + s.D, dv0 + b * sdvb + p * sdvp);
+        if (gemm) {  // dk and dq̂ for the whole chunk below
+          std::copy(ds.begin(), ds.end(), dsrows.begin() + r * s.N);
+          radials[r] = norm > 0 ? ds_dot_sim / norm : acc_t(0);
+          continue;
+        }
         // dk = (Σ_n dS_n q̂_n)/d − k (Σ_n dS_n S_n)/(‖k‖ d);  dq̂ += dS k̂
         std::fill(dkrow.begin(), dkrow.end(), acc_t(0));
         for (int64_t n = 0; n < s.N; ++n) {
@@ -295,6 +355,27 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& dassign, const at
         scalar_t* dkp = dk0 + b * sdkb + p * sdkp;
 #pragma omp simd
         for (int64_t c = 0; c < s.C; ++c) dkp[c] = static_cast<scalar_t>((dkrow[c] - krow[c] * radial) * inv_d);
+      }
+      if (gemm) {
+        const auto opts = at::TensorOptions().dtype(acc_type);
+        // dk rows = (dS · q̂ − k (dS·S)/‖k‖) / d
+        at::Tensor ds_t = at::from_blob(dsrows.data(), {rows, s.N}, opts);
+        at::Tensor q_t = at::from_blob(const_cast<acc_t*>(qb), {s.N, s.C}, opts);
+        at::Tensor dk_t = at::from_blob(dkrows.data(), {rows, s.C}, opts);
+        at::mm_out(dk_t, ds_t, q_t);
+        for (int64_t r = 0; r < rows; ++r) {
+          const acc_t* dkr = dkrows.data() + r * s.C;
+          const acc_t* kr = krows.data() + r * s.C;
+          const acc_t radial = radials[r], inv_d = inv_ds[r];
+          scalar_t* dkp = dk0 + b * sdkb + (p0 + r) * sdkp;
+#pragma omp simd
+          for (int64_t c = 0; c < s.C; ++c) dkp[c] = static_cast<scalar_t>((dkr[c] - kr[c] * radial) * inv_d);
+          for (int64_t n = 0; n < s.N; ++n) dsrows[r * s.N + n] *= inv_d;  // dS/d, for dq̂
+        }
+        // dq̂ (N × C) = (dS/d)ᵀ · k rows
+        at::Tensor dq_t = at::from_blob(dqp, {s.N, s.C}, opts);
+        at::Tensor k_t = at::from_blob(krows.data(), {rows, s.C}, opts);
+        at::mm_out(dq_t, ds_t.t(), k_t);
       }
       dtp0[item] = dtau_acc * inv_tau;
     }
