@@ -34,8 +34,11 @@ def extensions():
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))  # noqa: E731
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
     # -fopenmp: at::parallel_for's OpenMP loop is inlined from ATen's headers, so
-    # without it the CPU kernels silently run on one thread.
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    # without it the CPU kernels silently run on one thread. -ffp-contract=off:
+    # no implicit FMA contraction, which the compiler applies differently in a
+    # vectorised loop and its scalar peel, so results would depend on buffer
+    # addresses and thread count (the kernels promise bitwise reproducibility).
+    cxx = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off"]
     link = ["-fopenmp"]
     if not flag("REXFAST_PORTABLE"):
         cxx.append("-march=native")

@@ -26,15 +26,14 @@ if os.environ.get("TRITON_INTERPRET", "0") == "1":
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from rexfast.triton import group_assign as ga  # noqa: E402
+from rexfast.ops import registry  # noqa: E402
+from rexfast.ops.triton_lib import POINTER_TYPES  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
-_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.int32: "*i32"}
 
 
 def _aligned_attr():
@@ -50,57 +49,32 @@ def _aligned_attr():
 ALIGNED = _aligned_attr()
 
 
-def compile_kernel(kernel, pointer_types: dict, constexprs: dict, num_warps: int, aligned: tuple = ()):
-    names = kernel.arg_names
+def compile_config(cfg):
+    """Compile one ``rexfast.ops.triton_lib.CompileConfig`` for sm_90."""
+    names = cfg.kernel.arg_names
     signature = {}
     for name in names:
-        if name in constexprs:
+        if name in cfg.constexprs:
             signature[name] = "constexpr"
-        elif name in pointer_types:
-            signature[name] = _PTR[pointer_types[name]]
+        elif name in cfg.pointers:
+            signature[name] = POINTER_TYPES[cfg.pointers[name]]
         else:
-            signature[name] = "i32"
+            signature[name] = cfg.scalars.get(name, "i32")
     attrs = {}
     if ALIGNED is not None:
-        attrs = {(names.index(n),): ALIGNED for n in aligned}
-    src = ASTSource(fn=kernel, signature=signature, constexprs=dict(constexprs), attrs=attrs)
-    return triton.compile(src, target=TARGET, options={"num_warps": num_warps})
+        attrs = {(names.index(n),): ALIGNED for n in cfg.aligned}
+    src = ASTSource(fn=cfg.kernel, signature=signature, constexprs=dict(cfg.constexprs), attrs=attrs)
+    return triton.compile(src, target=TARGET, options={"num_warps": cfg.num_warps})
 
 
-def group_assign_configs():
-    """(label, kernel, pointer dtypes, constexprs, num_warps, aligned args)."""
+def all_configs():
+    """Every op's Triton compile configurations, found through the op registry."""
+    import importlib
+
     configs = []
-    noise_names = {ga.NOISE_NONE: "none", ga.NOISE_EXPLICIT: "explicit", ga.NOISE_SEEDED: "seeded"}
-    plan = [(dt, mode, 2) for dt in (torch.float32, torch.bfloat16, torch.float16) for mode in noise_names]
-    plan += [(torch.bfloat16, ga.NOISE_SEEDED, 48), (torch.bfloat16, ga.NOISE_EXPLICIT, 128),
-             (torch.float32, ga.NOISE_NONE, 128)]
-    for dtype, mode, n in plan:
-        native, prec = ga._modes(dtype)
-        block_n, block_p, block_c, block_d, fwd_warps, bwd_warps = ga._blocks(n)
-        noise_dtype = torch.float32 if mode != ga.NOISE_EXPLICIT else dtype
-        const = dict(BLOCK_N=block_n, BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_D=block_d,
-                     NOISE_MODE=mode, NATIVE_DOT=native, PREC=prec)
-        label = f"{str(dtype).split('.')[-1]:8s} noise={noise_names[mode]:8s} N={n:<3d} BLOCK_N={block_n}"
-        common = dict(qh_ptr=torch.float32, k_ptr=dtype, v_ptr=dtype, noise_ptr=noise_dtype, tau_ptr=torch.float32)
-        fwd_ptrs = dict(common, assign_ptr=dtype, index_ptr=torch.int32, counts_part_ptr=torch.float32,
-                        out_part_ptr=torch.float32)
-        bwd_ptrs = dict(common, dout_ptr=dtype, dassign_ptr=dtype, inv_ptr=torch.float32, c_ptr=torch.float32,
-                        dk_ptr=dtype, dv_ptr=dtype, dqh_part_ptr=torch.float32, dtau_part_ptr=torch.float32)
-        aligned_fwd = tuple(fwd_ptrs) + ("C", "D", "stride_kb", "stride_kp", "stride_vb", "stride_vp")
-        aligned_bwd = tuple(bwd_ptrs) + ("C", "D", "stride_kb", "stride_kp", "stride_vb", "stride_vp")
-        configs.append((f"group_assign fwd {label}", ga._group_assign_fwd_kernel, fwd_ptrs, const, fwd_warps, aligned_fwd))
-        configs.append((f"group_assign bwd {label}", ga._group_assign_bwd_kernel, bwd_ptrs, const, bwd_warps, aligned_bwd))
-    # Unaligned variant (odd C/D and strides, e.g. k, v slices of a fused kv tensor).
-    native, prec = ga._modes(torch.bfloat16)
-    block_n, block_p, block_c, block_d, _, warps = ga._blocks(17)
-    const = dict(BLOCK_N=block_n, BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_D=block_d,
-                 NOISE_MODE=ga.NOISE_SEEDED, NATIVE_DOT=native, PREC=prec)
-    ptrs = dict(qh_ptr=torch.float32, k_ptr=torch.bfloat16, v_ptr=torch.bfloat16, noise_ptr=torch.float32,
-                tau_ptr=torch.float32, dout_ptr=torch.bfloat16, dassign_ptr=torch.bfloat16, inv_ptr=torch.float32,
-                c_ptr=torch.float32, dk_ptr=torch.bfloat16, dv_ptr=torch.bfloat16, dqh_part_ptr=torch.float32,
-                dtau_part_ptr=torch.float32)
-    configs.append(("group_assign bwd bfloat16 noise=seeded   N=17  unaligned", ga._group_assign_bwd_kernel, ptrs,
-                    const, warps, ()))
+    for name, op in sorted(registry.OPS.items()):
+        if op.triton_module:
+            configs += importlib.import_module(op.triton_module).compile_configs()
     return configs
 
 
@@ -125,10 +99,11 @@ def resource_usage(compiled) -> str:
 def main() -> int:
     print(f"triton {triton.__version__}, target {TARGET}")
     failures = 0
-    for label, kernel, ptrs, const, warps, aligned in group_assign_configs():
+    for cfg in all_configs():
+        label, warps = cfg.label, cfg.num_warps
         start = time.perf_counter()
         try:
-            compiled = compile_kernel(kernel, ptrs, const, warps, aligned)
+            compiled = compile_config(cfg)
             meta = compiled.metadata
             extra = resource_usage(compiled)
             shared = getattr(meta, "shared", "?")

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from bench_utils import ceilings, median_ms, record
-from rexfast.ops import _backends, group_assign, group_assign_reference
+from rexfast.ops import group_assign, group_assign_reference
+from rexfast.ops.group_assign import BACKENDS
 
 SUITE = "group_assign"
 # the target shape, then B=2 across the token counts and, at N=8, the pixel counts
@@ -46,7 +47,7 @@ def _variants(device):
     ref = lambda q, k, v, t: group_assign_reference(q, k, v, t)  # noqa: E731
     out = {"eager": ref, "compile": torch.compile(ref, dynamic=False)}
     for name in ("cpu", "cuda", "triton"):
-        if name in _backends.available(device) and not (name == "triton" and device == "cpu"):
+        if name in BACKENDS.available(device) and not (name == "triton" and device == "cpu"):
             out[name] = lambda q, k, v, t, _n=name: group_assign(q, k, v, t, backend=_n)
     return out
 

@@ -1,6 +1,7 @@
-// Operator schemas of rexfast._C, defined once. Kernels register per device
-// in csrc/cpu/*.cpp and csrc/cuda/*.cu; the autograd formula, fake functions
-// and backend choice live with each op in rexfast/ops/<op>.py.
+// rexfast._C: the module init and the operator library. Kernels register per
+// device in csrc/cpu/<op>.cpp (with the op's schemas) and csrc/cuda/<op>.cu;
+// the autograd formula, fake functions and backend choice live with each op
+// in rexfast/ops/<op>/op.py.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -21,18 +22,8 @@ bool compiled_with_cuda() {
 }
 }  // namespace rexfast
 
+// The library itself; each op defines its schemas once, beside its CPU kernel
+// (TORCH_LIBRARY_FRAGMENT in csrc/cpu/<op>.cpp, compiled into every build).
 TORCH_LIBRARY(rexfast_C, m) {
   m.def("compiled_with_cuda() -> bool", &rexfast::compiled_with_cuda);
-  // group_assign: see rexfast/ops/group_assign.py for the math.
-  // q (B,N,C), k (B,P,C), v (B,P,D): one dtype, unit stride on the last axis,
-  // any batch/row stride. tau: one element. noise: contiguous (B,N,P) or none.
-  // key/use_key: draw Gumbel noise from kernels/rng.h instead.
-  // Returns out (B,N,D) and assign (B,N,P) in the input dtype, counts (B,N) float32.
-  m.def(
-      "group_assign_fwd(Tensor q, Tensor k, Tensor v, Tensor tau, Tensor? noise, int key, bool use_key)"
-      " -> (Tensor, Tensor, Tensor)");
-  // Returns dq, dk, dv (input dtype) and dtau (1,) (float32, float64 for float64 inputs).
-  m.def(
-      "group_assign_bwd(Tensor dout, Tensor dassign, Tensor q, Tensor k, Tensor v, Tensor tau, Tensor? noise,"
-      " int key, bool use_key, Tensor out, Tensor counts) -> (Tensor, Tensor, Tensor, Tensor)");
 }

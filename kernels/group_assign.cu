@@ -1,6 +1,6 @@
 // group_assign CUDA kernels; interface and conventions in group_assign.cuh.
 //
-// Forward, four launches:
+// Forward, five launches:
 //   1. normalise_rows: q̂ = q/(‖q‖+ε) into the workspace, one CTA per (b, n).
 //   2. assign: a CTA owns a tile of pixels of one batch; each warp takes one
 //      pixel at a time, streams its k row through registers (256-element
@@ -13,8 +13,13 @@
 //      / (r+1). A CTA owns (b, n, pixel segment): it compacts the matching
 //      pixels of its segment (ballot + prefix) and sums their v rows in pixel
 //      order into a per-segment partial.
-//   4. pool_reduce: sums the segment partials in segment order, scales by
-//      1/(r+1), writes out and counts.
+//   4. nonfinite_total, 5. pool_reduce: sums the segment partials in segment
+//      order, scales by 1/(r+1), writes out and counts.
+// Non-finite inputs follow the reference (rexfast/ops/group_assign/reference.py):
+// a pixel whose softmax column is NaN gets label -1 and a NaN assignment column
+// and makes its batch item's counts NaN; a non-finite v value of a pixel reaches
+// the other tokens' outputs as NaN (0 * inf), counted per (token, column) while
+// pooling.
 // Backward, five launches:
 //   1. normalise_rows (q̂) and bwd_token_prep (1/(r+1), c = dout·out, and the
 //      dv rows dout/(r+1) in the input dtype).
@@ -168,19 +173,32 @@ __device__ __forceinline__ A warp_row_dots(const T* __restrict__ src, int len, c
   return warp_sum(norm2);
 }
 
-// First maximum wins (same comparisons as the CPU kernel); all lanes scan.
+// The winning token of one pixel's logits z[0..N): the first maximum (same
+// comparisons as the CPU kernel), and whether the softmax column is NaN as the
+// reference computes it (a NaN or +inf logit, or all -inf; the winner is then
+// token 0). `max` is the maximum over the non-NaN logits. All lanes scan.
 template <typename A>
-__device__ __forceinline__ int first_argmax(const A* z, int N) {
-  int best = 0;
-  A zb = z[0];
-  for (int n = 1; n < N; ++n) {
+struct Winner {
+  int index;
+  bool poisoned;
+  A max;
+};
+template <typename A>
+__device__ __forceinline__ Winner<A> first_winner(const A* z, int N) {
+  int best = -1;
+  bool nan = false;
+  A zb = A(0);
+  for (int n = 0; n < N; ++n) {
     const A zn = z[n];
-    if (zn > zb) {
+    if (isnan(zn)) {
+      nan = true;
+    } else if (best < 0 || zn > zb) {
       zb = zn;
       best = n;
     }
   }
-  return best;
+  const bool poisoned = nan || best < 0 || isinf(zb);
+  return {poisoned ? 0 : best, poisoned, best < 0 ? A(NAN) : zb};
 }
 
 // ---------------------------------------------------------------- kernels
@@ -221,7 +239,7 @@ extern __shared__ __align__(16) unsigned char g_smem[];
 template <typename T, typename A>
 __global__ void __launch_bounds__(kThreads)
     assign_kernel(GroupAssignFwdParams<T> p, FwdSmem lay, int64_t tiles, const A* __restrict__ qhat,
-                  int* __restrict__ labels) {
+                  int* __restrict__ labels, int* __restrict__ poison) {
   const int N = static_cast<int>(p.N), C = static_cast<int>(p.C);
   const int64_t P = p.P;
   const int tile = lay.tile;
@@ -264,10 +282,13 @@ __global__ void __launch_bounds__(kThreads)
       z[n] = logit * inv_tau;
     }
     __syncwarp();
-    const int best = first_argmax(z, N);
+    const Winner<A> win = first_winner(z, N);
     if (lane == 0) {
-      labs[pl] = best;
-      labels[b * P + pix] = best;
+      // label -1: a NaN softmax column (NaN assignment; the batch item's counts become NaN)
+      const int label = win.poisoned ? -1 : win.index;
+      labs[pl] = label;
+      labels[b * P + pix] = label;
+      if (win.poisoned) poison[b] = 1;  // every writer stores 1: a benign race
     }
     __syncwarp();
   }
@@ -275,7 +296,8 @@ __global__ void __launch_bounds__(kThreads)
   T* assign = p.assign + b * N * P + p0;
   for (int i = threadIdx.x; i < N * tl; i += blockDim.x) {
     const int n = i / tl, pl = i % tl;
-    assign[static_cast<int64_t>(n) * P + pl] = Cvt<T>::from(static_cast<A>(labs[pl] == n ? 1 : 0));
+    const A value = labs[pl] < 0 ? A(NAN) : static_cast<A>(labs[pl] == n ? 1 : 0);
+    assign[static_cast<int64_t>(n) * P + pl] = Cvt<T>::from(value);
   }
 }
 
@@ -285,7 +307,7 @@ template <typename T, typename A>
 __global__ void __launch_bounds__(kPoolThreads)
     pool_partial_kernel(const T* __restrict__ v, int64_t v_sb, int64_t v_sp, const int* __restrict__ labels, int N,
                         int64_t P, int D, int64_t segs, int64_t seg_len, A* __restrict__ partial,
-                        A* __restrict__ hits) {
+                        A* __restrict__ hits, int* __restrict__ nonfinite) {
   __shared__ int idx[kPoolThreads];
   __shared__ int wcount[kPoolThreads / 32];
   const int64_t blk = blockIdx.x;
@@ -300,8 +322,9 @@ __global__ void __launch_bounds__(kPoolThreads)
   int total = 0;
   for (int d0 = 0; d0 < D; d0 += kPoolThreads * kPoolDPT) {
     A acc[kPoolDPT];
+    int nf[kPoolDPT];  // non-finite v values among the member rows (they reach the other tokens as NaN)
 #pragma unroll
-    for (int j = 0; j < kPoolDPT; ++j) acc[j] = 0;
+    for (int j = 0; j < kPoolDPT; ++j) acc[j] = 0, nf[j] = 0;
     total = 0;
     for (int64_t c0 = pbeg; c0 < pend; c0 += kPoolThreads) {
       const int64_t pix = c0 + threadIdx.x;
@@ -323,7 +346,11 @@ __global__ void __launch_bounds__(kPoolThreads)
 #pragma unroll
         for (int j = 0; j < kPoolDPT; ++j) {
           const int d = d0 + static_cast<int>(threadIdx.x) + j * kPoolThreads;
-          if (d < D) acc[j] += static_cast<A>(Cvt<T>::to(row[d]));
+          if (d < D) {
+            const A x = static_cast<A>(Cvt<T>::to(row[d]));
+            acc[j] += x;
+            nf[j] += isfinite(x) ? 0 : 1;
+          }
         }
       }
       total += m;
@@ -332,26 +359,47 @@ __global__ void __launch_bounds__(kPoolThreads)
 #pragma unroll
     for (int j = 0; j < kPoolDPT; ++j) {
       const int d = d0 + static_cast<int>(threadIdx.x) + j * kPoolThreads;
-      if (d < D) dst[d] = acc[j];
+      if (d < D) {
+        dst[d] = acc[j];
+        nonfinite[blk * D + d] = nf[j];
+      }
     }
   }
   if (threadIdx.x == 0) hits[blk] = static_cast<A>(total);
 }
 
+// nonfinite_total[b, d] = Σ_{n, s} nonfinite[(b*N + n)*segs + s, d]; grid B.
+__global__ void __launch_bounds__(kRowThreads)
+    nonfinite_total_kernel(const int* __restrict__ nonfinite, int64_t N, int64_t segs, int D,
+                           int* __restrict__ total) {
+  const int64_t b = blockIdx.x;
+  const int* src = nonfinite + b * N * segs * D;
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    int t = 0;
+    for (int64_t i = 0; i < N * segs; ++i) t += src[i * D + d];
+    total[b * D + d] = t;
+  }
+}
+
 // out[b,n] = (Σ_s partial) / (r + 1), counts[b,n] = r; grid B*N.
 template <typename T, typename A>
 __global__ void __launch_bounds__(kRowThreads)
-    pool_reduce_kernel(const A* __restrict__ partial, const A* __restrict__ hits, int64_t segs, int D,
-                       T* __restrict__ out, float* __restrict__ counts) {
-  const int64_t bn = blockIdx.x;
+    pool_reduce_kernel(const A* __restrict__ partial, const A* __restrict__ hits, int64_t segs, int N, int D,
+                       const int* __restrict__ poison, const int* __restrict__ nonfinite,
+                       const int* __restrict__ nonfinite_total, T* __restrict__ out, float* __restrict__ counts) {
+  const int64_t bn = blockIdx.x, b = bn / N;
   A count = 0;
   for (int64_t s = 0; s < segs; ++s) count += hits[bn * segs + s];
+  if (poison[b]) count = A(NAN);  // a NaN softmax column in this batch item: NaN counts, as the reference
   const A scale = A(1) / (count + A(1));
   const A* src = partial + bn * segs * D;
+  const int* nf = nonfinite + bn * segs * D;
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     A acc = 0;
-    for (int64_t s = 0; s < segs; ++s) acc += src[s * D + d];
-    out[bn * D + d] = Cvt<T>::from(acc * scale);
+    int own = 0;
+    for (int64_t s = 0; s < segs; ++s) acc += src[s * D + d], own += nf[s * D + d];
+    // a non-finite v value of another token's pixel: 0 * inf or 0 * NaN in Â·v
+    out[bn * D + d] = Cvt<T>::from(nonfinite_total[b * D + d] > own ? A(NAN) : acc * scale);
   }
   if (threadIdx.x == 0) counts[bn] = static_cast<float>(count);
 }
@@ -463,8 +511,10 @@ __global__ void __launch_bounds__(kThreads)
       zsh[n] = logit * inv_tau;
     }
     __syncwarp();
-    const int best = first_argmax(zsh, N);
-    const A zb = zsh[best];
+    // The forward's winner; a NaN column stays NaN through y (as in the reference).
+    const Winner<A> win = first_winner(zsh, N);
+    const int best = win.index;
+    const A zb = win.max;
     __syncwarp();
     // Softmax over N; dY = dA + (dout·v − c)/(r+1).
     A den = 0;
@@ -722,6 +772,9 @@ struct FwdWork {
   int* labels;
   A* partial;
   A* hits;
+  int* poison;           // (B,) 1 where a pixel's softmax column is NaN
+  int* nonfinite;        // (B*N*segs, D) non-finite v values per token segment
+  int* nonfinite_total;  // (B, D)
   PoolPlan pool;
   size_t bytes;
 };
@@ -735,6 +788,9 @@ FwdWork<T> fwd_work(void* base, int64_t B, int64_t N, int64_t P, int64_t C, int6
   w.labels = cv.take<int>(B * P);
   w.partial = cv.take<A>(B * N * w.pool.segs * D);
   w.hits = cv.take<A>(B * N * w.pool.segs);
+  w.poison = cv.take<int>(B);
+  w.nonfinite = cv.take<int>(B * N * w.pool.segs * D);
+  w.nonfinite_total = cv.take<int>(B * D);
   w.bytes = cv.off;
   return w;
 }
@@ -808,15 +864,21 @@ cudaError_t group_assign_fwd(const GroupAssignFwdParams<T>& p, cudaStream_t stre
   normalise_rows_kernel<T, A><<<static_cast<unsigned>(B * N), kRowThreads, 0, stream>>>(
       p.q, p.q_sb, p.q_sn, static_cast<int>(N), static_cast<int>(C), w.qhat);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  if ((err = cudaMemsetAsync(w.poison, 0, static_cast<size_t>(B) * sizeof(int), stream)) != cudaSuccess) return err;
   if ((err = allow_smem(assign_kernel<T, A>, smem)) != cudaSuccess) return err;
-  assign_kernel<T, A><<<static_cast<unsigned>(B * tiles), kThreads, smem, stream>>>(p, lay, tiles, w.qhat, w.labels);
+  assign_kernel<T, A><<<static_cast<unsigned>(B * tiles), kThreads, smem, stream>>>(p, lay, tiles, w.qhat, w.labels,
+                                                                                   w.poison);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   pool_partial_kernel<T, A><<<static_cast<unsigned>(B * N * w.pool.segs), kPoolThreads, 0, stream>>>(
       p.v, p.v_sb, p.v_sp, w.labels, static_cast<int>(N), P, static_cast<int>(D), w.pool.segs, w.pool.seg_len,
-      w.partial, w.hits);
+      w.partial, w.hits, w.nonfinite);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  nonfinite_total_kernel<<<static_cast<unsigned>(B), kRowThreads, 0, stream>>>(w.nonfinite, N, w.pool.segs,
+                                                                              static_cast<int>(D), w.nonfinite_total);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   pool_reduce_kernel<T, A><<<static_cast<unsigned>(B * N), kRowThreads, 0, stream>>>(
-      w.partial, w.hits, w.pool.segs, static_cast<int>(D), p.out, p.counts);
+      w.partial, w.hits, w.pool.segs, static_cast<int>(N), static_cast<int>(D), w.poison, w.nonfinite,
+      w.nonfinite_total, p.out, p.counts);
   return cudaGetLastError();
 }
 

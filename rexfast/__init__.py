@@ -9,7 +9,7 @@ from . import ops  # noqa: E402
 
 def info() -> dict:
     """Versions, built extensions and the backends each device type can run."""
-    from .ops._backends import info as _info
+    from .ops.registry import info as _info
 
     out = {"rexfast": __version__}
     out.update(_info())

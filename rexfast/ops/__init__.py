@@ -1,7 +1,11 @@
-"""Public functional ops. Each op lives in one module with its checks,
-registration, fake function, autograd formula and backend entry points."""
+"""rexfast's functional ops, one folder each (see ``rexfast/ops/README.md``).
 
-from .group_assign import group_assign
-from .reference import group_assign_reference, gumbel_noise
+Each op has a PyTorch reference and fused backends behind a per-op registry
+(:mod:`rexfast.ops.registry`); ``backend=`` or ``REXFAST_BACKEND`` pins one.
+"""
 
-__all__ = ["group_assign", "group_assign_reference", "gumbel_noise"]
+from . import registry
+from .group_assign import group_assign, group_assign_reference
+from .gumbel import gumbel_noise
+
+__all__ = ["registry", "group_assign", "group_assign_reference", "gumbel_noise"]

@@ -178,10 +178,23 @@ def test_cli_bad_inputs_fail_with_one_clear_line(trained_checkpoint, data_root, 
     assert not out.exists() or not any(out.iterdir()), "a failed command left files behind"
 
 
-def test_info_lists_backends():
+def test_info_lists_every_backend_ci_is_meant_to_have():
+    """`rexfast info` (run with the test environment: TRITON_INTERPRET=1 without a
+    GPU) must list, for every op, the reference, the C++ kernel and Triton: a
+    missing extension or Triton fails here instead of silently dropping tests."""
+    from rexfast.ops import registry
+
     proc = _rexfast("info", "--json")
     info = json.loads(proc.stdout)
-    assert "cpu" in info["backends_cpu"] and "reference" in info["backends_cpu"]
+    assert info["rexfast_extension"] == "built", info["rexfast_extension"]
+    assert not str(info["triton"]).startswith("missing"), info["triton"]
+    wanted = {"reference", "cpu"} | ({"triton"} if os.environ.get("TRITON_INTERPRET") == "1" else set())
+    assert set(info["backends_cpu"]) == set(registry.OPS)
+    for op, names in info["backends_cpu"].items():
+        declared = set(registry.OPS[op].names)
+        assert wanted & declared <= set(names), f"{op}: {names} lacks {sorted((wanted & declared) - set(names))}"
+    proc = _rexfast("info")
+    assert "group_assign" in proc.stdout and "rexfast_extension" in proc.stdout
 
 
 def test_demo_quick_runs_end_to_end_and_writes_everything(tmp_path):

@@ -2,7 +2,7 @@
 
 Runs on CPU under the Triton interpreter (TRITON_INTERPRET=1, set by conftest.py
 without CUDA) and on CUDA tensors when a GPU is present. The block sizes these
-cases straddle come from ``rexfast.triton.group_assign._blocks``: BLOCK_N =
+cases straddle come from ``rexfast.ops.group_assign.triton_kernels._blocks``: BLOCK_N =
 max(16, next_pow2(N)); BLOCK_P = 64 / 32 / 32 / 16 for BLOCK_N = 16 / 32 / 64 / 128;
 BLOCK_C = 32; BLOCK_D = 64 (32 for BLOCK_N = 64).
 """
@@ -10,19 +10,21 @@ BLOCK_C = 32; BLOCK_D = 64 (32 for BLOCK_N = 64).
 import pytest
 import torch
 
-from group_assign_cases import check_against_reference, make_case, rel_err
-from rexfast.ops import _backends, group_assign
-from rexfast.ops.reference import gumbel_noise_from_key
+from group_assign_cases import SPEC, assert_one_hot, make_case
+from harness import check_against_reference, rel_err, require_backend
+from rexfast.ops.gumbel import gumbel_noise_from_key
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(
-    "triton" not in _backends.available(DEVICE), reason=f"triton backend unavailable for {DEVICE} tensors"
-)
 
+
+@pytest.fixture(autouse=True)
+def _triton_runs():
+    require_backend(SPEC, "triton", DEVICE)
 
 
 def _parity(case, dtype):
-    return check_against_reference(case, "triton", dtype, exact_assign=True)
+    out, _ = check_against_reference(SPEC, case, "triton", dtype)
+    assert_one_hot(out[1])
 
 
 BOUNDARY = [  # (B, N, P, C, D): around BLOCK_P/BLOCK_C/BLOCK_D/BLOCK_N edges
@@ -41,14 +43,14 @@ BOUNDARY = [  # (B, N, P, C, D): around BLOCK_P/BLOCK_C/BLOCK_D/BLOCK_N edges
 @pytest.mark.parametrize("shape", BOUNDARY, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("noise", ["explicit", "seed"])
 def test_block_boundaries_fp32(poisoned_outputs, shape, noise):
-    case = make_case(*shape, noise=noise, device=DEVICE, generator_seed=sum(shape))
+    case = make_case(shape, noise=noise, device=DEVICE, seed=sum(shape))
     _parity(case, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(1, 2, 65, 31, 63), (1, 17, 64, 40, 17)], ids=lambda s: "x".join(map(str, s)))
 def test_block_boundaries_half(poisoned_outputs, dtype, shape):
-    case = make_case(*shape, dtype=dtype, noise="explicit", device=DEVICE, generator_seed=3)
+    case = make_case(shape, dtype=dtype, noise="explicit", device=DEVICE, seed=3)
     _parity(case, dtype)
 
 
@@ -56,24 +58,25 @@ def test_many_tiles_per_split(poisoned_outputs):
     # B=1, P=1100 → 18 pixel tiles over at most 8 (interpreter) programs: each
     # split owns several tiles, so the in-kernel dq̂ read-modify-write and the
     # two-phase forward both run over more than one tile.
-    case = make_case(1, 3, 1100, 24, 20, noise="none", device=DEVICE, generator_seed=17)
+    case = make_case((1, 3, 1100, 24, 20), noise="none", device=DEVICE, seed=17)
     _parity(case, torch.float32)
 
 
 def test_strided_kv_and_noise_dtypes(poisoned_outputs):
-    case = make_case(2, 4, 150, 24, 20, noise="explicit", layout="strided", device=DEVICE, generator_seed=3)
-    case.noise = case.noise.double()  # any float dtype of noise is read in-kernel
-    case.tau = case.tau.double()
+    case = make_case((2, 4, 150, 24, 20), noise="explicit", layout="strided", device=DEVICE, seed=3)
+    case.kwargs["noise"] = case.kwargs["noise"].double()  # any float dtype of noise is read in-kernel
+    q, k, v, tau = case.args
+    case.args = (q, k, v, tau.double())
     _parity(case, torch.float32)
 
 
 @pytest.mark.parametrize("key", [0, 1, 0x7FFFFFFF, 0x80000000, 0xFFFFFFF0])
 def test_hash_keys_match_reference_noise(key):
     # Keys at int32 edges: the kernel receives the key's int32 bit pattern.
-    from rexfast.triton import group_assign as tk
+    from rexfast.ops.group_assign import triton_kernels as tk
 
-    case = make_case(2, 3, 70, 8, 6, noise="none", device=DEVICE, generator_seed=4)
-    q, k, v, tau = case.inputs()
+    case = make_case((2, 3, 70, 8, 6), noise="none", device=DEVICE, seed=4)
+    q, k, v, tau = case.args
     tau = tau.reshape(1).float()
     noise = gumbel_noise_from_key(key, (2, 3, 70), dtype=torch.float32, device=DEVICE)
     out_k, assign_k, counts_k = tk.forward(q, k, v, tau, None, key)
@@ -84,8 +87,8 @@ def test_hash_keys_match_reference_noise(key):
 
 
 def test_counts_and_determinism(poisoned_outputs):
-    case = make_case(2, 5, 300, 16, 12, noise="seed", device=DEVICE, generator_seed=8)
-    args = [t.detach().clone().requires_grad_(True) for t in case.inputs()]
+    case = make_case((2, 5, 300, 16, 12), noise="seed", device=DEVICE, seed=8)
+    args = [t.detach().clone().requires_grad_(True) for t in case.args]
     out, assign, counts = torch.ops.rexfast.group_assign(*args, None, 12345, "triton")
     assert counts.dtype == torch.float32
     assert torch.equal(counts, assign.detach().sum(-1))
@@ -96,3 +99,15 @@ def test_counts_and_determinism(poisoned_outputs):
     assert torch.equal(out, out2) and torch.equal(assign, assign2) and torch.equal(counts, counts2)
     for a, b in zip(first, second):
         assert torch.equal(a, b), "backward must be bitwise reproducible"
+
+
+def test_empty_batch_returns_empty_outputs():
+    from rexfast.ops.group_assign import triton_kernels as tk
+
+    q, k, v = torch.randn(0, 2, 8), torch.randn(0, 10, 8), torch.randn(0, 10, 4)
+    tau = torch.tensor([0.5])
+    out, assign, counts = tk.forward(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), tau.to(DEVICE), None, None)
+    assert out.shape == (0, 2, 4) and assign.shape == (0, 2, 10) and counts.shape == (0, 2)
+    dq, dk, dv, dtau = tk.backward(out, assign, q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), tau.to(DEVICE), None, None,
+                                   out, counts)
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape and float(dtau) == 0.0

@@ -8,13 +8,18 @@
 // partial sums are reduced in chunk order, so results do not depend on the
 // number of threads (bitwise reproducible).
 //
-// Math and notation: rexfast/ops/group_assign.py.
+// Math and notation: rexfast/ops/group_assign/op.py. Non-finite inputs follow
+// the reference (rexfast/ops/group_assign/reference.py): a pixel whose logits
+// hold a NaN or +inf, or are all -inf, has a NaN assignment column and makes
+// its batch item's counts (so its outputs) NaN; a non-finite v value reaches
+// every token's output (0 * inf = NaN), not only the winner's.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #if defined(__linux__)
@@ -45,37 +50,182 @@ inline double gumbel<double>(uint32_t key, uint32_t index) {
   return gumbel_from_key_f64(key, index);
 }
 
+// Reproducibility: every sum in this file has one fixed order that depends
+// only on the shapes. Reductions keep an explicit vector of lane accumulators
+// (the compiler may vectorise them but cannot re-associate them, e.g. by
+// peeling for the alignment of a buffer), and the build uses -ffp-contract=off
+// (setup.py): a vectorised loop and its scalar peel would otherwise contract
+// a*b+c into an FMA differently, so the same values at other addresses (other
+// scratch buffers, another thread) gave other roundings.
 template <typename acc_t>
-inline acc_t dot(const acc_t* __restrict a, const acc_t* __restrict b, int64_t n) {
+constexpr int kLanes = 64 / sizeof(acc_t);  // one 512-bit vector
+
+template <typename acc_t>
+inline acc_t sum_lanes(const acc_t* lanes) {
   acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < n; ++i) sum += a[i] * b[i];
+  for (int l = 0; l < kLanes<acc_t>; ++l) sum += lanes[l];
   return sum;
 }
 
-// out (rows × N) = a (rows × width) · tokensᵀ (width × N), or out += when accumulate.
-// Runs inside at::parallel_for, where the BLAS call is single-threaded; chunk
-// shapes are fixed, so the result does not depend on the thread count.
 template <typename acc_t>
-void matmul_rows(const acc_t* a, int64_t rows, int64_t width, const acc_t* tokens, int64_t n, acc_t* out) {
-  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  at::Tensor lhs = at::from_blob(const_cast<acc_t*>(a), {rows, width}, opts);
-  at::Tensor rhs = at::from_blob(const_cast<acc_t*>(tokens), {n, width}, opts);
-  at::Tensor dst = at::from_blob(out, {rows, n}, opts);
-  at::mm_out(dst, lhs, rhs.t());
+inline acc_t dot(const acc_t* __restrict a, const acc_t* __restrict b, int64_t n) {
+  constexpr int L = kLanes<acc_t>;
+  acc_t lanes[L] = {};
+  const int64_t full = n - n % L;
+  for (int64_t i = 0; i < full; i += L) {
+#pragma omp simd
+    for (int l = 0; l < L; ++l) lanes[l] += a[i + l] * b[i + l];
+  }
+  for (int64_t i = full; i < n; ++i) lanes[i - full] += a[i] * b[i];
+  return sum_lanes(lanes);
+}
+
+// out[r·n_tok + j] = a_r · t_j for the rows of a (rows × width) and the tokens
+// of t (n_tok × width): the chunk's dot products with every token as one
+// register-blocked product (4 rows × 4 tokens, a vector of lanes each), so each
+// loaded row element is reused 4 times from registers instead of reloaded from
+// L1 per token. Every (r, j) entry is accumulated in one fixed order that
+// depends only on `width`, never on threads, alignment or where the entry sits
+// in a block (a BLAS call gives no such guarantee: MKL's results differ inside
+// and outside a parallel region), so ties stay exact and results are bitwise
+// independent of the thread count.
+template <typename acc_t>
+void rows_dot_tokens(const acc_t* __restrict a, int64_t rows, int64_t width, const acc_t* __restrict t,
+                     int64_t n_tok, acc_t* __restrict out) {
+  constexpr int R = 4, T = 4, L = kLanes<acc_t>;
+  const int64_t full = width - width % L;
+  for (int64_t r0 = 0; r0 < rows; r0 += R) {
+    const acc_t* ar[R];
+    for (int i = 0; i < R; ++i) ar[i] = a + std::min<int64_t>(r0 + i, rows - 1) * width;  // clamp: tail rows repeat
+    for (int64_t j0 = 0; j0 < n_tok; j0 += T) {
+      const acc_t* tj[T];
+      for (int j = 0; j < T; ++j) tj[j] = t + std::min<int64_t>(j0 + j, n_tok - 1) * width;
+      acc_t acc[R][T][L];
+      for (int i = 0; i < R; ++i)
+        for (int j = 0; j < T; ++j)
+          for (int l = 0; l < L; ++l) acc[i][j][l] = 0;
+      for (int64_t c0 = 0; c0 < full; c0 += L) {
+        for (int i = 0; i < R; ++i)
+          for (int j = 0; j < T; ++j) {
+#pragma omp simd
+            for (int l = 0; l < L; ++l) acc[i][j][l] += ar[i][c0 + l] * tj[j][c0 + l];
+          }
+      }
+      for (int64_t c = full; c < width; ++c)
+        for (int i = 0; i < R; ++i)
+          for (int j = 0; j < T; ++j) acc[i][j][c - full] += ar[i][c] * tj[j][c];
+      for (int i = 0; i < R && r0 + i < rows; ++i)
+        for (int j = 0; j < T && j0 + j < n_tok; ++j) {
+          out[(r0 + i) * n_tok + j0 + j] = sum_lanes(acc[i][j]);
+        }
+    }
+  }
+}
+
+// dst_r += Σ_n coef[r·n_tok + n] · t_n for each row r (dst: rows × width), summed
+// over n in order (the same order as the per-pixel loop), four rows at a time
+// so each loaded t element serves four rows.
+template <typename acc_t>
+void rows_from_tokens(const acc_t* __restrict coef, int64_t rows, int64_t n_tok, const acc_t* __restrict t,
+                      int64_t width, acc_t* __restrict dst) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    acc_t* d0 = dst + r * width;
+    acc_t* d1 = d0 + width;
+    acc_t* d2 = d1 + width;
+    acc_t* d3 = d2 + width;
+    for (int64_t n = 0; n < n_tok; ++n) {
+      const acc_t c0 = coef[r * n_tok + n], c1 = coef[(r + 1) * n_tok + n], c2 = coef[(r + 2) * n_tok + n],
+                  c3 = coef[(r + 3) * n_tok + n];
+      const acc_t* tn = t + n * width;
+#pragma omp simd
+      for (int64_t c = 0; c < width; ++c) {
+        d0[c] += c0 * tn[c];
+        d1[c] += c1 * tn[c];
+        d2[c] += c2 * tn[c];
+        d3[c] += c3 * tn[c];
+      }
+    }
+  }
+  for (; r < rows; ++r) {
+    acc_t* d = dst + r * width;
+    for (int64_t n = 0; n < n_tok; ++n) {
+      const acc_t cn = coef[r * n_tok + n];
+      const acc_t* tn = t + n * width;
+#pragma omp simd
+      for (int64_t c = 0; c < width; ++c) d[c] += cn * tn[c];
+    }
+  }
+}
+
+// dst_n += Σ_r coef[r·n_tok + n] · a_r for each token n (dst: n_tok × width):
+// rows are added in order, four at a time per pass over dst.
+template <typename acc_t>
+void tokens_from_rows(const acc_t* __restrict coef, int64_t rows, int64_t n_tok, const acc_t* __restrict a,
+                      int64_t width, acc_t* __restrict dst) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    const acc_t* a0 = a + r * width;
+    const acc_t* a1 = a0 + width;
+    const acc_t* a2 = a1 + width;
+    const acc_t* a3 = a2 + width;
+    for (int64_t n = 0; n < n_tok; ++n) {
+      const acc_t c0 = coef[r * n_tok + n], c1 = coef[(r + 1) * n_tok + n], c2 = coef[(r + 2) * n_tok + n],
+                  c3 = coef[(r + 3) * n_tok + n];
+      acc_t* dn = dst + n * width;
+#pragma omp simd
+      for (int64_t c = 0; c < width; ++c) {
+        acc_t x = dn[c];
+        x += c0 * a0[c];
+        x += c1 * a1[c];
+        x += c2 * a2[c];
+        x += c3 * a3[c];
+        dn[c] = x;
+      }
+    }
+  }
+  for (; r < rows; ++r) {
+    const acc_t* ar = a + r * width;
+    for (int64_t n = 0; n < n_tok; ++n) {
+      const acc_t cn = coef[r * n_tok + n];
+      acc_t* dn = dst + n * width;
+#pragma omp simd
+      for (int64_t c = 0; c < width; ++c) dn[c] += cn * ar[c];
+    }
+  }
 }
 
 template <typename scalar_t, typename acc_t>
 inline acc_t load_row(const scalar_t* __restrict src, acc_t* __restrict dst, int64_t n) {
   // Converts one row to the accumulation type and returns its squared norm.
-  acc_t norm2 = 0;
-#pragma omp simd reduction(+ : norm2)
-  for (int64_t i = 0; i < n; ++i) {
-    const acc_t x = static_cast<acc_t>(src[i]);
-    dst[i] = x;
-    norm2 += x * x;
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<acc_t>(src[i]);
+  return dot(dst, dst, n);
+}
+
+// The winning token of one pixel's logits z[0..N): the first maximum (as
+// torch.argmax), and whether the softmax column is NaN as the reference
+// computes it (a NaN or +inf logit, or all -inf; the winner is then token 0).
+// `max` is the maximum over the non-NaN logits (the softmax shift).
+template <typename acc_t>
+struct WinnerT {
+  int64_t index;
+  bool poisoned;
+  acc_t max;
+};
+template <typename acc_t>
+inline WinnerT<acc_t> winner(const acc_t* z, int64_t n_tokens) {
+  int64_t best = -1;
+  bool nan = false;
+  for (int64_t n = 0; n < n_tokens; ++n) {
+    if (std::isnan(z[n])) {
+      nan = true;
+    } else if (best < 0 || z[n] > z[best]) {
+      best = n;
+    }
   }
-  return norm2;
+  const acc_t max = best < 0 ? std::numeric_limits<acc_t>::quiet_NaN() : z[best];
+  const bool poisoned = nan || best < 0 || std::isinf(max);
+  return {poisoned ? 0 : best, poisoned, max};
 }
 
 // Large fresh outputs (dk, dv: B×P×C) cost more in first-touch page faults
@@ -126,9 +276,19 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 }
 
 // l2n over the last axis of q, in the accumulation type: (B*N, C) contiguous.
-at::Tensor normalised_queries(const at::Tensor& q, at::ScalarType acc) {
-  at::Tensor qa = q.to(acc);
-  return (qa / (at::linalg_vector_norm(qa, 2, {-1}, /*keepdim=*/true) + kL2nEps)).contiguous();
+// (Every reduction in this file is a loop of its own, in a fixed order: a
+// tensor reduction may split its range by the thread count.)
+template <typename acc_t>
+at::Tensor normalised_queries(const at::Tensor& q) {
+  at::Tensor qhat = q.to(c10::CppTypeToScalarType<acc_t>::value).contiguous().clone();
+  const int64_t rows = q.size(0) * q.size(1), C = q.size(2);
+  acc_t* x = qhat.data_ptr<acc_t>();
+  for (int64_t r = 0; r < rows; ++r) {
+    acc_t* row = x + r * C;
+    const acc_t den = std::sqrt(dot(row, row, C)) + acc_t(kL2nEps);
+    for (int64_t c = 0; c < C; ++c) row[c] /= den;
+  }
+  return qhat;
 }
 
 template <typename scalar_t, typename acc_t>
@@ -137,7 +297,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
                     at::Tensor& assign, at::Tensor& counts) {
   const Shapes s = shapes_of(q, k, v);
   const at::ScalarType acc_type = c10::CppTypeToScalarType<acc_t>::value;
-  const at::Tensor qhat_t = normalised_queries(q, acc_type);
+  const at::Tensor qhat_t = normalised_queries<acc_t>(q);
   const acc_t* qhat = qhat_t.data_ptr<acc_t>();
   const scalar_t* kp0 = k.data_ptr<scalar_t>();
   const scalar_t* vp0 = v.data_ptr<scalar_t>();
@@ -174,7 +334,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
           const acc_t norm = std::sqrt(load_row(kp0 + b * skb + p * skp, krows.data() + (p - p0) * s.C, s.C));
           inv_ds[p - p0] = acc_t(1) / (norm + acc_t(kL2nEps));
         }
-        matmul_rows(krows.data(), p_end - p0, s.C, qb, s.N, dots.data());
+        rows_dot_tokens(krows.data(), p_end - p0, s.C, qb, s.N, dots.data());
       }
       for (int64_t p = p0; p < p_end; ++p) {
         acc_t inv_d;
@@ -184,7 +344,6 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
           const acc_t norm = std::sqrt(load_row(kp0 + b * skb + p * skp, krow.data(), s.C));
           inv_d = acc_t(1) / (norm + acc_t(kL2nEps));
         }
-        int64_t best = 0;
         for (int64_t n = 0; n < s.N; ++n) {
           const int64_t flat = (b * s.N + n) * s.P + p;
           const acc_t raw = gemm ? dots[(p - p0) * s.N + n] : dot(qb + n * s.C, krow.data(), s.C);
@@ -192,13 +351,33 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
           if (g0) logit += g0[flat];
           else if (use_key) logit += gumbel<acc_t>(key32, static_cast<uint32_t>(flat));
           z[n] = logit * inv_tau;
-          if (z[n] > z[best]) best = n;  // first maximum wins, as torch.argmax
         }
+        const auto w = winner(z.data(), s.N);
+        if (w.poisoned) {  // NaN softmax column: NaN assignment, NaN counts for the whole batch item
+          for (int64_t n = 0; n < s.N; ++n) {
+            assign0[(b * s.N + n) * s.P + p] = static_cast<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN());
+            hit[n] = std::numeric_limits<acc_t>::quiet_NaN();
+          }
+          continue;
+        }
+        const int64_t best = w.index;
         for (int64_t n = 0; n < s.N; ++n) assign0[(b * s.N + n) * s.P + p] = scalar_t(n == best ? 1 : 0);
         acc_t* dst = part + best * s.D;
         const scalar_t* vrow = vp0 + b * svb + p * svp;
-#pragma omp simd
-        for (int64_t d = 0; d < s.D; ++d) dst[d] += static_cast<acc_t>(vrow[d]);
+        acc_t nonfinite = 0;  // 0 unless the row holds an inf or NaN (0 * inf = NaN)
+#pragma omp simd reduction(+ : nonfinite)
+        for (int64_t d = 0; d < s.D; ++d) {
+          const acc_t x = static_cast<acc_t>(vrow[d]);
+          dst[d] += x;
+          nonfinite += x * acc_t(0);
+        }
+        if (nonfinite != acc_t(0)) {  // rare: the other tokens get 0 * v, as Â·v computes it
+          for (int64_t n = 0; n < s.N; ++n) {
+            if (n == best) continue;
+            acc_t* other = part + n * s.D;
+            for (int64_t d = 0; d < s.D; ++d) other[d] += static_cast<acc_t>(vrow[d]) * acc_t(0);
+          }
+        }
         hit[best] += 1;
       }
     }
@@ -233,12 +412,15 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& dassign, const at
                      at::Tensor& dv, at::Tensor& dtau) {
   const Shapes s = shapes_of(q, k, v);
   const at::ScalarType acc_type = c10::CppTypeToScalarType<acc_t>::value;
-  const at::Tensor qhat_t = normalised_queries(q, acc_type);
+  const at::Tensor qhat_t = normalised_queries<acc_t>(q);
   const acc_t* qhat = qhat_t.data_ptr<acc_t>();
   // Per-token constants: 1/(r+1), c = dout·out, and dout/(r+1) (the dv rows).
   const at::Tensor inv_r1_t = (1.0 / (counts.to(acc_type) + 1.0)).contiguous();
   const at::Tensor dout_acc = dout.to(acc_type).contiguous();
-  const at::Tensor c_t = (dout_acc * out.to(acc_type)).sum(-1).contiguous();
+  const at::Tensor out_acc = out.to(acc_type).contiguous();
+  at::Tensor c_t = at::empty({s.B, s.N}, q.options().dtype(acc_type));
+  for (int64_t bn = 0; bn < s.B * s.N; ++bn)
+    c_t.data_ptr<acc_t>()[bn] = dot(dout_acc.data_ptr<acc_t>() + bn * s.D, out_acc.data_ptr<acc_t>() + bn * s.D, s.D);
   const at::Tensor dv_rows_t = (dout_acc * inv_r1_t.unsqueeze(-1)).to(dv.scalar_type()).contiguous();
   const acc_t* inv_r1 = inv_r1_t.data_ptr<acc_t>();
   const acc_t* dout0 = dout_acc.data_ptr<acc_t>();
@@ -287,8 +469,8 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& dassign, const at
           inv_ds[r] = acc_t(1) / (norms[r] + acc_t(kL2nEps));
           load_row(vp0 + b * svb + (p0 + r) * svp, vrows.data() + r * s.D, s.D);
         }
-        matmul_rows(krows.data(), rows, s.C, qb, s.N, qdots.data());
-        matmul_rows(vrows.data(), rows, s.D, doutb, s.N, vdots.data());
+        rows_dot_tokens(krows.data(), rows, s.C, qb, s.N, qdots.data());
+        rows_dot_tokens(vrows.data(), rows, s.D, doutb, s.N, vdots.data());
       }
       for (int64_t p = p0; p < p_end; ++p) {
         const int64_t r = p - p0;
@@ -302,7 +484,6 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& dassign, const at
           load_row(vp0 + b * svb + p * svp, vrow.data(), s.D);
         }
         // Recompute the forward: similarities, logits, softmax over N, argmax.
-        int64_t best = 0;
         for (int64_t n = 0; n < s.N; ++n) {
           const int64_t flat = (b * s.N + n) * s.P + p;
           sim[n] = (gemm ? qdots[r * s.N + n] : dot(qb + n * s.C, krow.data(), s.C)) * inv_d;
@@ -310,10 +491,12 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& dassign, const at
           if (g0) logit += g0[flat];
           else if (use_key) logit += gumbel<acc_t>(key32, static_cast<uint32_t>(flat));
           z[n] = logit * inv_tau;
-          if (z[n] > z[best]) best = n;
         }
+        // The forward's winner; a NaN column stays NaN through y (as in the reference).
+        const auto w = winner(z.data(), s.N);
+        const int64_t best = w.index;
         acc_t denom = 0;
-        for (int64_t n = 0; n < s.N; ++n) denom += (y[n] = std::exp(z[n] - z[best]));
+        for (int64_t n = 0; n < s.N; ++n) denom += (y[n] = std::exp(z[n] - w.max));
         // dY = dA + (dout·v − c)/(r+1);  dZ = Y (dY − Σ Y dY)
         acc_t weighted = 0;
         for (int64_t n = 0; n < s.N; ++n) {
@@ -326,7 +509,7 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& dassign, const at
         acc_t ds_dot_sim = 0;
         for (int64_t n = 0; n < s.N; ++n) {
           const acc_t dz = y[n] * (ds[n] - weighted);
-          dtau_acc -= dz * (z[n] - z[best]);  // Σ dZ = 0: the shift is exact, avoids cancellation
+          dtau_acc -= dz * (z[n] - w.max);  // Σ dZ = 0: the shift is exact, avoids cancellation
           ds[n] = dz * inv_tau;  // now dS
           ds_dot_sim += ds[n] * sim[n];
         }
@@ -357,12 +540,9 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& dassign, const at
         for (int64_t c = 0; c < s.C; ++c) dkp[c] = static_cast<scalar_t>((dkrow[c] - krow[c] * radial) * inv_d);
       }
       if (gemm) {
-        const auto opts = at::TensorOptions().dtype(acc_type);
         // dk rows = (dS · q̂ − k (dS·S)/‖k‖) / d
-        at::Tensor ds_t = at::from_blob(dsrows.data(), {rows, s.N}, opts);
-        at::Tensor q_t = at::from_blob(const_cast<acc_t*>(qb), {s.N, s.C}, opts);
-        at::Tensor dk_t = at::from_blob(dkrows.data(), {rows, s.C}, opts);
-        at::mm_out(dk_t, ds_t, q_t);
+        std::fill(dkrows.begin(), dkrows.begin() + rows * s.C, acc_t(0));
+        rows_from_tokens(dsrows.data(), rows, s.N, qb, s.C, dkrows.data());
         for (int64_t r = 0; r < rows; ++r) {
           const acc_t* dkr = dkrows.data() + r * s.C;
           const acc_t* kr = krows.data() + r * s.C;
@@ -372,24 +552,49 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& dassign, const at
           for (int64_t c = 0; c < s.C; ++c) dkp[c] = static_cast<scalar_t>((dkr[c] - kr[c] * radial) * inv_d);
           for (int64_t n = 0; n < s.N; ++n) dsrows[r * s.N + n] *= inv_d;  // dS/d, for dq̂
         }
-        // dq̂ (N × C) = (dS/d)ᵀ · k rows
-        at::Tensor dq_t = at::from_blob(dqp, {s.N, s.C}, opts);
-        at::Tensor k_t = at::from_blob(krows.data(), {rows, s.C}, opts);
-        at::mm_out(dq_t, ds_t.t(), k_t);
+        // dq̂ (N × C) += (dS/d)ᵀ · k rows (dqp was zeroed for this chunk)
+        tokens_from_rows(dsrows.data(), rows, s.N, krows.data(), s.C, dqp);
       }
       dtp0[item] = dtau_acc * inv_tau;
     }
   });
 
-  // dq from dq̂ through the l2n backward; partials reduced in chunk order.
-  const at::Tensor dqhat = dqhat_parts.sum(1);
-  const at::Tensor qa = q.to(acc_type);
-  const at::Tensor qnorm = at::linalg_vector_norm(qa, 2, {-1}, true);
-  const at::Tensor qden = qnorm + kL2nEps;
-  const at::Tensor proj = (qa * dqhat).sum(-1, true);
-  const at::Tensor radial = at::where(qnorm > 0, proj / (qnorm * qden * qden), at::zeros_like(proj));
-  dq.copy_(dqhat / qden - qa * radial);
-  dtau.fill_(dtau_parts.sum());
+  // dq from dq̂ through the l2n backward; partials reduced in chunk order by
+  // hand (a tensor reduction's order may depend on the thread count).
+  at::Tensor dqhat = at::zeros({s.B, s.N, s.C}, q.options().dtype(acc_type));
+  {
+    acc_t* dq_acc = dqhat.data_ptr<acc_t>();
+    at::parallel_for(0, s.B * s.N, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t bn = begin; bn < end; ++bn) {
+        const int64_t b = bn / s.N, n = bn % s.N;
+        acc_t* dst = dq_acc + bn * s.C;
+        for (int64_t chunk = 0; chunk < s.chunks; ++chunk) {
+          const acc_t* src = dqp0 + ((b * s.chunks + chunk) * s.N + n) * s.C;
+#pragma omp simd
+          for (int64_t c = 0; c < s.C; ++c) dst[c] += src[c];
+        }
+      }
+    });
+  }
+  // dq = dq̂/(‖q‖+ε) − q (q·dq̂) / (‖q‖ (‖q‖+ε)²), the last term 0 at q = 0
+  const at::Tensor qa = q.to(acc_type).contiguous();
+  at::Tensor dq_acc_t = at::empty({s.B, s.N, s.C}, q.options().dtype(acc_type));
+  {
+    const acc_t* qx = qa.data_ptr<acc_t>();
+    const acc_t* g = dqhat.data_ptr<acc_t>();
+    acc_t* dst = dq_acc_t.data_ptr<acc_t>();
+    for (int64_t bn = 0; bn < s.B * s.N; ++bn) {
+      const acc_t* qr = qx + bn * s.C;
+      const acc_t* gr = g + bn * s.C;
+      const acc_t norm = std::sqrt(dot(qr, qr, s.C)), den = norm + acc_t(kL2nEps);
+      const acc_t radial = norm > 0 ? dot(qr, gr, s.C) / (norm * den * den) : acc_t(0);
+      for (int64_t c = 0; c < s.C; ++c) dst[bn * s.C + c] = gr[c] / den - qr[c] * radial;
+    }
+  }
+  dq.copy_(dq_acc_t);
+  acc_t dtau_sum = 0;
+  for (int64_t i = 0; i < s.B * s.chunks; ++i) dtau_sum += dtp0[i];  // fixed order
+  dtau.fill_(dtau_sum);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_assign_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
@@ -439,6 +644,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_assign_bwd_cpu(
 
 }  // namespace
 }  // namespace rexfast
+
+// Schemas (defined once, here: this file is part of every build).
+// q (B,N,C), k (B,P,C), v (B,P,D): one dtype, unit stride on the last axis,
+// any batch/row stride. tau: one element. noise: contiguous (B,N,P) or none.
+// key/use_key: draw Gumbel noise from kernels/rng.h instead.
+// Returns out (B,N,D) and assign (B,N,P) in the input dtype, counts (B,N) float32;
+// the backward returns dq, dk, dv (input dtype) and dtau (1,) (float32, float64 for float64 inputs).
+TORCH_LIBRARY_FRAGMENT(rexfast_C, m) {
+  m.def(
+      "group_assign_fwd(Tensor q, Tensor k, Tensor v, Tensor tau, Tensor? noise, int key, bool use_key)"
+      " -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "group_assign_bwd(Tensor dout, Tensor dassign, Tensor q, Tensor k, Tensor v, Tensor tau, Tensor? noise,"
+      " int key, bool use_key, Tensor out, Tensor counts) -> (Tensor, Tensor, Tensor, Tensor)");
+}
 
 TORCH_LIBRARY_IMPL(rexfast_C, CPU, m) {
   m.impl("group_assign_fwd", &rexfast::group_assign_fwd_cpu);

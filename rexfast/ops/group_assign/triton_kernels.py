@@ -68,43 +68,19 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-L2N_EPS = 1e-12
+from ..registry import triton_interpret
+from ..triton_lib import CompileConfig, gumbel_from_key, key_as_int32
+from .reference import l2n, l2n_backward
 
 NOISE_NONE, NOISE_EXPLICIT, NOISE_SEEDED = 0, 1, 2
 
 
 # ----------------------------------------------------------------------------- device helpers
-@triton.jit
-def _mix32(x):
-    # lowbias32 (kernels/rng.h); x is uint32, all arithmetic wraps mod 2^32.
-    x = x ^ (x >> 16)
-    x = x * 0x7FEB352D
-    x = x ^ (x >> 15)
-    x = x * 0x846CA68B
-    x = x ^ (x >> 16)
-    return x
-
-
-@triton.jit
-def _gumbel_from_key(index, key):
-    # index, key: uint32. u = ((h >> 9) + 0.5) * 2^-23, g = -log(-log(u)).
-    h = _mix32(_mix32(index ^ key) + key)
-    u = ((h >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
-    # -log(u) near u = 1 from w = 1 - u (exact in fp32) by its series: a GPU
-    # log with an absolute error near 2^-22 could make -log(u) <= 0 for the
-    # largest u (1 - 2^-24) and the noise inf/NaN. Truncation error < 5e-10 relative.
-    w = 1.0 - u
-    series = w * (1.0 + w * (0.5 + w * (0.3333333333333333 + w * (0.25 + w * (0.2 + w * (0.16666666666666666 + w * 0.14285714285714285))))))
-    neg_log_u = tl.where(w < 0.0625, series, -tl.log(u))
-    return -tl.log(neg_log_u)
-
-
 @triton.jit
 def _scores(
     qh_ptr, k_ptr, noise_ptr, key, tau, b, N, P, C, stride_kb, stride_kp,
@@ -136,12 +112,27 @@ def _scores(
         z = (s + g) / tau
     elif NOISE_MODE == 2:
         index = ((b * N + offs_n[:, None]) * P + offs_p[None, :]).to(tl.uint32)
-        g = _gumbel_from_key(index, key.to(tl.uint32, bitcast=True))
+        g = gumbel_from_key(index, key.to(tl.uint32, bitcast=True))
         z = (s + g) / tau
     else:
         z = s / tau
     z = tl.where(mask_n[:, None], z, float("-inf"))
     return s, z, knorm, den
+
+
+@triton.jit
+def _winners(z):
+    """Per pixel of a (BN, BP) logit tile: the winning token (first maximum, as
+    torch.argmax), whether its softmax column is NaN as the reference computes it
+    (a NaN or +inf logit, or every logit −inf; the winner is then token 0), and
+    the column maximum over the non-NaN logits."""
+    nan = z != z
+    clean = tl.where(nan, float("-inf"), z)
+    zmax = tl.max(clean, axis=0)
+    poisoned = (tl.max(nan.to(tl.int32), axis=0) > 0) | (zmax == float("inf")) | (zmax == float("-inf"))
+    win = tl.argmax(clean, axis=0, tie_break_left=True)
+    win = tl.where(poisoned, 0, win)
+    return win, poisoned, zmax
 
 
 # ----------------------------------------------------------------------------- forward kernel
@@ -171,15 +162,17 @@ def _group_assign_fwd_kernel(
             qh_ptr, k_ptr, noise_ptr, key, tau, b, N, P, C, stride_kb, stride_kp,
             offs_n, mask_n, offs_p, mask_p, BLOCK_N, BLOCK_P, BLOCK_C, NOISE_MODE, PREC,
         )
-        win = tl.argmax(z, axis=0, tie_break_left=True)  # first maximum, as torch.argmax
+        win, poisoned, _ = _winners(z)
         hot = (offs_n[:, None] == win[None, :]) & mask_p[None, :]
+        # a NaN softmax column: NaN assignment, and NaN counts for every token of the batch item
+        hotf = tl.where(poisoned[None, :], float("nan"), hot.to(tl.float32))
         tl.store(
             assign_ptr + (b * N + offs_n[:, None]) * P + offs_p[None, :],
-            hot.to(tl.float32).to(assign_ptr.dtype.element_ty),
+            hotf.to(assign_ptr.dtype.element_ty),
             mask=mask_n[:, None] & mask_p[None, :],
         )
         tl.store(index_ptr + b * P + offs_p, win.to(tl.int32), mask=mask_p)
-        counts += tl.sum(hot.to(tl.float32), axis=1)
+        counts += tl.sum(tl.where(mask_p[None, :], hotf, 0.0), axis=1)
     tl.store(counts_part_ptr + part * N + offs_n, counts, mask=mask_n)
 
     # Every thread's index stores must be visible to the whole block before phase 2.
@@ -245,10 +238,9 @@ def _group_assign_bwd_kernel(
             qh_ptr, k_ptr, noise_ptr, key, tau, b, N, P, C, stride_kb, stride_kp,
             offs_n, mask_n, offs_p, mask_p, BLOCK_N, BLOCK_P, BLOCK_C, NOISE_MODE, PREC,
         )
-        zmax = tl.max(z, axis=0)
-        e = tl.exp(z - zmax[None, :])
+        win, _, zmax = _winners(z)
+        e = tl.exp(z - zmax[None, :])  # NaN columns stay NaN, as in the reference
         y = e / tl.sum(e, axis=0)[None, :]
-        win = tl.argmax(z, axis=0, tie_break_left=True)
         hot = (offs_n[:, None] == win[None, :]) & mask_p[None, :]
         inv_p = tl.sum(tl.where(hot, inv[:, None], 0.0), axis=0)  # 1/(r_a(p) + 1)
 
@@ -303,10 +295,6 @@ def _group_assign_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------- host side
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -344,11 +332,11 @@ def _splits(B: int, T: int, device, traffic_bytes_per_batch: int, partial_bytes_
     return max(1, min(T, s, cap))
 
 
-def _modes(dtype: torch.dtype):
+def _modes(dtype: torch.dtype, interpret: bool | None = None):
     """(NATIVE_DOT, PREC): see the module docstring, 'Precision'."""
     if dtype == torch.float32:
         return False, "ieee"
-    if _interpret():
+    if triton_interpret() if interpret is None else interpret:
         return dtype == torch.float16, "ieee"  # interpreter: bf16 tl.dot is wrong, fp16 is fine
     return True, "tf32x3"
 
@@ -358,25 +346,11 @@ def _on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _l2n(x: torch.Tensor) -> torch.Tensor:
-    x = x.float()
-    return x / (torch.linalg.vector_norm(x, dim=-1, keepdim=True) + L2N_EPS)
-
-
-def _l2n_backward(x: torch.Tensor, grad_xhat: torch.Tensor) -> torch.Tensor:
-    # x̂ = x/(‖x‖+ε):  dx = g/(‖x‖+ε) − x (x·g) / (‖x‖ (‖x‖+ε)²), the last term 0 at x = 0
-    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    den = norm + L2N_EPS
-    proj = (x * grad_xhat).sum(-1, keepdim=True)
-    return grad_xhat / den - x * proj / torch.where(norm > 0, norm * den * den, torch.ones_like(norm))
-
-
 def _noise_args(noise, key, like):
     if noise is not None:
         return noise.contiguous(), 0, NOISE_EXPLICIT
     if key is not None:
-        key = int(key) & 0xFFFFFFFF
-        return like, key - (1 << 32) if key >= (1 << 31) else key, NOISE_SEEDED  # int32 bit pattern
+        return like, key_as_int32(key), NOISE_SEEDED
     return like, 0, NOISE_NONE
 
 
@@ -393,7 +367,9 @@ def forward(q, k, v, tau, noise, key):
     B, N, C = q.shape
     P, D = k.shape[1], v.shape[2]
     dev = q.device
-    qh = _l2n(q).contiguous()
+    if B == 0:  # nothing to launch (the grid would be empty)
+        return (q.new_empty(0, N, D), q.new_empty(0, N, P), torch.empty(0, N, dtype=torch.float32, device=dev))
+    qh = l2n(q.float()).contiguous()
     tau = tau.reshape(1)
     noise_t, key32, mode = _noise_args(noise, key, qh)
     native, prec = _modes(q.dtype)
@@ -424,7 +400,10 @@ def backward(dout, dassign, q, k, v, tau, noise, key, out, counts):
     P, D = k.shape[1], v.shape[2]
     dev = q.device
     dtype = q.dtype
-    qh = _l2n(q).contiguous()
+    if B == 0:
+        return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+                torch.zeros(1, dtype=torch.float32, device=dev))
+    qh = l2n(q.float()).contiguous()
     tau = tau.reshape(1)
     dout = dout.to(dtype).contiguous()
     dassign = dassign.contiguous()
@@ -449,6 +428,39 @@ def backward(dout, dassign, q, k, v, tau, noise, key, out, counts):
             BLOCK_N=block_n, BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_D=block_d,
             NOISE_MODE=mode, NATIVE_DOT=native, PREC=prec, num_warps=warps,
         )
-    dq = _l2n_backward(q.float(), dqh_part.sum(dim=1)).to(dtype)
+    dq = l2n_backward(q.float(), dqh_part.sum(dim=1)).to(dtype)
     dtau = (-dtau_part.sum() / tau.float()).reshape(1)
     return dq, dk, dv, dtau
+
+
+# ----------------------------------------------------------------------------- sm_90 compile check
+def compile_configs() -> list[CompileConfig]:
+    """The kernel specialisations ``.ci/compile_triton_sm90.py`` compiles for sm_90:
+    every dtype × noise mode at N = 2 (CGFormer), the other BLOCK_N sizes, and an
+    unaligned variant (odd C/D and strides, e.g. k, v slices of a fused kv tensor)."""
+    configs = []
+    noise_names = {NOISE_NONE: "none", NOISE_EXPLICIT: "explicit", NOISE_SEEDED: "seeded"}
+    plan = [(dt, mode, 2) for dt in (torch.float32, torch.bfloat16, torch.float16) for mode in noise_names]
+    plan += [(torch.bfloat16, NOISE_SEEDED, 48), (torch.bfloat16, NOISE_EXPLICIT, 128), (torch.float32, NOISE_NONE, 128)]
+    strides = ("C", "D", "stride_kb", "stride_kp", "stride_vb", "stride_vp")
+    for dtype, mode, n in plan + [(torch.bfloat16, NOISE_SEEDED, 17)]:
+        unaligned = n == 17
+        native, prec = _modes(dtype, interpret=False)
+        block_n, block_p, block_c, block_d, fwd_warps, bwd_warps = _blocks(n)
+        noise_dtype = dtype if mode == NOISE_EXPLICIT else torch.float32
+        const = dict(BLOCK_N=block_n, BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_D=block_d,
+                     NOISE_MODE=mode, NATIVE_DOT=native, PREC=prec)
+        label = f"{str(dtype).split('.')[-1]:8s} noise={noise_names[mode]:8s} N={n:<3d} BLOCK_N={block_n}"
+        label += "  unaligned" if unaligned else ""
+        common = dict(qh_ptr=torch.float32, k_ptr=dtype, v_ptr=dtype, noise_ptr=noise_dtype, tau_ptr=torch.float32)
+        fwd = dict(common, assign_ptr=dtype, index_ptr=torch.int32, counts_part_ptr=torch.float32,
+                   out_part_ptr=torch.float32)
+        bwd = dict(common, dout_ptr=dtype, dassign_ptr=dtype, inv_ptr=torch.float32, c_ptr=torch.float32,
+                   dk_ptr=dtype, dv_ptr=dtype, dqh_part_ptr=torch.float32, dtau_part_ptr=torch.float32)
+        if not unaligned:
+            configs.append(CompileConfig(f"group_assign fwd {label}", _group_assign_fwd_kernel, fwd, const,
+                                         fwd_warps, tuple(fwd) + strides))
+        configs.append(CompileConfig(f"group_assign bwd {label}", _group_assign_bwd_kernel, bwd, const, bwd_warps,
+                                     () if unaligned else tuple(bwd) + strides))
+    return configs
+

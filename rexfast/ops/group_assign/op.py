@@ -2,8 +2,10 @@
 
 One op in one place: input checks, the ``torch.library`` registration of the
 forward and backward ops, their fake (meta) functions, the autograd formula,
-and the per-backend entry points. The reference semantics live in
-:func:`rexfast.ops.reference.group_assign_reference`.
+and the op's backends (``BACKENDS``). The reference semantics live in
+:mod:`.reference`, the Triton kernels in :mod:`.triton_kernels`, the C++/CUDA
+kernels in ``csrc/cpu/group_assign.cpp``, ``csrc/cuda/group_assign.cu`` and
+``kernels/group_assign.cu``.
 
 Math (q: B×N×C tokens, k: B×P×C pixel keys, v: B×P×D pixel values, τ > 0):
     S = l2n(q) l2n(k)ᵀ,  Z = (S + G)/τ,  Y = softmax_N(Z),  H = onehot(argmax_N Y)
@@ -25,8 +27,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _backends
-from .reference import L2N_EPS, group_assign_reference, gumbel_noise_from_key, l2n, seed_key
+from .. import registry
+from ..gumbel import seed_key
+from .reference import group_assign_reference, reference_backward, reference_forward
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -98,55 +101,6 @@ def _check_tau_value(tau: Tensor):
 
 
 # ----------------------------------------------------------------------------- backends
-def _reference_forward(q, k, v, tau, noise, key):
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    out, assign = _run_reference(q, k, v, tau, noise, key, compute)
-    counts = assign.detach().sum(dim=-1).round().to(torch.float32)
-    return out.to(q.dtype), assign.to(q.dtype), counts
-
-
-def _run_reference(q, k, v, tau, noise, key, compute):
-    if key is not None:  # the reference draws the same hash noise as the kernels
-        noise = gumbel_noise_from_key(key, (q.shape[0], q.shape[1], k.shape[1]), device=q.device)
-    return group_assign_reference(
-        q.to(compute), k.to(compute), v.to(compute), tau.to(device=q.device, dtype=compute),
-        None if noise is None else noise.to(compute),
-    )
-
-
-def _l2n_backward(x: Tensor, grad_xhat: Tensor) -> Tensor:
-    # x̂ = x/(‖x‖+ε):  dx = g/(‖x‖+ε) − x (x·g) / (‖x‖ (‖x‖+ε)²), the last term 0 at x = 0
-    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    den = norm + L2N_EPS
-    proj = (x * grad_xhat).sum(-1, keepdim=True)
-    return grad_xhat / den - x * proj / torch.where(norm > 0, norm * den * den, torch.ones_like(norm))
-
-
-def _reference_backward(dout, dassign, q, k, v, tau, noise, key, out, counts):
-    """The backward formula of the module docstring, in plain torch ops."""
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    q, k, v, dout, dassign, out = (t.to(compute) for t in (q, k, v, dout, dassign, out))
-    tau_c = tau.to(device=q.device, dtype=compute).reshape(())
-    s = l2n(q) @ l2n(k).transpose(-1, -2)
-    if key is not None:
-        noise = gumbel_noise_from_key(key, s.shape, device=q.device)
-    z = (s if noise is None else s + noise.to(compute)) / tau_c
-    y = z.softmax(dim=1)
-    inv = (1.0 / (counts.to(compute) + 1.0)).unsqueeze(-1)  # (B, N, 1)
-    c = (dout * out).sum(-1, keepdim=True)  # (B, N, 1)
-    dy = dassign + (dout @ v.transpose(-1, -2) - c) * inv
-    dz = y * (dy - (y * dy).sum(dim=1, keepdim=True))
-    # Σ_N dZ = 0 per pixel, so shifting Z by its max changes nothing
-    # mathematically and avoids cancellation between large terms in fp32.
-    dtau = -(dz * (z - z.amax(dim=1, keepdim=True))).sum() / tau_c
-    ds = dz / tau_c
-    hard = torch.zeros_like(y).scatter_(1, y.argmax(dim=1, keepdim=True), 1.0)
-    dv = (hard * inv).transpose(-1, -2) @ dout
-    dq = _l2n_backward(q, ds @ l2n(k))
-    dk = _l2n_backward(k, ds.transpose(-1, -2) @ l2n(q))
-    return dq, dk, dv, dtau.reshape(1)
-
-
 def _ext_forward(q, k, v, tau, noise, key):
     return torch.ops.rexfast_C.group_assign_fwd(q, k, v, tau, noise, 0 if key is None else key, key is not None)
 
@@ -158,19 +112,22 @@ def _ext_backward(dout, dassign, q, k, v, tau, noise, key, out, counts):
 
 
 def _triton_forward(q, k, v, tau, noise, key):
-    from rexfast.triton import group_assign as tk
+    from . import triton_kernels
 
-    return tk.forward(q, k, v, tau, noise, key)
+    return triton_kernels.forward(q, k, v, tau, noise, key)
 
 
 def _triton_backward(dout, dassign, q, k, v, tau, noise, key, out, counts):
-    from rexfast.triton import group_assign as tk
+    from . import triton_kernels
 
-    return tk.backward(dout, dassign, q, k, v, tau, noise, key, out, counts)
+    return triton_kernels.backward(dout, dassign, q, k, v, tau, noise, key, out, counts)
 
 
-_FORWARD = {"reference": _reference_forward, "cpu": _ext_forward, "cuda": _ext_forward, "triton": _triton_forward}
-_BACKWARD = {"reference": _reference_backward, "cpu": _ext_backward, "cuda": _ext_backward, "triton": _triton_backward}
+BACKENDS = registry.OpBackends("group_assign", triton_module=f"{__package__}.triton_kernels")
+BACKENDS.register(registry.reference_backend(reference_forward, reference_backward))
+BACKENDS.register(registry.cpu_backend(_ext_forward, _ext_backward, "group_assign_fwd"))
+BACKENDS.register(registry.cuda_backend(_ext_forward, _ext_backward, "group_assign_fwd"))
+BACKENDS.register(registry.triton_backend(_triton_forward, _triton_backward))
 
 
 def _inner_contiguous(t: Tensor) -> Tensor:
@@ -183,10 +140,13 @@ def _inner_contiguous(t: Tensor) -> Tensor:
 def _group_assign_op(
     q: Tensor, k: Tensor, v: Tensor, tau: Tensor, noise: Optional[Tensor], key: Optional[int], backend: str
 ) -> tuple[Tensor, Tensor, Tensor]:
+    B, N, _ = q.shape
+    if B == 0:  # an empty batch: nothing for a kernel to do
+        return q.new_empty(0, N, v.shape[2]), q.new_empty(0, N, k.shape[1]), q.new_empty(0, N, dtype=torch.float32)
     q, k, v = (_inner_contiguous(t) for t in (q, k, v))
     noise = None if noise is None else noise.contiguous()
     tau = tau.reshape(1).to(device=q.device).contiguous()
-    return _FORWARD[backend](q, k, v, tau, noise, key)
+    return BACKENDS[backend].forward(q, k, v, tau, noise, key)
 
 
 @_group_assign_op.register_fake
@@ -210,10 +170,12 @@ def _group_assign_backward_op(
     counts: Tensor,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if q.shape[0] == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), torch.zeros_like(tau)
     q, k, v = (_inner_contiguous(t) for t in (q, k, v))
     noise = None if noise is None else noise.contiguous()
     tau_flat = tau.reshape(1).to(device=q.device).contiguous()
-    dq, dk, dv, dtau = _BACKWARD[backend](
+    dq, dk, dv, dtau = BACKENDS[backend].backward(
         dout.contiguous(), dassign.contiguous(), q, k, v, tau_flat, noise, key, out.contiguous(), counts
     )
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dtau.reshape(tau.shape).to(device=tau.device, dtype=tau.dtype)
@@ -265,7 +227,7 @@ def group_assign(
             counter-based hash (same noise on every backend, never materialised).
             With neither ``noise`` nor ``seed`` the op is deterministic.
         backend: ``reference`` | ``cpu`` | ``cuda`` | ``triton``; default from
-            ``REXFAST_BACKEND`` or automatic (see ``rexfast.ops._backends``).
+            ``REXFAST_BACKEND`` or automatic (see :mod:`rexfast.ops.registry`).
 
     Returns:
         ``(out, assign)``: out (B, N, D) pooled values, assign (B, N, P) the
@@ -277,10 +239,10 @@ def group_assign(
         tau = torch.tensor(float(tau), dtype=torch.float32, device=q.device if isinstance(q, Tensor) else None)
     _check_inputs(q, k, v, tau, noise, seed)
     _check_tau_value(tau)
-    name = _backends.choose("group_assign", q.device, backend)
+    name = BACKENDS.choose(q.device, backend)
     key = None if seed is None else seed_key(seed)
     out, assign, _ = _group_assign_op(q, k, v, tau, noise, key, name)
     return out, assign
 
 
-__all__ = ["group_assign", "group_assign_reference"]
+__all__ = ["group_assign", "group_assign_reference", "BACKENDS"]

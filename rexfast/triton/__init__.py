@@ -1,1 +1,0 @@
-"""Triton kernels. Imported lazily by the op layer so `import rexfast` works without triton."""
