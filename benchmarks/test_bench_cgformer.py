@@ -22,7 +22,7 @@ import torch
 
 from bench_utils import median_ms, record
 from rexfast.models import CGFormer, CGFormerConfig
-from rexfast.models.swin import SwinConfig
+from rexfast.models.backbones.swin import SwinConfig
 
 SUITE = "cgformer"
 

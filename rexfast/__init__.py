@@ -1,4 +1,8 @@
-"""rexfast: fast referring expression segmentation (CGFormer, ReLA)."""
+"""rexfast: fast referring expression segmentation (CGFormer, ReLA).
+
+``import rexfast`` is light (no triton, no transformers): the models are
+imported on first access, e.g. ``rexfast.CGFormer``.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,11 @@ __version__ = "0.1.0"
 
 from . import ops  # noqa: E402
 
+_LAZY = {"CGFormer": "rexfast.models", "CGFormerConfig": "rexfast.models"}
+
 
 def info() -> dict:
-    """Versions, built extensions and the backends each device type can run."""
+    """Versions, built extensions and the backends each op can run per device type."""
     from .ops.registry import info as _info
 
     out = {"rexfast": __version__}
@@ -17,12 +23,11 @@ def info() -> dict:
 
 
 def __getattr__(name):
-    # Models import transformers; keep `import rexfast` light.
-    if name in ("CGFormer",):
-        from .models import cgformer
+    if name in _LAZY:
+        import importlib
 
-        return getattr(cgformer, name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'rexfast' has no attribute {name!r}")
 
 
-__all__ = ["ops", "info", "CGFormer", "__version__"]
+__all__ = ["ops", "info", "__version__", *_LAZY]

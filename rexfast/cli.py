@@ -1,8 +1,9 @@
-"""The ``rexfast`` command line: info, train, eval, predict, demo.
+"""The ``rexfast`` command line: info, train, eval, predict, demo, convert.
 
 Bad input (missing file, unreadable image, empty text, wrong checkpoint, bad
-config) ends with one ``rexfast: error: ...`` line on stderr and exit code 2;
-outputs are written atomically, so nothing is left half-written.
+config) ends with one ``rexfast: error: ...`` line on stderr and exit code 2
+(under torchrun only rank 0 prints it; every rank exits with 2); outputs are
+written atomically, so nothing is left half-written.
 """
 
 from __future__ import annotations
@@ -10,9 +11,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
-USER_ERRORS = (FileNotFoundError, ValueError, TypeError, KeyError, PermissionError, IsADirectoryError)
+USER_ERRORS = (FileNotFoundError, ValueError, TypeError, KeyError, PermissionError, IsADirectoryError,
+               NotADirectoryError, FileExistsError)
+
+
+def _rank() -> int:
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
 
 
 def _cmd_info(args) -> int:
@@ -21,10 +31,22 @@ def _cmd_info(args) -> int:
     info = rexfast.info()
     if args.json:
         print(json.dumps(info, indent=1))
-    else:
-        width = max(map(len, info))
-        for key, value in info.items():
-            print(f"{key:<{width}}  {value}")
+        return 0
+    ops = info.pop("ops")
+    width = max(map(len, info))
+    for key, value in info.items():
+        if key.startswith("backends_"):
+            continue
+        print(f"{key:<{width}}  {value}")
+    for op, per_device in ops.items():
+        for device, backends in per_device.items():
+            if device == "cuda" and not info["cuda_available"]:
+                continue
+            runs = [b for b, why in backends.items() if why == "available"]
+            print(f"{op} on {device}: {', '.join(runs)}")
+            for b, why in backends.items():
+                if why != "available":
+                    print(f"    {b}: {why}")
     return 0
 
 
@@ -37,20 +59,19 @@ def _cmd_train(args) -> int:
         overrides.append(f"train.out_dir={args.out}")
     cfg = load_config(args.config, overrides)
     summary = train(cfg, resume=args.resume, progress=not args.no_progress)
-    if summary is not None:
+    if _rank() == 0:
         print(json.dumps(summary, indent=1))
     return 0
 
 
 def _cmd_eval(args) -> int:
     from .engine.evaluator import evaluate_checkpoint
+    from .metrics import format_table
 
     metrics = evaluate_checkpoint(
         args.checkpoint, split=args.split, overrides=args.set or [], out=args.out, batch_size=args.batch_size,
-        device=args.device, max_samples=args.max_samples,
+        device=args.device, max_samples=args.max_samples, tokenizer=args.tokenizer,
     )
-    from .metrics import format_table
-
     print(format_table(metrics))
     return 0
 
@@ -58,9 +79,11 @@ def _cmd_eval(args) -> int:
 def _cmd_predict(args) -> int:
     from .engine.predictor import predict_to_files
 
-    written = predict_to_files(
-        args.checkpoint, args.image, args.text, out_dir=args.out_dir, threshold=args.threshold, device=args.device
-    )
+    written, pred = predict_to_files(args.checkpoint, args.image, args.text, out_dir=args.out_dir,
+                                     threshold=args.threshold, device=args.device, tokenizer=args.tokenizer)
+    if pred.no_target:
+        prob = "" if pred.no_target_prob is None else f" (no-target probability {pred.no_target_prob:.2f})"
+        print(f"no target: nothing in the image matches the sentence{prob}; the mask is empty")
     for path in written:
         print(path)
     return 0
@@ -69,16 +92,44 @@ def _cmd_predict(args) -> int:
 def _cmd_demo(args) -> int:
     from .engine.demo import run_demo
 
-    run_demo(out_dir=args.out, quick=args.quick, minutes=args.minutes, seed=args.seed, progress=not args.no_progress)
+    run_demo(out_dir=args.out, quick=args.quick, minutes=args.minutes, seed=args.seed, progress=not args.no_progress,
+             model=args.model)
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rexfast", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="log which backend each op runs, and more")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _cmd_convert(args) -> int:
+    from .engine.convert import convert_official
 
-    p = sub.add_parser("info", help="versions, built extensions, available backends, device")
+    out = convert_official(args.official, args.out, model=args.model)
+    print(out)
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors in the same one-line form (exit 2)."""
+
+    def error(self, message):
+        if _rank() == 0:
+            print(f"rexfast: error: {message} (see: {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="rexfast", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log which backend each op runs, and more")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("info", help="versions, built extensions, the backends each op can run, device")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_info)
 
@@ -91,31 +142,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on a split; prints and writes the metric table")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="a training checkpoint (best.pt, last.pt) or a model folder")
     p.add_argument("--split", default=None, help="split name (default: the config's val split)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override e.g. data.root")
     p.add_argument("--out", help="write the metrics as JSON here")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=_positive_int, default=8)
     p.add_argument("--device", default="auto")
-    p.add_argument("--max-samples", type=int, default=None)
+    p.add_argument("--max-samples", type=_positive_int, default=None)
+    p.add_argument("--tokenizer", help="vocab.txt or BERT folder (needed with a model folder)")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("predict", help="segment what a sentence names in one image")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="a training checkpoint (best.pt) or a model folder")
     p.add_argument("--image", required=True)
     p.add_argument("--text", required=True)
-    p.add_argument("--out-dir", default=".", help="where mask.png and overlay.png go")
+    p.add_argument("--out-dir", default=".", help="where <image>_mask.png and <image>_overlay.png go")
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--device", default="auto")
+    p.add_argument("--tokenizer", help="vocab.txt or BERT folder (needed with a model folder)")
     p.set_defaults(func=_cmd_predict)
 
-    p = sub.add_parser("demo", help="synthetic GRES data → train a small CGFormer → evaluate → overlays")
+    p = sub.add_parser("demo", help="synthetic GRES data → train a small model → evaluate → overlays")
+    p.add_argument("--model", default="cgformer", help="the model to train (cgformer)")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--quick", action="store_true", help="a tiny run that finishes in about a minute")
+    p.add_argument("--quick", action="store_true", help="a smoke run of a few seconds (tiny data, 6 steps)")
     p.add_argument("--minutes", type=float, default=15.0, help="training time budget (full mode)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("convert", help="turn the authors' released .pth into a model folder (safetensors)")
+    p.add_argument("--official", required=True, help="the released checkpoint (.pth)")
+    p.add_argument("--out", required=True, help="the model folder to write (config.json + model.safetensors)")
+    p.add_argument("--model", default="auto", help="cgformer | auto (from the checkpoint's keys)")
+    p.set_defaults(func=_cmd_convert)
     return parser
 
 
@@ -130,8 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (CheckpointError, *USER_ERRORS) as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"rexfast: error: {message}", file=sys.stderr)
+        if _rank() == 0:  # under torchrun the other ranks exit quietly with the same code
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            print(f"rexfast: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("rexfast: interrupted", file=sys.stderr)

@@ -18,8 +18,9 @@ from typing import Optional, Union
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from .io import load_image
 from .refer import ReferIndex, load_grefer, load_refer
 from .tokenize import load_tokenizer, tokenize
 
@@ -48,19 +49,6 @@ DATASETS = {
     "synthetic": DatasetSpec("synthetic", "grefer", ("unc",), "synthetic/images", "gres"),
     "synthetic_res": DatasetSpec("synthetic", "refer", ("unc",), "synthetic/images", "res"),
 }
-
-
-def load_image(path: Union[str, os.PathLike]) -> Image.Image:
-    """An RGB PIL image; FileNotFoundError / ValueError naming the path."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path}")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from None
 
 
 def preprocess_image(image, size: int) -> torch.Tensor:

@@ -53,21 +53,44 @@ def _read_json(path: Path, what: str):
         raise ValueError(f"corrupt JSON in {what} {path}: {e}") from None
 
 
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickles only what REFER files hold: dicts, lists, tuples, strings (Python 2
+    byte strings through latin-1), numbers, booleans, None, and sets. Any other
+    global (a class or a function: what a hostile pickle uses to run code) is refused."""
+
+    ALLOWED = {("builtins", "set"), ("builtins", "frozenset")}
+
+    def __init__(self, file, path: Path, **kwargs):
+        super().__init__(file, **kwargs)
+        self._path = path
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise ValueError(f"refusing to unpickle {self._path}: it holds a {module}.{name} object; REFER files hold "
+                         "only builtin containers and scalars, and unpickling anything else could run code")
+
+    def persistent_load(self, pid):
+        raise ValueError(f"refusing to unpickle {self._path}: it holds a persistent reference")
+
+
 def _read_pickle(path: Path, what: str):
+    """A REFER pickle through :class:`_RestrictedUnpickler` (never a plain pickle.load)."""
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
-    try:
-        with open(path, "rb") as f:
-            return pickle.load(f)
-    except UnicodeDecodeError:
-        # refs pickled by Python 2 with byte strings
+    for encoding in ("ASCII", "latin1"):  # refs pickled by Python 2 hold byte strings
         try:
             with open(path, "rb") as f:
-                return pickle.load(f, encoding="latin1")
-        except Exception as e:  # noqa: BLE001
+                return _RestrictedUnpickler(f, path, encoding=encoding).load()
+        except UnicodeDecodeError:
+            continue
+        except ValueError as e:
+            if str(e).startswith("refusing to unpickle"):
+                raise
             raise ValueError(f"corrupt pickle in {what} {path}: {type(e).__name__}: {e}") from None
-    except Exception as e:  # noqa: BLE001 - unpickling raises many exception types on bad input
-        raise ValueError(f"corrupt pickle in {what} {path}: {type(e).__name__}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - unpickling raises many exception types on bad input
+            raise ValueError(f"corrupt pickle in {what} {path}: {type(e).__name__}: {e}") from None
+    raise ValueError(f"corrupt pickle in {what} {path}: undecodable strings")
 
 
 def _as_list(x) -> list:
@@ -122,13 +145,20 @@ class ReferIndex:
         return out
 
     def ann_ids(self, ref: dict) -> list:
-        """The ref's annotation ids; [] for a no-target ref."""
+        """The ref's annotation ids; [] for a no-target ref. In G-REFER data the
+        ``iscrowd`` annotations of a multi-target ref are left out, as the
+        official gRefCOCO loader does (``if anno['iscrowd']: continue``)."""
         if ref.get("no_target", False):
             return []
-        return [int(a) for a in _as_list(ref["ann_id"]) if int(a) != -1]
+        ids = [int(a) for a in _as_list(ref["ann_id"]) if int(a) != -1]
+        if self.task == "gres":
+            ids = [a for a in ids if not self.anns[a].get("iscrowd", 0)]
+        return ids
 
     def is_no_target(self, ref: dict) -> bool:
-        return not self.ann_ids(ref)
+        """A no-target ref (``ann_id == [-1]`` or ``no_target``); a target ref whose
+        objects are all crowd annotations is still a target ref (with an empty mask)."""
+        return bool(ref.get("no_target", False)) or all(int(a) == -1 for a in _as_list(ref["ann_id"]))
 
     def image_info(self, ref: dict) -> dict:
         return self.images[ref["image_id"]]

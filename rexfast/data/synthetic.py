@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
+from .io import atomic_write_bytes
 from .masks import encode_mask
 
 __all__ = ["generate", "COLORS", "KINDS", "SIZES", "EXPR_TYPES", "LEXICON", "SPECIAL_TOKENS", "render_scene"]
@@ -363,12 +363,6 @@ def _choose_expressions(cand: dict, rng: np.random.Generator, max_pos: int = 5) 
 
 # ----------------------------------------------------------------------------- writer
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def generate(root, *, n_train: int, n_val: int, n_test: int, seed: int = 0, image_size: int = 64) -> dict:
     """Write a synthetic GRES/RES dataset under ``<root>/synthetic/`` and ``<root>/vocab.txt``.
 
@@ -439,16 +433,16 @@ def generate(root, *, n_train: int, n_val: int, n_test: int, seed: int = 0, imag
     categories = [{"id": i + 1, "name": k, "supercategory": "shape"} for i, k in enumerate(KINDS)]
     instances = {"info": {"description": "rexfast synthetic shapes", "seed": int(seed), "image_size": size},
                  "images": images, "annotations": annotations, "categories": categories}
-    _write_atomic(data_dir / "instances.json", json.dumps(instances).encode())
-    _write_atomic(data_dir / "grefs(unc).json", json.dumps(grefs).encode())
-    _write_atomic(data_dir / "refs(unc).p", pickle.dumps(refs, protocol=2))
+    atomic_write_bytes(data_dir / "instances.json", json.dumps(instances).encode())
+    atomic_write_bytes(data_dir / "grefs(unc).json", json.dumps(grefs).encode())
+    atomic_write_bytes(data_dir / "refs(unc).p", pickle.dumps(refs, protocol=2))
 
     used = {w for g in grefs for s in g["sentences"] for w in s["tokens"]}
     unknown = used - set(LEXICON)
     if unknown:  # a grammar bug, never data-dependent
         raise AssertionError(f"synthetic expressions use words outside the lexicon: {sorted(unknown)}")
     vocab_path = root / "vocab.txt"
-    _write_atomic(vocab_path, ("\n".join(SPECIAL_TOKENS + LEXICON) + "\n").encode())
+    atomic_write_bytes(vocab_path, ("\n".join(SPECIAL_TOKENS + LEXICON) + "\n").encode())
 
     n_sent = sum(len(g["sentences"]) for g in grefs)
     return {

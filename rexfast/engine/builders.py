@@ -1,22 +1,20 @@
 """The glue between a run configuration and the data, tokenizer and model layers.
 
-Everything the trainer, evaluator, predictor and demo need from the layers
-below goes through here, so they never depend on a dataset's or a model's
-constructor details.
+The trainer, evaluator, predictor and demo get datasets, tokenizers and models
+only from here, and models only through the registry
+(:mod:`rexfast.models.registry`) and the protocol of :mod:`rexfast.models.base`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from .config import Config, DataConfig
-
-MODELS = ("cgformer",)
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -46,10 +44,12 @@ def vocab_of(tokenizer) -> list[str]:
     return [token for token, _ in ordered]
 
 
-def tokenizer_from_vocab(vocab: list[str], data_cfg: DataConfig):
-    """Rebuild the checkpoint's tokenizer from its stored vocabulary."""
+def tokenizer_from_vocab(vocab: list[str]):
+    """Rebuild a checkpoint's tokenizer from its stored vocabulary."""
     from rexfast.data import load_tokenizer
 
+    if not isinstance(vocab, list) or not all(isinstance(t, str) for t in vocab):
+        raise ValueError("the checkpoint's tokenizer vocabulary must be a list of strings")
     with tempfile.TemporaryDirectory(prefix="rexfast-vocab-") as tmp:
         path = Path(tmp) / "vocab.txt"
         path.write_text("\n".join(vocab) + "\n", encoding="utf-8")
@@ -58,11 +58,12 @@ def tokenizer_from_vocab(vocab: list[str], data_cfg: DataConfig):
 
 # ----------------------------------------------------------------------------- data
 def task_of(data_cfg: DataConfig) -> str:
+    """"res" or "gres", from the dataset's spec."""
     from rexfast.data import DATASETS
 
     if data_cfg.dataset not in DATASETS:
         raise ValueError(f"unknown dataset {data_cfg.dataset!r}; expected one of {sorted(DATASETS)}")
-    return "gres" if data_cfg.dataset in ("grefcoco", "synthetic") else "res"
+    return DATASETS[data_cfg.dataset].task
 
 
 def build_dataset(data_cfg: DataConfig, split: str, *, train: bool, tokenizer):
@@ -95,33 +96,23 @@ def original_mask(item: dict) -> torch.Tensor:
 
 def original_image(item: dict) -> np.ndarray:
     """The sample's image as uint8 (H, W, 3) at its original resolution."""
-    from PIL import Image
+    from rexfast.data.io import load_image
 
-    with Image.open(item["image_path"]) as img:
-        return np.asarray(img.convert("RGB"))
+    return np.asarray(load_image(item["image_path"]))
 
 
 def sentence_of(item: dict) -> str:
     return item["sentence"]
 
 
-def update_metrics(meter, pred: torch.Tensor, gt: torch.Tensor, item: dict) -> None:
-    from rexfast.metrics import GRESMetrics
-
-    if isinstance(meter, GRESMetrics):
-        meter.update(pred, gt, no_target=bool(item.get("no_target", gt.sum() == 0)))
-    else:
-        meter.update(pred, gt)
-
-
-def inference_item(image: np.ndarray, text: str, tokenizer, data_cfg: DataConfig) -> dict:
-    """A sample for ``collate`` from a uint8 (H,W,3) image and a sentence,
+def inference_item(image, text: str, tokenizer, data_cfg: DataConfig) -> dict:
+    """A sample for ``collate`` from an image (PIL or uint8 (H,W,3)) and a sentence,
     preprocessed exactly as the evaluation data is."""
     from rexfast.data import tokenize
     from rexfast.data.datasets import preprocess_image
 
     if not isinstance(text, str) or not text.strip():
-        raise ValueError("text must be a non-empty sentence")
+        raise ValueError("the text is empty: say what to segment, e.g. --text \"the red circle\"")
     ids, mask = tokenize(tokenizer, text, data_cfg.max_tokens)
     return {"image": preprocess_image(image, data_cfg.image_size), "input_ids": ids, "attention_mask": mask,
             "sentence": text}
@@ -136,37 +127,34 @@ def generate_synthetic_data(data_cfg: DataConfig, *, n_train: int, n_val: int, n
 
 
 # ----------------------------------------------------------------------------- model
-def _bert_spec(preset_bert: Any, tokenizer, has_weights: bool) -> Any:
-    """A randomly initialised BERT gets the tokenizer's vocabulary size (the
-    synthetic vocabulary is tiny); pretrained weights must match the tokenizer."""
-    from rexfast.models.text import bert_config
+def model_class(cfg: Config):
+    from rexfast.models import registry
 
-    cfg = bert_config(preset_bert)
-    size = len(vocab_of(tokenizer))
-    if cfg.vocab_size == size:
-        return preset_bert
-    if has_weights:
-        raise ValueError(f"the tokenizer has {size} tokens but the BERT weights expect {cfg.vocab_size}")
-    return {**cfg.to_dict(), "vocab_size": size}
+    return registry.get(cfg.model.name).model_class
+
+
+def check_input_size(cfg: Config) -> None:
+    """The input size must suit the model (e.g. a multiple of 32 for the Swin backbones)."""
+    multiple = getattr(model_class(cfg), "input_multiple", 1)
+    size = cfg.data.image_size
+    if size <= 0 or size % multiple:
+        raise ValueError(f"data.image_size must be a positive multiple of {multiple} for {cfg.model.name}, "
+                         f"got {size}")
 
 
 def build_model(cfg: Config, tokenizer) -> torch.nn.Module:
-    name = cfg.model.name
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; expected one of {MODELS}")
-    from rexfast.models import CGFormer, CGFormerConfig
+    """The configured model, its text encoder sized to the tokenizer when it is
+    trained from scratch (the synthetic vocabulary is tiny). ``cfg.model.config``
+    is updated to the config the model was built with, so a checkpoint of it
+    rebuilds exactly."""
+    from rexfast.models.text import bert_for_vocab
 
-    options: dict[str, Any] = dict(cfg.model.options or {})
-    options.setdefault("image_size", cfg.data.image_size)
-    if cfg.model.ops_backend:
-        options["ops_backend"] = cfg.model.ops_backend
-    if cfg.model.bert_weights:
-        options["bert_weights"] = cfg.model.bert_weights
-    model_cfg = CGFormerConfig.preset(cfg.model.preset, **options)
-    bert = _bert_spec(model_cfg.bert, tokenizer, model_cfg.bert_weights is not None)
+    model_cfg = cfg.model.config
+    bert = bert_for_vocab(model_cfg.bert, len(vocab_of(tokenizer)), has_weights=model_cfg.bert_weights is not None)
     if bert is not model_cfg.bert:
-        model_cfg.bert = bert
-    return CGFormer(model_cfg)
+        model_cfg = dataclasses.replace(model_cfg, bert=bert)
+    cfg.model.config = model_cfg
+    return model_class(cfg)(model_cfg)
 
 
 def describe(model: torch.nn.Module) -> str:
@@ -176,7 +164,6 @@ def describe(model: torch.nn.Module) -> str:
 
 __all__ = [
     "build_tokenizer", "vocab_of", "tokenizer_from_vocab", "task_of", "build_dataset", "collate", "original_mask",
-    "original_image", "sentence_of", "update_metrics", "inference_item", "generate_synthetic_data", "build_model",
-    "describe",
+    "original_image", "sentence_of", "inference_item", "generate_synthetic_data", "model_class",
+    "check_input_size", "build_model", "describe",
 ]
-

@@ -1,23 +1,32 @@
-"""Checkpoints: atomic writes and everything needed to resume exactly.
+"""Checkpoints: atomic writes, exact resume, and one way back from a file to a model.
 
-A checkpoint is a single ``torch.save`` file holding the model weights, the
-config it was built from, the tokenizer vocabulary (so ``predict`` needs no
-other files), and — for training checkpoints — optimizer, scheduler and grad
-scaler state, the position in the data stream and every RNG state. Writes go
-to a temporary file in the same directory, are fsync'ed, then renamed over
-the target, so a crash never leaves a half-written checkpoint behind.
+A training checkpoint (``last.pt``, ``best.pt``) is one ``torch.save`` file that
+holds only tensors and plain Python values, so it is always read with
+``torch.load(..., weights_only=True)``: a file from a stranger cannot run code
+(anything else in it is refused before any of it is used). It carries the
+model weights, the run config as a plain dict, the tokenizer vocabulary (so
+``eval``/``predict`` need no other file) and, for ``last.pt``, the optimizer,
+scheduler and grad-scaler state, the position in the data stream and every RNG
+state (numpy's as a tensor, Python's as a tuple of ints).
+
+:func:`load_model` rebuilds the model from a training checkpoint or from a
+``save_pretrained`` folder (``config.json`` + ``model.safetensors``).
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import random
-import tempfile
+import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
+
+from ..data.io import atomic_write
 
 FORMAT = "rexfast-checkpoint-v1"
 
@@ -27,31 +36,18 @@ class CheckpointError(ValueError):
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    """``torch.save`` to ``path`` atomically (see :func:`rexfast.data.io.atomic_write`)."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
+# ----------------------------------------------------------------------------- RNG state as safe values
 def rng_state() -> dict:
+    """Every RNG's state as tensors and plain values (readable with weights_only=True)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "python": random.getstate(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -61,25 +57,110 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load(path: str | os.PathLike, *, map_location="cpu") -> dict:
-    """Load a rexfast checkpoint, with one clear error for anything else."""
+# ----------------------------------------------------------------------------- reading
+def safe_torch_load(path: str | os.PathLike, what: str = "checkpoint", *, map_location="cpu"):
+    """``torch.load(path, weights_only=True)`` with one clear error for a missing,
+    corrupt or unsafe file (one that holds objects other than tensors and plain
+    values: unpickling it could run code, so it is refused before anything runs)."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"{what} not found: {path}")
     try:
-        # weights_only=False: our checkpoints carry numpy RNG state and configs.
-        obj = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch.load raises many types on a corrupt file
+        text = " ".join(str(exc).split())
+        unsafe = re.search(r"GLOBAL ([\w.]+)", text)
+        if isinstance(exc, pickle.UnpicklingError) and unsafe:
+            raise CheckpointError(
+                f"refusing to load {path}: it holds a {unsafe.group(1)} object, not only tensors and plain values, "
+                "and unpickling it could run code (rexfast reads files with torch.load(weights_only=True) only)"
+            ) from None
+        detail = re.search(r"(Unsupported operand \d+|invalid load key[^.]*)", text)
+        raise CheckpointError(f"cannot read {what} {path}: {type(exc).__name__}: "
+                              f"{detail.group(1) if detail else text[:200]}") from None
+
+
+def load(path: str | os.PathLike, *, map_location="cpu") -> dict:
+    """A rexfast training checkpoint, read with weights_only=True, with one clear error for anything else."""
+    obj = safe_torch_load(path, "checkpoint", map_location=map_location)
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CheckpointError(
-            f"{path} is not a rexfast checkpoint (no '{FORMAT}' marker); "
-            "official CGFormer weights load with rexfast.CGFormer.from_official"
+            f"{path} is not a rexfast checkpoint (no '{FORMAT}' marker); the authors' released weights load with "
+            "`rexfast convert --official` or CGFormer.from_official / ReLA.from_official"
         )
+    for key, kind in (("config", dict), ("vocab", list), ("model", dict)):
+        if not isinstance(obj.get(key), kind):
+            raise CheckpointError(f"{path}: malformed rexfast checkpoint ('{key}' is missing or not a {kind.__name__})")
     return obj
+
+
+def checkpoint_config(ckpt: dict, overrides=()):
+    """The run Config stored in a checkpoint, with ``section.key=value`` overrides applied."""
+    from .config import Config, apply_overrides
+
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in ckpt["config"].items()}
+    return Config.from_dict(apply_overrides(raw, list(overrides)))
+
+
+def load_weights(model: torch.nn.Module, state: dict, source) -> None:
+    """Strict ``load_state_dict``; a CheckpointError lists the missing, unexpected or misshaped keys."""
+    from rexfast.models.base import load_state_strict
+
+    try:
+        load_state_strict(model, state, source)
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
+
+
+@dataclass
+class Loaded:
+    model: torch.nn.Module
+    config: Any  # the run Config (data, model, train)
+    tokenizer: Any
+
+
+def load_model(path: str | os.PathLike, *, overrides=(), tokenizer_path: Optional[str] = None,
+               device="cpu") -> Loaded:
+    """The model of a training checkpoint (``best.pt``/``last.pt``) or of a
+    ``save_pretrained`` folder, in eval mode on ``device``, with its run config
+    and tokenizer. A folder holds no tokenizer and no data config: they come from
+    ``tokenizer_path`` / ``overrides`` (``data.*``)."""
+    from . import builders
+    from .config import Config, ModelSection, apply_overrides
+
+    path = Path(path)
+    if path.is_dir():
+        from rexfast.models.pretrained import read_pretrained
+
+        name, model_cfg, state = read_pretrained(path)
+        raw = apply_overrides({"data": {}, "train": {}}, list(overrides))
+        cfg = Config.from_dict({k: v for k, v in raw.items() if k != "model"})
+        cfg.model = ModelSection(name=name, preset=type(model_cfg).PRESETS[0], config=model_cfg)
+        tokenizer_file = tokenizer_path or cfg.data.tokenizer
+        if not tokenizer_file:
+            raise CheckpointError(f"{path} is a model folder and holds no tokenizer: pass --tokenizer (a local "
+                                  "vocab.txt or BERT folder), or use the training checkpoint, which carries its vocabulary")
+        cfg.data.tokenizer = str(tokenizer_file)
+        tokenizer = builders.build_tokenizer(cfg.data)
+        model = builders.model_class(cfg)(model_cfg)
+        load_weights(model, state, path)
+    else:
+        ckpt = load(path)
+        cfg = checkpoint_config(ckpt, overrides)
+        tokenizer = builders.tokenizer_from_vocab(ckpt["vocab"])
+        model = builders.build_model(cfg, tokenizer)
+        load_weights(model, ckpt["model"], path)
+    return Loaded(model.to(device).eval(), cfg, tokenizer)
+
+
+__all__ = ["FORMAT", "CheckpointError", "atomic_save", "rng_state", "set_rng_state", "safe_torch_load", "load",
+           "checkpoint_config", "load_weights", "Loaded", "load_model"]

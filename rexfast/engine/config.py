@@ -1,4 +1,18 @@
-"""Run configuration: a YAML/JSON file plus ``section.key=value`` overrides."""
+"""Run configuration: a YAML/JSON file plus ``section.key=value`` overrides.
+
+Three sections. ``data`` and ``train`` are :class:`DataConfig` and
+:class:`TrainConfig`; ``model`` is typed by the model's own config class (from
+the model registry): ``name`` and ``preset`` pick it, every other key is a field
+of that class (e.g. ``CGFormerConfig.token_dim``), validated by it::
+
+    model:
+      name: cgformer
+      preset: demo
+      token_dim: 64
+
+When the model config has an ``image_size`` field and the file does not set it,
+it follows ``data.image_size`` (the input size).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +23,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
+
+from ..data.io import atomic_write_text
 
 
 @dataclass
@@ -25,23 +41,15 @@ class DataConfig:
 
 
 @dataclass
-class ModelConfig:
-    name: str = "cgformer"
-    preset: str = "released"  # released | paper | tiny | demo
-    options: dict = field(default_factory=dict)  # overrides of the preset's fields
-    bert_weights: Optional[str] = None  # local folder or state-dict file; never downloaded
-    ops_backend: Optional[str] = None  # pin group_assign's backend (reference | cpu | cuda | triton)
-
-
-@dataclass
 class TrainConfig:
     epochs: int = 50
     max_steps: Optional[int] = None  # optimizer steps; stops early when reached
     time_budget_min: Optional[float] = None  # stop (evaluate, checkpoint) once this much training time is spent
     batch_size: int = 8  # per process and micro-batch
     grad_accum: int = 1
-    lr: float = 1e-4
+    lr: float = 1e-4  # base learning rate; the model's param_groups scale it per group
     weight_decay: float = 1e-2
+    amsgrad: bool = False  # AdamW's AMSGrad variant (the released CGFormer recipe uses it)
     warmup_steps: int = 0
     schedule: str = "poly"  # poly | cosine | constant
     clip_grad: Optional[float] = None
@@ -50,6 +58,11 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 0  # optimizer steps between checkpoints; 0: at each epoch end only
     eval_every: int = 1  # epochs
+    # Under a time budget an epoch may never end: validate every this many
+    # minutes of training on the first `eval_subset` validation samples (a fixed
+    # subset), and pick best.pt from those points.
+    eval_every_min: Optional[float] = None
+    eval_subset: Optional[int] = None
     metric: str = "auto"  # the validation metric that selects best.pt; auto: gIoU for GRES, mIoU for RES
     out_dir: str = "runs/exp"
     device: str = "auto"
@@ -57,13 +70,30 @@ class TrainConfig:
 
 
 @dataclass
-class Config:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+class ModelSection:
+    """The model to build: a registry name, a preset of its config class, and the typed config."""
+
+    name: str
+    preset: str
+    config: Any  # an instance of the registered model's config class
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {"name": self.name, "preset": self.preset, **self.config.to_dict()}
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: Optional[ModelSection] = None  # resolved in __post_init__ (CGFormer's released preset by default)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        if self.model is None:
+            self.model = model_section({}, self.data)
+
+    def to_dict(self) -> dict:
+        return {"data": dataclasses.asdict(self.data), "model": self.model.to_dict(),
+                "train": dataclasses.asdict(self.train)}
 
     @classmethod
     def from_dict(cls, raw: dict) -> "Config":
@@ -72,16 +102,50 @@ class Config:
         unknown = set(raw) - {"data", "model", "train"}
         if unknown:
             raise ValueError(f"unknown config sections {sorted(unknown)}; expected data, model, train")
-        parts = {}
-        for name, kind in (("data", DataConfig), ("model", ModelConfig), ("train", TrainConfig)):
-            section = raw.get(name) or {}
-            names = {f.name for f in dataclasses.fields(kind)}
-            bad = set(section) - names
-            if bad:
-                raise ValueError(f"unknown keys in config section '{name}': {sorted(bad)}; valid: {sorted(names)}")
-            types = {f.name: str(f.type) for f in dataclasses.fields(kind)}
-            parts[name] = kind(**{k: _coerce(v, types[k], f"{name}.{k}") for k, v in section.items()})
-        return cls(**parts)
+        data = _section(raw, "data", DataConfig)
+        train = _section(raw, "train", TrainConfig)
+        model = raw.get("model") or {}
+        if not isinstance(model, dict):
+            raise ValueError(f"config section 'model' must be a mapping, got {type(model).__name__}")
+        return cls(data=data, model=model_section(model, data), train=train)
+
+
+def _section(raw: dict, name: str, kind):
+    section = raw.get(name) or {}
+    if not isinstance(section, dict):
+        raise ValueError(f"config section '{name}' must be a mapping, got {type(section).__name__}")
+    names = {f.name for f in dataclasses.fields(kind)}
+    bad = set(section) - names
+    if bad:
+        raise ValueError(f"unknown keys in config section '{name}': {sorted(bad)}; valid: {sorted(names)}")
+    types = {f.name: str(f.type) for f in dataclasses.fields(kind)}
+    return kind(**{k: _coerce(v, types[k], f"{name}.{k}") for k, v in section.items()})
+
+
+def model_section(raw: dict, data: DataConfig) -> ModelSection:
+    """The typed model section from its raw mapping (``name``, ``preset``, config fields)."""
+    from ..models import registry
+
+    raw = dict(raw)
+    name = raw.pop("name", "cgformer")
+    entry = registry.get(name)
+    cls = entry.config_class
+    preset = raw.pop("preset", cls.PRESETS[0])
+    if preset not in cls.PRESETS:
+        raise ValueError(f"config model.preset: unknown {name} preset {preset!r}; expected one of {list(cls.PRESETS)}")
+    fields = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    bad = set(raw) - set(fields)
+    if bad:
+        raise ValueError(f"unknown keys in config section 'model' for {name}: {sorted(bad)}; valid: "
+                         f"{sorted(['name', 'preset', *fields])}")
+    values = {k: _coerce(v, fields[k], f"model.{k}") for k, v in raw.items()}
+    if "image_size" in fields and "image_size" not in values:
+        values["image_size"] = data.image_size
+    try:
+        config = cls.preset(preset, **values)
+    except TypeError as exc:  # a field of the wrong type deep in a dataclass
+        raise ValueError(f"config section 'model': {exc}") from None
+    return ModelSection(name=name, preset=preset, config=config)
 
 
 def _coerce(value: Any, annotation: str, where: str) -> Any:
@@ -100,8 +164,16 @@ def _coerce(value: Any, annotation: str, where: str) -> Any:
             return value.lower() in ("true", "1", "yes")
     except ValueError:
         raise ValueError(f"config {where}: expected {base}, got {value!r}") from None
-    if base in ("int", "float") and not isinstance(value, (int, float)) or base == "dict" and not isinstance(value, dict):
+    if base in ("int", "float") and (isinstance(value, bool) or not isinstance(value, (int, float))):
         raise ValueError(f"config {where}: expected {base}, got {value!r}")
+    if base == "int" and isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(f"config {where}: expected an integer, got {value!r}")
+        return int(value)
+    if base == "bool" and not isinstance(value, bool):
+        raise ValueError(f"config {where}: expected true or false, got {value!r}")
+    if base == "str" and not isinstance(value, str):
+        raise ValueError(f"config {where}: expected a string, got {value!r}")
     return value
 
 
@@ -143,4 +215,4 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
 
 
 def save_config(config: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -1,42 +1,30 @@
-"""Evaluation: predictions at each image's original resolution, RES/GRES metrics.
-
-As in the official CGFormer evaluation (``engine.inference``), the model runs
-at its input size, the mask probabilities (sigmoid of the logits) are resized
-to the original image size (bicubic, align_corners=True) and thresholded at
-0.5; an empty predicted mask is a no-target prediction (GRES).
+"""Evaluation: RES/GRES metrics of a model on a dataset split, as the official
+evaluations compute them (see :mod:`rexfast.engine.inference` and
+:mod:`rexfast.metrics`): predictions at each image's original resolution, and
+for a model with a no-target head its no-target decision handed to the GRES
+metrics.
 """
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-
 import torch
-import torch.nn.functional as F
 
-from . import builders, checkpoint
-
-
-@torch.no_grad()
-def predict_masks(model, batch: dict, sizes: list[tuple[int, int]], threshold: float = 0.5, amp_dtype=None):
-    """Boolean masks, one per sample, at the given (H, W) sizes."""
-    device = batch["image"].device
-    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        logits = model(batch["image"], batch["input_ids"], batch["attention_mask"])
-    probs = logits.float().sigmoid()
-    masks = []
-    for i, (h, w) in enumerate(sizes):
-        resized = F.interpolate(probs[i : i + 1], size=(h, w), mode="bicubic", align_corners=True)
-        masks.append(resized[0, 0] > threshold)
-    return masks
+from ..data.io import atomic_write_json, check_output_file
+from . import builders
+from .checkpoint import load_model
+from .inference import predict_batch
 
 
 @torch.no_grad()
 def evaluate(model, dataset, *, task: str, batch_size: int = 8, device="cpu", amp_dtype=None, threshold=0.5,
              max_samples: int | None = None, progress: bool = False) -> dict:
+    """The metric table of ``model`` on the first ``max_samples`` samples of ``dataset`` (all by default)."""
     from rexfast.metrics import GRESMetrics, RESMetrics
 
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
+    if max_samples is not None and max_samples < 1:
+        raise ValueError(f"max_samples must be a positive integer, got {max_samples!r}")
     was_training = model.training
     model.eval()
     meter = GRESMetrics() if task == "gres" else RESMetrics()
@@ -46,44 +34,51 @@ def evaluate(model, dataset, *, task: str, batch_size: int = 8, device="cpu", am
         from tqdm import tqdm
 
         starts = tqdm(starts, desc="eval", dynamic_ncols=True)
-    for start in starts:
-        items = [dataset.get(i, None) for i in range(start, min(start + batch_size, count))]
-        batch = builders.collate(items, device)
-        gts = [builders.original_mask(item) for item in items]
-        preds = predict_masks(model, batch, [tuple(g.shape[-2:]) for g in gts], threshold, amp_dtype)
-        for pred, gt, item in zip(preds, gts, items):
-            builders.update_metrics(meter, pred.cpu(), gt.bool(), item)
-    if was_training:
-        model.train()
+    try:
+        for start in starts:
+            items = [dataset.get(i, None) for i in range(start, min(start + batch_size, count))]
+            batch = builders.collate(items, device)
+            gts = [builders.original_mask(item) for item in items]
+            preds = predict_batch(model, batch, [tuple(g.shape[-2:]) for g in gts], threshold=threshold,
+                                  amp_dtype=amp_dtype)
+            for pred, gt, item in zip(preds, gts, items):
+                if task == "gres":
+                    meter.update(pred.mask.cpu(), gt, no_target=bool(item.get("no_target", not gt.any())),
+                                 pred_no_target=pred.no_target)
+                else:
+                    meter.update(pred.mask.cpu(), gt)
+    finally:
+        if was_training:
+            model.train()
     return meter.compute()
 
 
 def evaluate_checkpoint(path, *, split=None, overrides=(), out=None, batch_size=8, device="auto",
-                        max_samples=None) -> dict:
-    """Load a rexfast checkpoint and evaluate it; optionally write the metrics as JSON."""
-    from .config import Config, apply_overrides
-
-    ckpt = checkpoint.load(path)
-    cfg = Config.from_dict(apply_overrides(ckpt["config"], list(overrides)))
+                        max_samples=None, tokenizer=None) -> dict:
+    """Evaluate a training checkpoint or a model folder; optionally write the metrics as JSON."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"--batch-size must be a positive integer, got {batch_size}")
+    if max_samples is not None and max_samples < 1:
+        raise ValueError(f"--max-samples must be a positive integer, got {max_samples}")
+    if out:
+        check_output_file(out, "--out")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    tokenizer = builders.tokenizer_from_vocab(ckpt["vocab"], cfg.data)
-    model = builders.build_model(cfg, tokenizer)
-    model.load_state_dict(ckpt["model"])
-    model.to(device)
+    loaded = load_model(path, overrides=overrides, tokenizer_path=tokenizer, device=device)
+    cfg = loaded.config
     split = split or cfg.data.val_split
-    dataset = builders.build_dataset(cfg.data, split, train=False, tokenizer=tokenizer)
-    metrics = evaluate(model, dataset, task=builders.task_of(cfg.data), batch_size=batch_size, device=device,
+    try:
+        dataset = builders.build_dataset(cfg.data, split, train=False, tokenizer=loaded.tokenizer)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{exc} (data.root is {cfg.data.root}; point it elsewhere with "
+                                "--set data.root=PATH)") from None
+    metrics = evaluate(loaded.model, dataset, task=builders.task_of(cfg.data), batch_size=batch_size, device=device,
                        max_samples=max_samples, progress=True)
-    metrics = {"checkpoint": str(path), "dataset": cfg.data.dataset, "split": split, **metrics}
+    metrics = {"checkpoint": str(path), "model": cfg.model.name, "dataset": cfg.data.dataset, "split": split,
+               **metrics}
     if out:
-        write_json_atomic(metrics, out)
+        atomic_write_json(out, metrics)
     return metrics
 
 
-def write_json_atomic(obj, path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+__all__ = ["evaluate", "evaluate_checkpoint"]

@@ -1,54 +1,37 @@
-"""Single-image prediction: a mask PNG and an overlay PNG for one sentence."""
+"""Single-image prediction: ``<image>_mask.png`` and ``<image>_overlay.png`` for one sentence."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import builders, checkpoint
-from .evaluator import predict_masks
+from ..data.io import atomic_write_png, check_output_dir, load_image
+from . import builders
+from .checkpoint import load_model
+from .inference import SamplePrediction, predict_batch
 
 OVERLAY_COLOUR = np.array([255, 0, 255], dtype=np.float32)  # magenta: unlike any scene colour
 
 
-def load_image(path) -> "PIL.Image.Image":  # noqa: F821
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path}")
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ValueError(f"cannot read image {path}: {exc}") from None
-
-
 class Predictor:
-    """Loads a rexfast checkpoint once; call with (PIL image, sentence) → bool mask (H, W)."""
+    """Loads a training checkpoint or a model folder once; call it with
+    (PIL image, sentence) → :class:`~rexfast.engine.inference.SamplePrediction`
+    at the image's resolution."""
 
-    def __init__(self, checkpoint_path, device="auto"):
-        from .config import Config
-
-        ckpt = checkpoint.load(checkpoint_path)
-        self.cfg = Config.from_dict(ckpt["config"])
+    def __init__(self, checkpoint_path, device="auto", *, tokenizer=None, overrides=()):
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
                                    else ("cpu" if device == "auto" else device))
-        self.tokenizer = builders.tokenizer_from_vocab(ckpt["vocab"], self.cfg.data)
-        self.model = builders.build_model(self.cfg, self.tokenizer)
-        self.model.load_state_dict(ckpt["model"])
-        self.model.to(self.device).eval()
+        loaded = load_model(checkpoint_path, overrides=overrides, tokenizer_path=tokenizer, device=self.device)
+        self.model, self.cfg, self.tokenizer = loaded.model, loaded.config, loaded.tokenizer
 
     @torch.no_grad()
-    def __call__(self, image, text: str, threshold: float = 0.5) -> np.ndarray:
-        if not isinstance(text, str) or not text.strip():
-            raise ValueError("the text is empty: say what to segment, e.g. --text \"the red circle\"")
-        batch = builders.collate([builders.inference_item(image, text, self.tokenizer, self.cfg.data)], self.device)
-        (mask,) = predict_masks(self.model, batch, [(image.height, image.width)], threshold)
-        return mask.cpu().numpy()
+    def __call__(self, image, text: str, threshold: float = 0.5) -> SamplePrediction:
+        item = builders.inference_item(image, text, self.tokenizer, self.cfg.data)
+        batch = builders.collate([item], self.device)
+        (pred,) = predict_batch(self.model, batch, [(image.height, image.width)], threshold=threshold)
+        return pred
 
 
 def overlay(image, mask: np.ndarray, alpha: float = 0.6) -> np.ndarray:
@@ -57,24 +40,23 @@ def overlay(image, mask: np.ndarray, alpha: float = 0.6) -> np.ndarray:
     return pixels.clip(0, 255).astype(np.uint8)
 
 
-def _save_png_atomic(array: np.ndarray, path: Path) -> None:
-    from PIL import Image
-
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    Image.fromarray(array).save(tmp)
-    os.replace(tmp, path)
-
-
-def predict_to_files(checkpoint_path, image_path, text, *, out_dir=".", threshold=0.5, device="auto") -> list[str]:
+def predict_to_files(checkpoint_path, image_path, text, *, out_dir=".", threshold=0.5, device="auto",
+                     tokenizer=None) -> tuple[list[str], SamplePrediction]:
+    """Write the mask and overlay PNGs (the mask is empty when the model says "no target")."""
     if not isinstance(text, str) or not text.strip():
         raise ValueError("the text is empty: say what to segment, e.g. --text \"the red circle\"")
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"--threshold must lie strictly between 0 and 1, got {threshold}")
+    out = check_output_dir(out_dir, "--out-dir")
     image = load_image(image_path)  # fail fast, before loading the model
-    predictor = Predictor(checkpoint_path, device=device)
-    mask = predictor(image, text, threshold)
-    out = Path(out_dir)
+    pred = Predictor(checkpoint_path, device=device, tokenizer=tokenizer)(image, text, threshold)
+    mask = pred.shown_mask.cpu().numpy()
     out.mkdir(parents=True, exist_ok=True)
     stem = Path(image_path).stem
     mask_path, overlay_path = out / f"{stem}_mask.png", out / f"{stem}_overlay.png"
-    _save_png_atomic((mask * 255).astype(np.uint8), mask_path)
-    _save_png_atomic(overlay(image, mask), overlay_path)
-    return [str(mask_path), str(overlay_path)]
+    atomic_write_png(mask_path, (mask * 255).astype(np.uint8))
+    atomic_write_png(overlay_path, overlay(image, mask))
+    return [str(mask_path), str(overlay_path)], pred
+
+
+__all__ = ["Predictor", "overlay", "predict_to_files"]

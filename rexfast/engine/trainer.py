@@ -8,6 +8,13 @@ seeds) comes from the torch RNG, re-seeded before every micro-batch from
 (seed, step, step-global micro-batch index) — which also makes two DDP ranks
 equal one process accumulating two micro-batches; and checkpoints are only
 taken at optimizer-step boundaries.
+
+Everything that can fail on bad input (config, data, resume checkpoint, model
+and input size) is checked before the run folder is created. The optimizer
+groups are the model's (``param_groups``: the released per-group learning rates
+and weight decays). Under a time budget the training clock excludes
+evaluation; validation then also runs every ``train.eval_every_min`` minutes on
+a fixed subset so the curve and ``best.pt`` mean something.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from ..data.io import check_output_dir
 from . import builders, checkpoint, distributed, sampling
 from .config import Config, save_config
 from .evaluator import evaluate
@@ -31,8 +39,7 @@ log = logging.getLogger("rexfast")
 CRASH_ENV = "REXFAST_TEST_CRASH_AFTER_STEP"  # tests: die abruptly after this optimizer step
 
 
-def _amp_dtype(cfg: Config, device: torch.device):
-    mode = cfg.train.amp
+def amp_dtype_of(mode: str, device: torch.device):
     if mode == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     if mode == "off":
@@ -46,8 +53,6 @@ def _schedule(cfg: Config, total_steps: int, clock: dict):
     """LR factor per step. Under a time budget the decay follows whichever is
     further along: steps or the budget's elapsed fraction (``clock``)."""
     warm, kind = cfg.train.warmup_steps, cfg.train.schedule
-    if kind not in ("poly", "cosine", "constant"):
-        raise ValueError(f"train.schedule must be poly, cosine or constant, got {kind!r}")
 
     def factor(step: int) -> float:
         if warm and step < warm:
@@ -60,13 +65,34 @@ def _schedule(cfg: Config, total_steps: int, clock: dict):
     return factor
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float):
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def validate_train_config(cfg: Config) -> None:
+    """Every train/data setting that would otherwise fail mid-run."""
+    tc = cfg.train
+    if tc.schedule not in ("poly", "cosine", "constant"):
+        raise ValueError(f"train.schedule must be poly, cosine or constant, got {tc.schedule!r}")
+    amp_dtype_of(tc.amp, torch.device("cpu"))
+    for name in ("epochs", "batch_size", "grad_accum", "log_every", "eval_every"):
+        if getattr(tc, name) < 1:
+            raise ValueError(f"train.{name} must be >= 1, got {getattr(tc, name)}")
+    for name in ("max_steps", "eval_subset"):
+        if getattr(tc, name) is not None and getattr(tc, name) < 1:
+            raise ValueError(f"train.{name} must be >= 1 (or null), got {getattr(tc, name)}")
+    for name in ("time_budget_min", "eval_every_min"):
+        if getattr(tc, name) is not None and not getattr(tc, name) > 0:
+            raise ValueError(f"train.{name} must be > 0 (or null), got {getattr(tc, name)}")
+    if tc.lr <= 0:
+        raise ValueError(f"train.lr must be > 0, got {tc.lr}")
+    builders.check_input_size(cfg)
+
+
+def resolve_paths(cfg: Config) -> None:
+    """Make the data paths absolute, so checkpoints work from any folder."""
+    data = cfg.data
+    data.root = str(Path(data.root).resolve())
+    if data.image_root:
+        data.image_root = str(Path(data.image_root).resolve())
+    if data.tokenizer:
+        data.tokenizer = str(Path(data.tokenizer).resolve())
 
 
 class JsonlLog:
@@ -90,43 +116,50 @@ def train(cfg: Config, *, resume: str | None = None, progress: bool = True) -> d
 
 def _train(cfg: Config, info: distributed.DistInfo, *, resume: str | None, progress: bool) -> dict:
     tc = cfg.train
-    out_dir = Path(tc.out_dir)
-    if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "config.yaml")
-    torch.manual_seed(tc.seed)
-    if tc.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-
+    # ---- everything that can fail on bad input, before anything is written
+    validate_train_config(cfg)
+    resolve_paths(cfg)
+    out_dir = check_output_dir(Path(tc.out_dir).resolve(), "train.out_dir")
+    tc.out_dir = str(out_dir)
     tokenizer = builders.build_tokenizer(cfg.data)
     train_set = builders.build_dataset(cfg.data, cfg.data.train_split, train=True, tokenizer=tokenizer)
     val_set = builders.build_dataset(cfg.data, cfg.data.val_split, train=False, tokenizer=tokenizer)
     task = builders.task_of(cfg.data)
     metric_name = tc.metric if tc.metric != "auto" else ("gIoU" if task == "gres" else "mIoU")
-
-    model = builders.build_model(cfg, tokenizer).to(info.device)
-    core = model
-    if info.enabled:
-        # CGFormer's released architecture holds parameters its forward never uses
-        # (LoadToken.norm / .mlp), so DDP must look for unused ones every step.
-        model = DistributedDataParallel(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
-                                        find_unused_parameters=True)
-    optimizer = torch.optim.AdamW(_param_groups(core, tc.weight_decay), lr=tc.lr)
     steps_epoch = sampling.steps_per_epoch(
         len(train_set), micro_batch=tc.batch_size, world=info.world_size, accum=tc.grad_accum
     )
-    total_steps = tc.epochs * steps_epoch if tc.max_steps is None else min(tc.max_steps, tc.epochs * steps_epoch)
-    clock: dict = {}
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, total_steps, clock))
-    amp_dtype = _amp_dtype(cfg, info.device)
-    scaler = torch.amp.GradScaler(info.device.type, enabled=amp_dtype == torch.float16)
-
-    state = {"epoch": 0, "step_in_epoch": 0, "step": 0, "best": None, "best_epoch": None}
+    ckpt = None
     if resume:
         ckpt = checkpoint.load(resume)
         if "optimizer" not in ckpt:
-            raise checkpoint.CheckpointError(f"{resume} holds weights only; --resume needs a training checkpoint")
-        core.load_state_dict(ckpt["model"])
+            raise checkpoint.CheckpointError(f"{resume} holds weights only; --resume needs a training checkpoint "
+                                             "(last.pt)")
+    torch.manual_seed(tc.seed)
+    if tc.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    model = builders.build_model(cfg, tokenizer).to(info.device)
+    if ckpt is not None:
+        checkpoint.load_weights(model, ckpt["model"], resume)
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+
+    core = model
+    if info.enabled:
+        # The released architectures hold parameters their forward never uses
+        # (CGFormer: LoadToken.norm / .mlp), so DDP must look for unused ones every step.
+        model = DistributedDataParallel(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
+                                        find_unused_parameters=True)
+    optimizer = torch.optim.AdamW(core.param_groups(tc), lr=tc.lr, weight_decay=tc.weight_decay, amsgrad=tc.amsgrad)
+    total_steps = tc.epochs * steps_epoch if tc.max_steps is None else min(tc.max_steps, tc.epochs * steps_epoch)
+    clock: dict = {}
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, total_steps, clock))
+    amp_dtype = amp_dtype_of(tc.amp, info.device)
+    scaler = torch.amp.GradScaler(info.device.type, enabled=amp_dtype == torch.float16)
+
+    state = {"epoch": 0, "step_in_epoch": 0, "step": 0, "best": None, "best_step": None, "train_seconds": 0.0}
+    if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
@@ -135,6 +168,7 @@ def _train(cfg: Config, info: distributed.DistInfo, *, resume: str | None, progr
         log.info("resumed from %s at epoch %d, step %d", resume, state["epoch"], state["step"])
 
     logger = JsonlLog(out_dir / "log.jsonl", info.is_main)
+    vocab = builders.vocab_of(tokenizer)
 
     def save(name: str) -> Path | None:
         rngs = distributed.all_gather_objects(checkpoint.rng_state(), info)
@@ -143,7 +177,7 @@ def _train(cfg: Config, info: distributed.DistInfo, *, resume: str | None, progr
         payload = {
             "format": checkpoint.FORMAT,
             "config": cfg.to_dict(),
-            "vocab": builders.vocab_of(tokenizer),
+            "vocab": vocab,
             "model": core.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
@@ -153,15 +187,36 @@ def _train(cfg: Config, info: distributed.DistInfo, *, resume: str | None, progr
         }
         return checkpoint.atomic_save(payload, out_dir / name)
 
+    def validate(full: bool) -> None:
+        """Evaluate (the whole val split, or its fixed subset), log, keep the best model."""
+        metrics = None
+        if info.is_main:
+            started = time.perf_counter()
+            subset = None if full else tc.eval_subset
+            metrics = evaluate(core, val_set, task=task, batch_size=tc.batch_size, device=info.device,
+                               amp_dtype=amp_dtype, max_samples=subset)
+            logger.write(kind="eval", step=state["step"], epoch=state["epoch"], subset=subset, **metrics)
+            log.info("eval at step %d: %s", state["step"], metrics)
+            if state["best"] is None or metrics[metric_name] > state["best"]:
+                state["best"], state["best_step"] = metrics[metric_name], state["step"]
+                checkpoint.atomic_save({"format": checkpoint.FORMAT, "config": cfg.to_dict(), "vocab": vocab,
+                                        "model": core.state_dict(), "metrics": metrics}, out_dir / "best.pt")
+                core.save_pretrained(out_dir / "best")
+            clock["eval_seconds"] = clock.get("eval_seconds", 0.0) + time.perf_counter() - started
+        # rank 0 owns the best-metric bookkeeping; every rank checkpoints the same state
+        state.update(distributed.all_gather_objects(dict(state), info)[0])
+
     crash_after = int(os.environ.get(CRASH_ENV, "0"))
     budget_s = None if tc.time_budget_min is None else 60.0 * tc.time_budget_min
-    train_started = time.perf_counter()
-    bar = None
-    if progress and info.is_main:
-        from tqdm import tqdm
+    periodic_s = None if tc.eval_every_min is None else 60.0 * tc.eval_every_min
+    next_eval = (math.floor(state["train_seconds"] / periodic_s) + 1) * periodic_s if periodic_s else None
+    resumed_seconds = state["train_seconds"]
+    started_at = time.perf_counter()
 
-        bar = tqdm(total=total_steps, initial=state["step"], desc="train", dynamic_ncols=True, leave=True)
+    def train_seconds() -> float:  # training time so far, evaluation excluded
+        return resumed_seconds + time.perf_counter() - started_at - clock.get("eval_seconds", 0.0)
 
+    bar = _progress_bar(progress and info.is_main, budget_s, total_steps, state)
     while state["step"] < total_steps and state["epoch"] < tc.epochs:
         epoch = state["epoch"]
         batches = sampling.rank_micro_batches(
@@ -204,23 +259,28 @@ def _train(cfg: Config, info: distributed.DistInfo, *, resume: str | None, progr
             elapsed = time.perf_counter() - started
             images_per_s = tc.batch_size * tc.grad_accum * info.world_size / elapsed
             loss_total = sum(totals.values())
+            spent = train_seconds()
+            state["train_seconds"] = spent
             if bar is not None:
-                bar.set_postfix(loss=f"{loss_total:.4f}", img_s=f"{images_per_s:.1f}", epoch=epoch)
-                bar.update(1)
+                bar.set_postfix_str(f"step {state['step']} loss {loss_total:.4f} {images_per_s:.1f} img/s")
+                bar.update((min(spent, budget_s) - bar.n) if budget_s else 1)
             if state["step"] % tc.log_every == 0 or state["step"] == total_steps:
                 logger.write(kind="train", step=state["step"], epoch=epoch, loss=loss_total, **totals,
-                             lr=scheduler.get_last_lr()[0], images_per_s=images_per_s)
+                             lr=scheduler.get_last_lr()[0], images_per_s=images_per_s, seconds=spent)
             if tc.ckpt_every and state["step"] % tc.ckpt_every == 0:
                 save("last.pt")
             if crash_after and state["step"] >= crash_after:
                 os._exit(3)  # simulate a kill: no cleanup, no final checkpoint
             if budget_s is not None:  # machine-dependent by design: a demo convenience
-                clock["fraction"] = (time.perf_counter() - train_started) / budget_s
+                clock["fraction"] = spent / budget_s
                 if info.is_main and clock["fraction"] >= 1.0:
                     log.info("time budget of %.1f min spent at step %d", tc.time_budget_min, state["step"])
                     total_steps = state["step"]
                 if info.enabled:  # every rank stops at the same step
                     total_steps = distributed.all_gather_objects(total_steps, info)[0]
+            if next_eval is not None and spent >= next_eval and state["step"] < total_steps:
+                validate(full=False)
+                next_eval = (math.floor(train_seconds() / periodic_s) + 1) * periodic_s
             if state["step"] >= total_steps:
                 break
 
@@ -230,40 +290,41 @@ def _train(cfg: Config, info: distributed.DistInfo, *, resume: str | None, progr
             state["step_in_epoch"] = 0
         finished = state["step"] >= total_steps
         if finished or (epoch_done and state["epoch"] % tc.eval_every == 0):
-            metrics = None
-            if info.is_main:
-                metrics = evaluate(core, val_set, task=task, batch_size=tc.batch_size, device=info.device,
-                                   amp_dtype=amp_dtype, progress=False)
-                logger.write(kind="eval", step=state["step"], epoch=state["epoch"], **metrics)
-                log.info("eval at step %d: %s", state["step"], metrics)
-                if state["best"] is None or metrics[metric_name] > state["best"]:
-                    state["best"], state["best_epoch"] = metrics[metric_name], state["epoch"]
-                    checkpoint.atomic_save(_weights_only(cfg, tokenizer, core, metrics), out_dir / "best.pt")
-            # rank 0 owns the best-metric bookkeeping; every rank checkpoints the same state
-            state.update(distributed.all_gather_objects(dict(state), info)[0])
+            validate(full=periodic_s is None)
         if epoch_done or finished:
             save("last.pt")
             distributed.barrier(info)
     if bar is not None:
         bar.close()
+    if info.is_main:
+        from .plots import training_curve
+
+        training_curve(out_dir / "log.jsonl", out_dir / "training_curve.png", metric=metric_name)
     return {
         "steps": state["step"],
+        "train_seconds": round(state["train_seconds"], 1),
         "best_metric": metric_name,
         "best": state["best"],
-        "best_epoch": state["best_epoch"],
+        "best_step": state["best_step"],
         "last": str(out_dir / "last.pt"),
         "best_checkpoint": str(out_dir / "best.pt"),
+        "best_model": str(out_dir / "best"),
+        "training_curve": str(out_dir / "training_curve.png"),
     }
 
 
-def _weights_only(cfg: Config, tokenizer, model: torch.nn.Module, metrics: dict | None) -> dict:
-    return {
-        "format": checkpoint.FORMAT,
-        "config": cfg.to_dict(),
-        "vocab": builders.vocab_of(tokenizer),
-        "model": model.state_dict(),
-        "metrics": metrics,
-    }
+def _progress_bar(enabled: bool, budget_s, total_steps: int, state: dict):
+    """Under a time budget the bar measures training time against the budget
+    (a step total would never be reached); otherwise optimizer steps."""
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    if budget_s is not None:
+        return tqdm(total=budget_s, initial=min(state["train_seconds"], budget_s), desc="train", unit="s",
+                    dynamic_ncols=True, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s "
+                                                   "[{elapsed}] {postfix}")
+    return tqdm(total=total_steps, initial=state["step"], desc="train", dynamic_ncols=True)
 
 
 class _null:

@@ -1,7 +1,10 @@
-"""Models: the LAVT-style multimodal Swin backbone, the BERT text encoder,
-CGFormer with its losses, and the official-checkpoint loaders."""
+"""Models: one folder each (config, model, losses, checkpoint loading), the shared
+backbones and layers, the BERT text encoder, and the registry the engine uses."""
 
+from .backbones import MultiModalSwinTransformer, SwinConfig, swin_config
+from .base import Prediction, ReferringModel
 from .cgformer import CGFormer, CGFormerConfig
-from .swin import MultiModalSwinTransformer, SwinConfig, swin_config
+from .registry import MODELS
 
-__all__ = ["CGFormer", "CGFormerConfig", "MultiModalSwinTransformer", "SwinConfig", "swin_config"]
+__all__ = ["CGFormer", "CGFormerConfig", "MODELS", "MultiModalSwinTransformer", "Prediction", "ReferringModel",
+           "SwinConfig", "swin_config"]

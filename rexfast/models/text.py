@@ -57,6 +57,18 @@ def bert_config(spec: Union[str, Mapping, "object", None] = "bert-base-uncased")
     raise TypeError(f"bert config must be a preset name, dict, BertConfig or folder, got {type(spec).__name__}")
 
 
+def bert_for_vocab(spec, vocab_size: int, *, has_weights: bool):
+    """The BERT spec for a tokenizer of ``vocab_size`` tokens: unchanged when it
+    already fits; a randomly initialised BERT is resized to the vocabulary (the
+    synthetic one is tiny); pretrained weights that do not fit are an error."""
+    cfg = bert_config(spec)
+    if cfg.vocab_size == vocab_size:
+        return spec
+    if has_weights:
+        raise ValueError(f"the tokenizer has {vocab_size} tokens but the BERT weights expect {cfg.vocab_size}")
+    return {**cfg.to_dict(), "vocab_size": vocab_size}
+
+
 def build_bert(config=None, weights: Union[str, os.PathLike, Mapping[str, Tensor], None] = None):
     """BertModel (no pooler) from ``config`` (see :func:`bert_config`), with
     optional local ``weights``. A folder passed as ``config`` also supplies the
@@ -132,4 +144,4 @@ def encode_text(bert, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     return bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
-__all__ = ["BERT_BASE_UNCASED", "BERT_SMALL", "BERT_TINY", "bert_config", "build_bert", "load_bert_weights", "encode_text"]
+__all__ = ["BERT_BASE_UNCASED", "BERT_SMALL", "BERT_TINY", "bert_config", "bert_for_vocab", "build_bert", "load_bert_weights", "encode_text"]

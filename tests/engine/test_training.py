@@ -11,14 +11,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 
 from rexfast.engine.checkpoint import load as load_checkpoint
-from rexfast.engine.config import Config, DataConfig, ModelConfig, TrainConfig
+from rexfast.engine.config import Config, DataConfig, TrainConfig, model_section
 
-TINY_OPTIONS = {"decoder_dropout": 0.0}
+TINY_MODEL = {"name": "cgformer", "preset": "tiny", "decoder_dropout": 0.0}
 
 
 def _env(**extra) -> dict:
@@ -46,10 +47,11 @@ def data_root(tmp_path_factory) -> Path:
     return root
 
 
-def _config(data_root: Path, out: Path, **train) -> Path:
+def _config(data_root: Path, out: Path, *, data: dict | None = None, **train) -> Path:
+    data_cfg = DataConfig(**{**dict(dataset="synthetic", root=str(data_root), image_size=32), **(data or {})})
     cfg = Config(
-        data=DataConfig(dataset="synthetic", root=str(data_root), image_size=32),
-        model=ModelConfig(name="cgformer", preset="tiny", options=dict(TINY_OPTIONS)),
+        data=data_cfg,
+        model=model_section(dict(TINY_MODEL), data_cfg),
         train=TrainConfig(**{**dict(epochs=2, batch_size=4, lr=1e-3, amp="off", device="cpu", seed=7, log_every=1,
                                     out_dir=str(out), schedule="poly"), **train}),
     )
@@ -113,19 +115,40 @@ def test_ddp_two_processes_match_one_process_accumulating_two(data_root, tmp_pat
     _assert_same_weights(params(single / "last.pt"), params(ddp / "last.pt"), exact=False)
 
 
-def test_kill_and_resume_equals_uninterrupted(data_root, tmp_path):
+def _kill_and_resume(data_root, tmp_path, *, crash_after: int, max_steps: int, **train):
+    """Train uninterrupted; train again, killed after `crash_after` steps, then resumed:
+    the weights (torch.equal) and the last losses must agree."""
     full, broken = tmp_path / "full", tmp_path / "broken"
-    _rexfast("train", "--config", _config(data_root, full, max_steps=5, ckpt_every=2), "--no-progress")
-    cfg = _config(data_root, broken, max_steps=5, ckpt_every=2)
+    _rexfast("train", "--config", _config(data_root, full, max_steps=max_steps, **train), "--no-progress")
+    cfg = _config(data_root, broken, max_steps=max_steps, **train)
     crashed = _rexfast("train", "--config", cfg, "--no-progress", check=False,
-                       env=_env(REXFAST_TEST_CRASH_AFTER_STEP=3))
+                       env=_env(REXFAST_TEST_CRASH_AFTER_STEP=crash_after))
     assert crashed.returncode != 0
-    assert load_checkpoint(broken / "last.pt")["train_state"]["step"] == 2
+    saved = load_checkpoint(broken / "last.pt")["train_state"]["step"]
+    assert saved < crash_after
     _rexfast("train", "--config", cfg, "--resume", broken / "last.pt", "--no-progress")
     a, b = load_checkpoint(full / "last.pt"), load_checkpoint(broken / "last.pt")
-    assert a["train_state"]["step"] == b["train_state"]["step"] == 5
+    assert a["train_state"]["step"] == b["train_state"]["step"] == max_steps
     _assert_same_weights(a["model"], b["model"], exact=True)
     assert _train_losses(full)[-2:] == _train_losses(broken)[-2:]
+    return a, b
+
+
+def test_kill_and_resume_equals_uninterrupted(data_root, tmp_path):
+    _kill_and_resume(data_root, tmp_path, crash_after=3, max_steps=5, ckpt_every=2)
+
+
+def test_kill_and_resume_across_an_epoch_boundary(data_root, tmp_path):
+    # 144 training refs / batch 16 = 9 steps per epoch: the checkpoint is taken at
+    # step 7 of epoch 0, the resumed run crosses into epoch 1 and stops at step 12
+    a, b = _kill_and_resume(data_root, tmp_path, crash_after=8, max_steps=12, epochs=3, ckpt_every=7, batch_size=16)
+    assert a["train_state"]["epoch"] == b["train_state"]["epoch"] == 1
+
+
+def test_kill_and_resume_with_a_grad_scaler(data_root, tmp_path):
+    # fp16 autocast on CPU: a GradScaler whose scale and growth tracker must resume exactly
+    a, b = _kill_and_resume(data_root, tmp_path, crash_after=3, max_steps=5, ckpt_every=2, amp="fp16")
+    assert a["scaler"] == b["scaler"] and a["scaler"]["scale"] > 0
 
 
 @pytest.fixture(scope="module")
@@ -135,16 +158,47 @@ def trained_checkpoint(data_root, tmp_path_factory) -> Path:
     return out / "best.pt"
 
 
+def _written(proc) -> tuple[Path, Path]:
+    lines = proc.stdout.split("\n")
+    mask_path, overlay_path = (Path(line) for line in lines if line.endswith(".png"))
+    return mask_path, overlay_path
+
+
 def test_predict_writes_mask_and_overlay(trained_checkpoint, data_root, tmp_path):
     from PIL import Image
 
     image = next((data_root / "synthetic" / "images").glob("*.png"))
     proc = _rexfast("predict", "--checkpoint", trained_checkpoint, "--image", image, "--text", "the red circle",
                     "--out-dir", tmp_path)
-    mask_path, overlay_path = (Path(line) for line in proc.stdout.split())
+    mask_path, overlay_path = _written(proc)
+    assert mask_path.name == f"{image.stem}_mask.png" and overlay_path.name == f"{image.stem}_overlay.png"
     with Image.open(image) as src, Image.open(mask_path) as mask, Image.open(overlay_path) as over:
         assert mask.size == src.size == over.size
-        assert set(torch.tensor(list(mask.getdata())).unique().tolist()) <= {0, 255}
+        assert set(np.unique(np.asarray(mask)).tolist()) <= {0, 255}
+    # the same model from its model folder (config.json + model.safetensors) and the run's vocabulary
+    folder = trained_checkpoint.parent / "best"
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    proc = _rexfast("predict", "--checkpoint", folder, "--tokenizer", data_root / "vocab.txt", "--image", image,
+                    "--text", "the red circle", "--out-dir", tmp_path / "from_folder")
+    mask2, _ = _written(proc)
+    with Image.open(mask_path) as m1, Image.open(mask2) as m2:
+        assert np.array_equal(np.asarray(m1), np.asarray(m2))
+    assert "--tokenizer" in _error(_rexfast("predict", "--checkpoint", folder, "--image", image, "--text", "x",
+                                            check=False))
+
+
+def test_eval_from_another_folder_finds_the_data(trained_checkpoint, data_root, tmp_path):
+    """Checkpoints store the data paths resolved at training time."""
+    run = tmp_path / "rel"
+    rel_root = os.path.relpath(data_root, tmp_path)
+    cfg = _config(Path(rel_root), run, max_steps=1, epochs=1)
+    _rexfast("train", "--config", cfg, "--no-progress", cwd=tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = _rexfast("eval", "--checkpoint", run / "best.pt", "--split", "test", cwd=elsewhere)
+    assert "gIoU" in proc.stdout
+    moved = _error(_rexfast("eval", "--checkpoint", run / "best.pt", "--set", "data.root=/nonexistent", check=False))
+    assert "--set data.root=" in moved
 
 
 def _error(proc) -> str:
@@ -161,6 +215,8 @@ def test_cli_bad_inputs_fail_with_one_clear_line(trained_checkpoint, data_root, 
     junk_ckpt = tmp_path / "junk.pt"
     torch.save({"hello": 1}, junk_ckpt)
     out = tmp_path / "out"
+    a_file = tmp_path / "a_file.txt"
+    a_file.write_text("x")
 
     assert "not found" in _error(_rexfast("predict", "--checkpoint", tmp_path / "missing.pt", "--image", image,
                                           "--text", "x", "--out-dir", out, check=False))
@@ -170,12 +226,56 @@ def test_cli_bad_inputs_fail_with_one_clear_line(trained_checkpoint, data_root, 
                                                 tmp_path / "nope.png", "--text", "x", "--out-dir", out, check=False))
     assert "empty" in _error(_rexfast("predict", "--checkpoint", trained_checkpoint, "--image", image, "--text", "  ",
                                       "--out-dir", out, check=False))
+    assert "--out-dir" in _error(_rexfast("predict", "--checkpoint", trained_checkpoint, "--image", image, "--text",
+                                          "the red circle", "--out-dir", a_file, check=False))
+    assert "--out" in _error(_rexfast("eval", "--checkpoint", trained_checkpoint, "--out", a_file / "m.json",
+                                      check=False))
+    assert "--batch-size" in _error(_rexfast("eval", "--checkpoint", trained_checkpoint, "--batch-size", "0",
+                                             check=False))
     _error(_rexfast("eval", "--checkpoint", junk_ckpt, check=False))
     _error(_rexfast("eval", "--checkpoint", trained_checkpoint, "--split", "nosuchsplit", check=False))
     bad_cfg = tmp_path / "bad.yaml"
     bad_cfg.write_text("train:\n  learning_rate: 1\n")
     assert "learning_rate" in _error(_rexfast("train", "--config", bad_cfg, check=False))
     assert not out.exists() or not any(out.iterdir()), "a failed command left files behind"
+
+
+def test_a_checkpoint_of_another_architecture_is_one_error_listing_the_keys(trained_checkpoint, tmp_path):
+    ckpt = load_checkpoint(trained_checkpoint)
+    ckpt["config"]["model"]["token_dim"] = 48  # the weights say 32
+    other = tmp_path / "other.pt"
+    torch.save(ckpt, other)
+    line = _error(_rexfast("eval", "--checkpoint", other, check=False))
+    assert "do not fit" in line and "shape mismatches" in line and "decoder.cgattention1.k_proj.weight" in line
+
+
+@pytest.mark.parametrize("case", ["image_size", "data_root", "resume_missing", "resume_weights_only"])
+def test_train_that_fails_on_bad_input_writes_nothing(trained_checkpoint, data_root, tmp_path, case):
+    out = tmp_path / "run"
+    cfg = _config(data_root, out, max_steps=1)
+    raw = yaml.safe_load(cfg.read_text())
+    if case == "image_size":  # the input size the model would fail on (not a multiple of 32)
+        raw["data"]["image_size"] = 48
+        del raw["model"]["image_size"]
+    if case == "data_root":
+        raw["data"]["root"] = str(tmp_path / "nope")
+    cfg.write_text(yaml.safe_dump(raw))
+    extra = {"resume_missing": ["--resume", tmp_path / "absent.pt"],
+             "resume_weights_only": ["--resume", trained_checkpoint]}.get(case, [])
+    line = _error(_rexfast("train", "--config", cfg, "--no-progress", *extra, check=False))
+    assert {"image_size": "multiple of 32", "data_root": "not found", "resume_missing": "not found",
+            "resume_weights_only": "weights only"}[case] in line
+    assert not out.exists(), f"{case}: the failed run left {sorted(p.name for p in out.iterdir())}"
+
+
+def test_torchrun_reports_a_config_error_once(tmp_path):
+    bad_cfg = tmp_path / "bad.yaml"
+    bad_cfg.write_text("train:\n  learning_rate: 1\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "rexfast",
+           "train", "--config", str(bad_cfg)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.count("rexfast: error:") == 1, proc.stderr[-3000:]
 
 
 def test_info_lists_every_backend_ci_is_meant_to_have():
@@ -202,8 +302,8 @@ def test_demo_quick_runs_end_to_end_and_writes_everything(tmp_path):
     proc = _rexfast("demo", "--quick", "--out", out, "--no-progress")
     result = json.loads((out / "demo_metrics.json").read_text())
     for phase in ("untrained", "trained"):
-        assert {"gIoU", "N-acc", "T-acc", "cIoU"} <= set(result[phase])
-    assert (out / "training_curve.png").is_file() and result["overlays"]
+        assert {"gIoU", "N-acc", "T-acc", "cIoU", "Pr@0.8"} <= set(result[phase])
+    assert Path(result["training_curve"]).is_file() and result["overlays"]
     assert all(Path(p).is_file() for p in result["overlays"])
     assert "gIoU" in proc.stdout and "untrained" in proc.stdout
     shutil.rmtree(out)

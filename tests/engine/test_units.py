@@ -33,13 +33,25 @@ def test_too_small_dataset_is_a_clear_error():
         sampling.steps_per_epoch(5, micro_batch=4, world=2, accum=1)
 
 
-def test_config_file_and_overrides(tmp_path):
+def test_config_file_and_overrides_with_a_typed_model_section(tmp_path):
+    from rexfast.models import CGFormerConfig
+
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  lr: 0.001\n  epochs: 3\nmodel:\n  preset: tiny\n")
-    cfg = load_config(path, ["train.lr=3e-4", "data.image_size=96", "model.options.num_tokens=4"])
+    cfg = load_config(path, ["train.lr=3e-4", "data.image_size=96", "model.num_tokens=4"])
     assert cfg.train.lr == 3e-4 and cfg.train.epochs == 3 and cfg.data.image_size == 96
-    assert cfg.model.preset == "tiny" and cfg.model.options == {"num_tokens": 4}
+    assert cfg.model.name == "cgformer" and cfg.model.preset == "tiny"
+    assert isinstance(cfg.model.config, CGFormerConfig)
+    assert cfg.model.config == CGFormerConfig.tiny(num_tokens=4, image_size=96)  # image_size follows data
     assert Config.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match=r"unknown keys in config section 'model' for cgformer: \['options'\]"):
+        load_config(None, ["model.options.num_tokens=4"])
+    with pytest.raises(ValueError, match="model.num_tokens: expected int"):
+        load_config(None, ["model.num_tokens=many"])
+    with pytest.raises(ValueError, match="unknown cgformer preset 'huge'"):
+        load_config(None, ["model.preset=huge"])
+    with pytest.raises(ValueError, match="unknown model 'unet'"):
+        load_config(None, ["model.name=unet"])
 
 
 @pytest.mark.parametrize(
@@ -63,9 +75,13 @@ def test_missing_config_file(tmp_path):
         load_config(tmp_path / "absent.yaml")
 
 
+def _payload(x):
+    return {"format": checkpoint.FORMAT, "config": {}, "vocab": ["[PAD]"], "model": {}, "x": x}
+
+
 def test_atomic_save_leaves_no_partial_file(tmp_path, monkeypatch):
     target = tmp_path / "ckpt.pt"
-    checkpoint.atomic_save({"format": checkpoint.FORMAT, "x": 1}, target)
+    checkpoint.atomic_save(_payload(1), target)
 
     def broken_save(obj, f):
         f.write(b"partial")
@@ -73,7 +89,7 @@ def test_atomic_save_leaves_no_partial_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError, match="disk full"):
-        checkpoint.atomic_save({"format": checkpoint.FORMAT, "x": 2}, target)
+        checkpoint.atomic_save(_payload(2), target)
     monkeypatch.undo()
     assert checkpoint.load(target)["x"] == 1  # the old checkpoint survives intact
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # and no temporary file is left
@@ -86,13 +102,24 @@ def test_load_rejects_other_files(tmp_path):
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(checkpoint.CheckpointError, match="cannot read checkpoint"):
         checkpoint.load(junk)
+    torch.save({"format": checkpoint.FORMAT, "config": [], "vocab": [], "model": {}}, tmp_path / "bad.pt")
+    with pytest.raises(checkpoint.CheckpointError, match="malformed rexfast checkpoint"):
+        checkpoint.load(tmp_path / "bad.pt")
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
     with pytest.raises(checkpoint.CheckpointError, match="not a rexfast checkpoint"):
         checkpoint.load(tmp_path / "other.pt")
 
 
-def test_rng_state_round_trip():
+def test_rng_state_round_trip_through_a_weights_only_file(tmp_path):
+    import random
+
+    import numpy as np
+
+    np.random.seed(5)
+    np.random.randn()  # a cached Gaussian in numpy's state
     state = checkpoint.rng_state()
-    a = torch.rand(3)
-    checkpoint.set_rng_state(state)
-    assert torch.equal(torch.rand(3), a)
+    a, b, c = torch.rand(3), np.random.rand(3), random.random()
+    torch.save({"rng": [state]}, tmp_path / "rng.pt")
+    loaded = torch.load(tmp_path / "rng.pt", weights_only=True)["rng"][0]
+    checkpoint.set_rng_state(loaded)
+    assert torch.equal(torch.rand(3), a) and np.array_equal(np.random.rand(3), b) and random.random() == c

@@ -8,9 +8,9 @@ import re
 import pytest
 import torch
 
-from rexfast.models import CGFormer, CGFormerConfig
-from rexfast.models.cgformer import DProjector
-from rexfast.models.official import config_from_state_dict, read_checkpoint, to_official_state_dict
+from rexfast.models import CGFormer, CGFormerConfig, SwinConfig
+from rexfast.models.cgformer.model import DProjector
+from rexfast.models.cgformer.checkpoint import config_from_state_dict, read_checkpoint, to_official_state_dict
 
 SIZE = 64  # the tiny preset's image size
 L = 20  # released word length
@@ -189,6 +189,20 @@ def test_bad_inputs_raise_clear_errors():
         model.train()(images, ids, mask, targets=targets[..., :32])
 
 
+def test_token_ids_outside_the_text_encoder_raise_value_errors_naming_the_limit():
+    model = tiny_model().eval()  # tiny BERT: 64 positions, the bert-base vocabulary (30522)
+    images, ids, mask, _ = make_batch()
+    long_ids = torch.randint(1000, 2000, (2, 65))
+    with pytest.raises(ValueError, match="at most 64"):
+        model(images, long_ids, torch.ones_like(long_ids))
+    with pytest.raises(ValueError, match=r"\[0, 30522\)"):
+        model(images, ids.clone().index_fill_(1, torch.tensor([3]), 30522), mask)
+    with pytest.raises(ValueError, match=r"\[0, 30522\)"):
+        model(images, ids.clone().index_fill_(1, torch.tensor([3]), -1), mask)
+    with pytest.raises(TypeError, match="integer token ids"):
+        model(images, ids.float(), mask)
+
+
 def test_mask_head_padding_quirk_and_fold():
     torch.manual_seed(0)
     head = DProjector(text_dim=16, in_dim=8).eval()
@@ -232,14 +246,31 @@ def test_official_round_trip_identical_outputs(tmp_path):
 
 def test_architecture_inferred_from_checkpoint():
     model = tiny_model(num_tokens=3)
-    cfg = config_from_state_dict(read_checkpoint(to_official_state_dict(model)))
     tiny = model.config
-    assert (cfg.swin.embed_dim, cfg.swin.depths, cfg.swin.num_heads, cfg.swin.window_size) == (
-        tiny.swin.embed_dim, tiny.swin.depths, tiny.swin.num_heads, tiny.swin.window_size)
+    state = read_checkpoint(to_official_state_dict(model))
+    cfg = config_from_state_dict(state, swin=tiny.swin, bert=tiny.bert)
     assert (cfg.num_tokens, cfg.token_dim, cfg.image_size) == (3, tiny.token_dim, tiny.image_size)
-    assert cfg.bert["hidden_size"] == 32 and cfg.bert["num_hidden_layers"] == 2
     full = config_from_state_dict({k: v for k, v in _meta_released_state().items()})
     assert full == CGFormerConfig.released()
+    swin = SwinConfig(**{**vars(CGFormerConfig.released().swin), "depths": (2, 2, 6, 2)})
+    with torch.device("meta"):  # a released width with other depths is still inferred exactly
+        other = CGFormer(CGFormerConfig.released(swin=swin)).state_dict()
+    assert config_from_state_dict(other).swin == swin
+
+
+def test_non_released_widths_are_refused_not_guessed():
+    """The PWAM and BERT head counts leave no trace in the weights: for widths the
+    released models never used, guessing gave logits off by 1.6e-2."""
+    model = tiny_model().eval()
+    state = to_official_state_dict(model)
+    with pytest.raises(ValueError, match="PWAM head counts of a 16-wide Swin"):
+        CGFormer.from_official(state)
+    with pytest.raises(ValueError, match="attention heads of a 32-wide BERT"):
+        CGFormer.from_official(state, swin=model.config.swin)
+    loaded = CGFormer.from_official(state, swin=model.config.swin, bert=model.config.bert)
+    images, ids, mask, _ = make_batch()
+    with torch.no_grad():
+        assert torch.equal(model(images, ids, mask), loaded(images, ids, mask))
 
 
 def _meta_released_state():
@@ -338,7 +369,7 @@ def test_full_size_parameter_count_on_meta_device():
 
 # ----------------------------------------------------------------------------- losses
 def test_losses_follow_the_released_formulas():
-    from rexfast.models.losses import cgformer_losses, contrastive_loss
+    from rexfast.models.cgformer.losses import cgformer_losses, contrastive_loss
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 1, 8, 8, generator=g)
@@ -371,9 +402,9 @@ def test_presets_and_config_dict_round_trip():
         cfg = CGFormerConfig.preset(name)
         assert CGFormerConfig.from_dict(cfg.to_dict()) == cfg
     assert CGFormerConfig.paper().num_tokens > 2 and CGFormerConfig.paper().contrastive_weight > 0
-    with pytest.raises(ValueError, match="unknown CGFormer preset"):
+    with pytest.raises(ValueError, match="unknown CGFormerConfig preset"):
         CGFormerConfig.preset("huge")
-    with pytest.raises(ValueError, match="divisible by 32"):
+    with pytest.raises(ValueError, match="multiple of 32"):
         CGFormerConfig.tiny(image_size=100)
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rexfast.models.swin import (
+from rexfast.models.backbones.swin import (
     PWAM,
     MultiModalSwinTransformer,
     SwinConfig,

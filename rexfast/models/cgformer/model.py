@@ -37,115 +37,19 @@ Exact speed-ups (``fused=True``, the default; outputs equal up to rounding):
 from __future__ import annotations
 
 import dataclasses
-import math
-from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...ops import group_assign
+from ..backbones.swin import MultiModalSwinTransformer
+from ..base import Prediction, ReferringModel
+from ..layers import CrossAttn, Mlp, conv_bn_relu
+from ..text import bert_config, build_bert
+from .config import CGFormerConfig
 from .losses import cgformer_losses
-from .swin import Mlp, MultiModalSwinTransformer, SwinConfig, swin_config
-from .text import bert_config, build_bert
-
-_VARIANTS = ("released", "paper")
-
-
-# ----------------------------------------------------------------------------- configuration
-@dataclass
-class CGFormerConfig:
-    """Everything that defines a CGFormer. Presets: :meth:`released`,
-    :meth:`paper`, :meth:`tiny`, :meth:`demo`; any field can be overridden."""
-
-    variant: str = "released"  # released: 2 tokens, no contrastive loss | paper: N tokens + contrastive loss
-    swin: SwinConfig = field(default_factory=lambda: swin_config("base"))
-    bert: Any = "bert-base-uncased"  # preset name, dict of BertConfig fields, or local folder
-    bert_weights: Optional[str] = None  # local folder / state-dict file; never downloaded
-    token_dim: int = 512
-    num_tokens: int = 2
-    image_size: int = 480  # the size the decoder's positional embeddings are built for
-    decoder_dropout: float = 0.1
-    hitmap_loss_weights: tuple[float, ...] = (0.001, 0.01, 0.1)
-    contrastive_weight: float = 0.0
-    contrastive_temperature: float = 0.07
-    eval_noise: bool = False  # True: Gumbel noise at eval too, like the released code
-    ops_backend: Optional[str] = None  # pin group_assign's backend (reference | cpu | cuda | triton)
-    fused: bool = True  # the exact algebraic fusions (see module docstring)
-    channels_last: bool = False  # keep conv feature maps (and conv weights) in NHWC
-
-    def __post_init__(self):
-        if isinstance(self.swin, str):
-            self.swin = swin_config(self.swin)
-        elif isinstance(self.swin, Mapping):
-            swin = dict(self.swin)
-            base = swin.pop("name", None)
-            self.swin = swin_config(base, **swin) if base else SwinConfig(**{
-                k: tuple(v) if isinstance(v, list) else v for k, v in swin.items()})
-        self.hitmap_loss_weights = tuple(self.hitmap_loss_weights)
-        if self.variant not in _VARIANTS:
-            raise ValueError(f"variant must be one of {_VARIANTS}, got {self.variant!r}")
-        if self.num_tokens < 1:
-            raise ValueError(f"num_tokens must be >= 1, got {self.num_tokens}")
-        if self.image_size % 32:
-            raise ValueError(f"image_size must be divisible by 32, got {self.image_size}")
-        if len(self.swin.depths) != 4:
-            raise ValueError(f"CGFormer needs a 4-stage Swin, got depths {self.swin.depths}")
-        if len(self.hitmap_loss_weights) != 3:
-            raise ValueError(f"hitmap_loss_weights needs 3 values, got {self.hitmap_loss_weights}")
-
-    # presets ---------------------------------------------------------------
-    @classmethod
-    def released(cls, **overrides) -> "CGFormerConfig":
-        """The released checkpoint's architecture: Swin-B (window 12), BERT-base, 2 tokens, 480²."""
-        return cls(**overrides)
-
-    @classmethod
-    def paper(cls, num_tokens: int = 8, **overrides) -> "CGFormerConfig":
-        """The paper's description: N tokens and a contrastive loss between the
-        referent token (the last) and the sentence feature."""
-        overrides.setdefault("contrastive_weight", 0.1)
-        return cls(variant="paper", num_tokens=num_tokens, **overrides)
-
-    @classmethod
-    def tiny(cls, **overrides) -> "CGFormerConfig":
-        """A few-thousand-parameter-per-layer model at 64² for tests (CPU, seconds)."""
-        base = dict(
-            swin=SwinConfig(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), window_size=4,
-                            drop_path_rate=0.1, pwam_heads=(1, 2, 2, 2)),
-            bert="tiny", token_dim=32, image_size=64)
-        return cls(**{**base, **overrides})
-
-    @classmethod
-    def demo(cls, **overrides) -> "CGFormerConfig":
-        """A small model that trains on CPU in minutes (synthetic data). No
-        dropout or drop-path: a demo run sees each sample about once."""
-        base = dict(
-            swin=SwinConfig(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), window_size=4,
-                            drop_path_rate=0.0, pwam_heads=(1, 1, 2, 2)),
-            bert="small", token_dim=64, image_size=128, decoder_dropout=0.0)
-        return cls(**{**base, **overrides})
-
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "CGFormerConfig":
-        presets = {"released": cls.released, "paper": cls.paper, "tiny": cls.tiny, "demo": cls.demo}
-        if name not in presets:
-            raise ValueError(f"unknown CGFormer preset {name!r}; expected one of {sorted(presets)}")
-        return presets[name](**overrides)
-
-    def to_dict(self) -> dict:
-        out = dataclasses.asdict(self)
-        out["swin"] = {k: list(v) if isinstance(v, tuple) else v for k, v in out["swin"].items()}
-        out["hitmap_loss_weights"] = list(self.hitmap_loss_weights)
-        return out
-
-    @classmethod
-    def from_dict(cls, raw: Mapping) -> "CGFormerConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(raw) - names
-        if unknown:
-            raise ValueError(f"unknown CGFormerConfig fields {sorted(unknown)}; valid: {sorted(names)}")
-        return cls(**dict(raw))
 
 
 # ----------------------------------------------------------------------------- decoder blocks
@@ -166,39 +70,6 @@ class Fusion(nn.Module):
         elif coarse.shape[-1] > fine.shape[-1]:
             fine = F.interpolate(fine, size=coarse.shape[-2:], mode="bilinear", align_corners=True)
         return self.fusion(torch.cat((coarse, fine), dim=1))
-
-
-class CrossAttn(nn.Module):
-    """Multi-head cross-attention with the released padding convention:
-    padded keys/values are zeroed and their logits lowered by 1e4."""
-
-    def __init__(self, q_dim: int, kv_dim: int, hidden_dim: int, num_heads: int = 1, out_dim: Optional[int] = None,
-                 qkv_bias: bool = False, attn_drop: float = 0.0, proj_drop: float = 0.0):
-        super().__init__()
-        self.num_heads = num_heads
-        self.scale = (hidden_dim // num_heads) ** -0.5
-        self.q_proj = nn.Linear(q_dim, hidden_dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(kv_dim, hidden_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(kv_dim, hidden_dim, bias=qkv_bias)
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(hidden_dim, out_dim or q_dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-
-    def forward(self, query: Tensor, key: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-        b, n, _ = query.shape
-        s, h = key.shape[1], self.num_heads
-        q = self.q_proj(query).view(b, n, h, -1).transpose(1, 2)
-        k = self.k_proj(key).view(b, s, h, -1).transpose(1, 2)
-        v = self.v_proj(key).view(b, s, h, -1).transpose(1, 2)
-        if mask is not None:
-            m = mask.to(k.dtype)[:, None, :, None]  # B, 1, S, 1
-            k, v = k * m, v * m
-            attn = (q @ k.transpose(-2, -1)) * self.scale + (1e4 * m.transpose(-2, -1) - 1e4)
-        else:
-            attn = (q @ k.transpose(-2, -1)) * self.scale
-        attn = self.attn_drop(attn.softmax(dim=-1))
-        out = (attn @ v).transpose(1, 2).reshape(b, n, -1)
-        return self.proj_drop(self.proj(out))
 
 
 class LoadToken(nn.Module):
@@ -271,8 +142,6 @@ class CGAttention(nn.Module):
 
     def forward(self, tokens: Tensor, vis: Tensor, pe: Tensor, *, noise: Optional[Tensor] = None,
                 seed: Optional[int] = None, fused: bool = True, backend: Optional[str] = None):
-        from rexfast.ops import group_assign
-
         b, c, h, w = vis.shape
         x = self.norm_v(vis.flatten(2).transpose(1, 2) + pe)  # B, P, C
         q = self.q_proj(self.norm_t(tokens))
@@ -291,11 +160,6 @@ class CGAttention(nn.Module):
         out = self.proj_drop(self.proj(out))
         tokens = self.mlp(self.norm(out + tokens))  # no residual around the MLP, as released
         return tokens, assign.reshape(b, -1, h, w)
-
-
-def conv_bn_relu(in_dim: int, out_dim: int, kernel_size: int = 1, padding: int = 0) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(in_dim, out_dim, kernel_size, 1, padding, bias=False), nn.BatchNorm2d(out_dim),
-                         nn.ReLU(True))
 
 
 class DProjector(nn.Module):
@@ -385,7 +249,7 @@ class Decoder(nn.Module):
 
 
 # ----------------------------------------------------------------------------- model
-class CGFormer(nn.Module):
+class CGFormer(ReferringModel):
     """CGFormer for referring expression segmentation.
 
     ``CGFormer()`` builds the released architecture (random weights; BERT from
@@ -422,13 +286,16 @@ class CGFormer(nn.Module):
         prefixes and the ``model_state_dict`` wrapper are handled). The
         architecture is inferred from the weights unless ``config`` is given.
         Unknown or missing keys raise a ``ValueError`` listing them."""
-        from .official import load_official
+        from .checkpoint import load_official
 
         return load_official(checkpoint, config=config, **overrides)
 
-    def param_groups(self, lr: float = 1e-4, lr_backbone: float = 5e-5, lr_text_encoder: float = 5e-5) -> list[dict]:
-        """The released optimizer groups: decoder and PWAM at ``lr``, the rest of
-        the backbone at ``lr_backbone``, BERT at ``lr_text_encoder``."""
+    def param_groups(self, train_cfg) -> list[dict]:
+        """The released optimizer groups (model/__init__.py): the decoder and the
+        PWAM modules at ``train_cfg.lr``, the rest of the backbone at
+        ``lr × config.lr_backbone_scale``, BERT at ``lr × config.lr_text_scale``;
+        one weight decay (``train_cfg.weight_decay``) for every parameter, as released."""
+        lr, wd = float(train_cfg.lr), float(train_cfg.weight_decay)
         groups = {"decoder": [], "pwam": [], "backbone": [], "text": []}
         for name, p in self.named_parameters():
             if not p.requires_grad:
@@ -439,31 +306,12 @@ class CGFormer(nn.Module):
                 groups["pwam" if "pwam" in name else "backbone"].append(p)
             else:
                 groups["decoder"].append(p)
-        return [
-            {"params": groups["decoder"], "lr": lr},
-            {"params": groups["pwam"], "lr": lr},
-            {"params": groups["backbone"], "lr": lr_backbone},
-            {"params": groups["text"], "lr": lr_text_encoder},
-        ]
+        scales = {"decoder": 1.0, "pwam": 1.0, "backbone": self.config.lr_backbone_scale,
+                  "text": self.config.lr_text_scale}
+        return [{"name": g, "params": groups[g], "lr": lr * scales[g], "weight_decay": wd}
+                for g in ("decoder", "pwam", "backbone", "text") if groups[g]]
 
     # -- forward ----------------------------------------------------------------
-    def _check_inputs(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor):
-        if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3:
-            shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-            raise ValueError(f"images must be (B, 3, H, W), got {shape}")
-        h, w = images.shape[-2:]
-        if h % 32 or w % 32 or h == 0 or w == 0:
-            raise ValueError(f"image height and width must be positive multiples of 32, got {h}×{w}")
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (B, L), got {tuple(input_ids.shape)}")
-        if tuple(attention_mask.shape) != tuple(input_ids.shape):
-            raise ValueError(
-                f"attention_mask {tuple(attention_mask.shape)} must have the shape of input_ids {tuple(input_ids.shape)}")
-        if input_ids.shape[0] != images.shape[0]:
-            raise ValueError(f"batch sizes differ: images {images.shape[0]}, input_ids {input_ids.shape[0]}")
-        if input_ids.dtype.is_floating_point:
-            raise ValueError(f"input_ids must be integer token ids, got {input_ids.dtype}")
-
     def _noise_plan(self, gumbel_noise):
         """Per group block: explicit noise, or a seed drawn from torch's RNG (so
         ``torch.manual_seed`` reproduces runs), or nothing (deterministic eval)."""
@@ -482,7 +330,7 @@ class CGFormer(nn.Module):
         """Everything the forward computes: ``logits`` (B,1,H,W), ``hit_maps``
         (three (B,N,h,w) assignments, coarse to fine), ``tokens`` (B,N,C),
         ``words`` (B,L,768) and ``sentence`` (paper variant)."""
-        self._check_inputs(images, input_ids, attention_mask)
+        self.check_inputs(images, input_ids, attention_mask)
         cfg = self.config
         words = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         word_mask = attention_mask.to(words.dtype)
@@ -526,10 +374,11 @@ class CGFormer(nn.Module):
             raise ValueError(f"targets {tuple(targets.shape)} must be (B, H, W) matching images {tuple(images.shape)}")
         return out["logits"], self.losses(out, targets)
 
+    def predict(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Prediction:
+        """The mask probability (B, H, W) = sigmoid of the logits, as the released
+        evaluation computes it; no no-target head (an empty mask means no target)."""
+        logits = self.forward_features(images, input_ids, attention_mask)["logits"]
+        return Prediction(mask=logits.float().sigmoid()[:, 0], no_target=None)
 
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
-
-__all__ = ["CGFormer", "CGFormerConfig", "CGAttention", "DProjector", "Decoder", "Fusion", "LoadLayer", "LoadToken",
-           "CrossAttn", "count_parameters"]
+__all__ = ["CGFormer", "CGFormerConfig", "CGAttention", "DProjector", "Decoder", "Fusion", "LoadLayer", "LoadToken"]

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..layers import DropPath, Mlp
+
 
 @dataclass(frozen=True)
 class SwinConfig:
@@ -63,33 +65,6 @@ def swin_config(name: str, **overrides) -> SwinConfig:
     if key not in SWIN_PRESETS:
         raise ValueError(f"unknown Swin variant {name!r}; expected one of {sorted(SWIN_PRESETS)}")
     return SwinConfig(**{**SWIN_PRESETS[key], **overrides})
-
-
-class DropPath(nn.Module):
-    """Stochastic depth: drop the whole residual branch per sample."""
-
-    def __init__(self, p: float = 0.0):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.p == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-        return x * mask / keep
-
-
-class Mlp(nn.Module):
-    def __init__(self, in_features: int, hidden_features: int, out_features: Optional[int] = None, drop: float = 0.0):
-        super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_features)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_features, out_features or in_features)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 def _relative_position_index(window: int) -> Tensor:
@@ -374,4 +349,4 @@ def _init_released(m: nn.Module):
         nn.init.zeros_(m.bias)
 
 
-__all__ = ["SwinConfig", "SWIN_PRESETS", "swin_config", "MultiModalSwinTransformer", "PWAM", "DropPath", "Mlp"]
+__all__ = ["SwinConfig", "SWIN_PRESETS", "swin_config", "MultiModalSwinTransformer", "PWAM"]

@@ -1,0 +1,96 @@
+"""File I/O every layer shares: one atomic-write helper and one image loader.
+
+Atomic writes go to a temporary file in the target's folder, are flushed and
+fsync'ed, then renamed over the target (and the folder entry fsync'ed), so a
+crash or an error never leaves a half-written file behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, IO, Union
+
+from PIL import Image, UnidentifiedImageError
+
+PathLike = Union[str, os.PathLike]
+
+
+def check_output_dir(path: PathLike, what: str = "output folder") -> Path:
+    """``path`` as a folder that exists or can be created; a clear ValueError
+    (before any work is done) when it, or one of its parents, is a file."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists() and not p.is_dir():
+            raise ValueError(f"{what} {path}: {p} exists and is not a folder")
+        if p.is_dir():
+            break
+    return path
+
+
+def check_output_file(path: PathLike, what: str = "output file") -> Path:
+    """``path`` as a file that can be written: not an existing folder, its parent a folder (or creatable)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a folder")
+    check_output_dir(path.parent, f"the folder of {what} {path}")
+    return path
+
+
+def atomic_write(path: PathLike, write: Callable[[IO[bytes]], None]) -> Path:
+    """Write ``path`` atomically: ``write(f)`` fills a binary temporary file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write_text(path: PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: PathLike, obj) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
+
+
+def atomic_write_png(path: PathLike, array) -> Path:
+    """A uint8 (H, W) or (H, W, 3) array as PNG."""
+    return atomic_write(path, lambda f: Image.fromarray(array).save(f, format="PNG"))
+
+
+def load_image(path: PathLike) -> Image.Image:
+    """An RGB PIL image; FileNotFoundError / ValueError naming the path."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ValueError(f"cannot read image {path}: {e}") from None
+
+
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_write_png",
+           "check_output_dir", "check_output_file", "load_image"]

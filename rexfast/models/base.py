@@ -1,0 +1,178 @@
+"""What every rexfast model offers the engine (and users), in one place.
+
+The engine (trainer, evaluator, predictor, demo) knows a model only through
+this protocol and the registry (:mod:`rexfast.models.registry`):
+
+``forward(images, input_ids, attention_mask, targets=None)``
+    images (B, 3, H, W) normalised as the data pipeline does; input_ids /
+    attention_mask (B, L) int. Without targets: the model's outputs; with
+    targets (B, H, W) binary masks: ``(outputs, losses)``, ``losses`` a dict of
+    scalar tensors whose sum is the training loss.
+``predict(images, input_ids, attention_mask)`` → :class:`Prediction`
+    the mask probability (B, H, W) at the input size and the no-target
+    probability (B,) — ``None`` for a model without a no-target head (then an
+    empty mask means "no target").
+``param_groups(train_cfg)``
+    optimizer parameter groups carrying the model's released per-group learning
+    rates and weight decays, from ``train_cfg.lr`` and ``train_cfg.weight_decay``.
+``from_official(path)``
+    the authors' released checkpoint, architecture inferred from the weights.
+``config``
+    the model's config dataclass (``Config.preset(name)``, ``to_dict``/``from_dict``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Mapping, NamedTuple, Optional
+
+import torch
+from torch import Tensor, nn
+
+
+class ConfigBase:
+    """Shared by the models' config dataclasses: named presets, and a plain-dict
+    form (JSON/YAML-ready, what checkpoints and ``config.json`` hold).
+
+    Subclasses list their preset constructors (classmethods taking overrides)
+    in ``PRESETS``; ``Config.preset(name, **overrides)`` builds one."""
+
+    PRESETS: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def preset(cls, name: str, **overrides):
+        if name not in cls.PRESETS:
+            raise ValueError(f"unknown {cls.__name__} preset {name!r}; expected one of {list(cls.PRESETS)}")
+        return getattr(cls, name)(**overrides)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    def to_dict(self) -> dict:
+        return _plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, raw: Mapping):
+        if not isinstance(raw, Mapping):
+            raise ValueError(f"{cls.__name__}: expected a mapping of fields, got {type(raw).__name__}")
+        unknown = set(raw) - set(cls.field_names())
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}; valid: {sorted(cls.field_names())}")
+        return cls(**dict(raw))
+
+
+def _plain(value: Any) -> Any:
+    """Tuples → lists, recursively: the config as JSON/YAML writes it back."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+class Prediction(NamedTuple):
+    mask: Tensor  # (B, H, W) probability that a pixel belongs to the referred object(s)
+    no_target: Optional[Tensor]  # (B,) probability that nothing is referred; None without a no-target head
+
+
+class ReferringModel(nn.Module):
+    """Base class of the registered models: shared input checks and the model-folder format."""
+
+    input_multiple: ClassVar[int] = 32  # image height and width must be multiples of this
+
+    def save_pretrained(self, directory):
+        """Write ``config.json`` + ``model.safetensors`` to ``directory`` (see :mod:`rexfast.models.pretrained`)."""
+        from .pretrained import save_pretrained
+
+        return save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory):
+        """The model of a :meth:`save_pretrained` folder (no code runs while reading it), in eval mode."""
+        from .pretrained import read_pretrained
+        from .registry import MODELS
+
+        name, config, state = read_pretrained(directory)
+        if MODELS[name].model_class is not cls:
+            raise ValueError(f"{directory} holds a {name} model, not a {cls.__name__}")
+        model = cls(config)
+        load_state_strict(model, state, directory)
+        return model.eval()
+
+    def text_limits(self) -> tuple[int, int]:
+        """(vocabulary size, maximum positions) of the text encoder."""
+        cfg = self.text_encoder.config
+        return int(cfg.vocab_size), int(cfg.max_position_embeddings)
+
+    def check_inputs(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> None:
+        """ValueError/TypeError naming the argument for every malformed input."""
+        multiple = self.input_multiple
+        if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3:
+            shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+            raise ValueError(f"images must be (B, 3, H, W), got {shape}")
+        if not images.is_floating_point():
+            raise TypeError(f"images must be a float tensor (normalised as the data pipeline does), got {images.dtype}")
+        h, w = images.shape[-2:]
+        if h % multiple or w % multiple or h == 0 or w == 0:
+            raise ValueError(f"image height and width must be positive multiples of {multiple}, got {h}×{w}")
+        for name, t in (("input_ids", input_ids), ("attention_mask", attention_mask)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (B, L), got {tuple(input_ids.shape)}")
+        if tuple(attention_mask.shape) != tuple(input_ids.shape):
+            raise ValueError(
+                f"attention_mask {tuple(attention_mask.shape)} must have the shape of input_ids {tuple(input_ids.shape)}")
+        if input_ids.shape[0] != images.shape[0]:
+            raise ValueError(f"batch sizes differ: images {images.shape[0]}, input_ids {input_ids.shape[0]}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+            raise TypeError(f"input_ids must be integer token ids, got {input_ids.dtype}")
+        vocab, positions = self.text_limits()
+        if input_ids.shape[1] > positions:
+            raise ValueError(f"input_ids has {input_ids.shape[1]} tokens; the text encoder takes at most {positions}")
+        if input_ids.numel() and not torch.compiler.is_compiling():
+            low, high = int(input_ids.min()), int(input_ids.max())  # one host sync per call, skipped under compile
+            if low < 0 or high >= vocab:
+                raise ValueError(f"input_ids must lie in [0, {vocab}) (the text encoder's vocabulary), "
+                                 f"got values in [{low}, {high}]")
+
+
+def _listing(keys: list, limit: int = 20) -> str:
+    shown = ", ".join(map(str, keys[:limit]))
+    return f"[{shown}{f', … and {len(keys) - limit} more' if len(keys) > limit else ''}]"
+
+
+def state_dict_mismatch(model: nn.Module, state: Mapping[str, Tensor]) -> Optional[str]:
+    """None when ``state`` has exactly the model's keys and shapes, else a one-line
+    description of every missing, unexpected and misshaped key."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = sorted((k, tuple(state[k].shape), tuple(expected[k].shape)) for k in set(state) & set(expected)
+                    if tuple(state[k].shape) != tuple(expected[k].shape))
+    parts = []
+    if missing:
+        parts.append(f"missing keys ({len(missing)}): {_listing(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
+    if shapes:
+        parts.append(f"shape mismatches ({len(shapes)}; key, file, model): {_listing(shapes)}")
+    return "; ".join(parts) or None
+
+
+def load_state_strict(model: nn.Module, state: Mapping[str, Tensor], source) -> None:
+    """``model.load_state_dict(state, strict=True)``, with a ValueError that lists every
+    mismatched key (e.g. weights of another preset) instead of load_state_dict's RuntimeError."""
+    problem = state_dict_mismatch(model, state)
+    if problem:
+        raise ValueError(f"the weights in {source} do not fit this {type(model).__name__}: {problem}")
+    model.load_state_dict(state, strict=True)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+__all__ = ["ConfigBase", "Prediction", "ReferringModel", "count_parameters", "load_state_strict",
+           "state_dict_mismatch"]

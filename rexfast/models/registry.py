@@ -1,0 +1,49 @@
+"""The model registry: name → (config class, model class). The engine builds,
+trains, evaluates and loads models only through it and the protocol of
+:mod:`rexfast.models.base`; a new model is a folder plus one entry here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .cgformer import CGFormer, CGFormerConfig
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    config_class: type
+    model_class: type
+    official_marker: str  # a state-dict key prefix only the authors' released checkpoints of this model hold
+
+
+MODELS: dict[str, ModelEntry] = {
+    "cgformer": ModelEntry("cgformer", CGFormerConfig, CGFormer, official_marker="decoder.cgattention1."),
+}
+
+
+def get(name: str) -> ModelEntry:
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; expected one of {sorted(MODELS)}")
+    return MODELS[name]
+
+
+def recognise_official(keys) -> str:
+    """The model whose released checkpoints have these state-dict keys."""
+    keys = list(keys)
+    found = [e.name for e in MODELS.values() if any(k.startswith(e.official_marker) for k in keys)]
+    if len(found) != 1:
+        raise ValueError(f"cannot tell which model these weights belong to ({len(keys)} keys, e.g. {keys[:3]}); "
+                         f"pass --model ({'/'.join(sorted(MODELS))})")
+    return found[0]
+
+
+def name_of(model) -> str:
+    """The registry name of a model instance."""
+    for entry in MODELS.values():
+        if type(model) is entry.model_class:
+            return entry.name
+    raise ValueError(f"{type(model).__name__} is not a registered rexfast model")
+
+
+__all__ = ["ModelEntry", "MODELS", "get", "name_of", "recognise_official"]
