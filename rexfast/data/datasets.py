@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .io import load_image
+from ..io import load_image
 from .refer import ReferIndex, load_grefer, load_refer
 from .tokenize import load_tokenizer, tokenize
 

@@ -58,7 +58,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
     byte strings through latin-1), numbers, booleans, None, and sets. Any other
     global (a class or a function: what a hostile pickle uses to run code) is refused."""
 
-    ALLOWED = {("builtins", "set"), ("builtins", "frozenset")}
+    # (protocol-2 pickles name the module __builtin__; Unpickler maps it to builtins)
+    ALLOWED = {(m, n) for m in ("builtins", "__builtin__") for n in ("set", "frozenset")}
 
     def __init__(self, file, path: Path, **kwargs):
         super().__init__(file, **kwargs)

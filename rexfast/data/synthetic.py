@@ -39,7 +39,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
-from .io import atomic_write_bytes
+from ..io import atomic_write_bytes
 from .masks import encode_mask
 
 __all__ = ["generate", "COLORS", "KINDS", "SIZES", "EXPR_TYPES", "LEXICON", "SPECIAL_TOKENS", "render_scene"]

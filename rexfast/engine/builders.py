@@ -96,7 +96,7 @@ def original_mask(item: dict) -> torch.Tensor:
 
 def original_image(item: dict) -> np.ndarray:
     """The sample's image as uint8 (H, W, 3) at its original resolution."""
-    from rexfast.data.io import load_image
+    from rexfast.io import load_image
 
     return np.asarray(load_image(item["image_path"]))
 

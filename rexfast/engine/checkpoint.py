@@ -16,9 +16,7 @@ state (numpy's as a tensor, Python's as a tuple of ints).
 from __future__ import annotations
 
 import os
-import pickle
 import random
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -26,7 +24,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from ..data.io import atomic_write
+from ..io import atomic_write, safe_torch_load
 
 FORMAT = "rexfast-checkpoint-v1"
 
@@ -67,31 +65,17 @@ def set_rng_state(state: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- reading
-def safe_torch_load(path: str | os.PathLike, what: str = "checkpoint", *, map_location="cpu"):
-    """``torch.load(path, weights_only=True)`` with one clear error for a missing,
-    corrupt or unsafe file (one that holds objects other than tensors and plain
-    values: unpickling it could run code, so it is refused before anything runs)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{what} not found: {path}")
+def _read(path, what: str):
+    """:func:`rexfast.io.safe_torch_load`, its errors as CheckpointError."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch.load raises many types on a corrupt file
-        text = " ".join(str(exc).split())
-        unsafe = re.search(r"GLOBAL ([\w.]+)", text)
-        if isinstance(exc, pickle.UnpicklingError) and unsafe:
-            raise CheckpointError(
-                f"refusing to load {path}: it holds a {unsafe.group(1)} object, not only tensors and plain values, "
-                "and unpickling it could run code (rexfast reads files with torch.load(weights_only=True) only)"
-            ) from None
-        detail = re.search(r"(Unsupported operand \d+|invalid load key[^.]*)", text)
-        raise CheckpointError(f"cannot read {what} {path}: {type(exc).__name__}: "
-                              f"{detail.group(1) if detail else text[:200]}") from None
+        return safe_torch_load(path, what)
+    except (FileNotFoundError, ValueError) as exc:
+        raise CheckpointError(str(exc)) from None
 
 
-def load(path: str | os.PathLike, *, map_location="cpu") -> dict:
+def load(path: str | os.PathLike) -> dict:
     """A rexfast training checkpoint, read with weights_only=True, with one clear error for anything else."""
-    obj = safe_torch_load(path, "checkpoint", map_location=map_location)
+    obj = _read(path, "checkpoint")
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CheckpointError(
             f"{path} is not a rexfast checkpoint (no '{FORMAT}' marker); the authors' released weights load with "
@@ -162,5 +146,5 @@ def load_model(path: str | os.PathLike, *, overrides=(), tokenizer_path: Optiona
     return Loaded(model.to(device).eval(), cfg, tokenizer)
 
 
-__all__ = ["FORMAT", "CheckpointError", "atomic_save", "rng_state", "set_rng_state", "safe_torch_load", "load",
+__all__ = ["FORMAT", "CheckpointError", "atomic_save", "rng_state", "set_rng_state", "load",
            "checkpoint_config", "load_weights", "Loaded", "load_model"]

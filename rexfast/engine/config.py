@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 import yaml
 
-from ..data.io import atomic_write_text
+from ..io import atomic_write_text
 
 
 @dataclass

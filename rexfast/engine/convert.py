@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..data.io import check_output_dir
+from ..io import check_output_dir
 
 
 def convert_official(path, out, *, model: str = "auto") -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.io import atomic_write_json, atomic_write_text, check_output_dir
+from ..io import atomic_write_json, atomic_write_text, check_output_dir
 from . import builders
 from .checkpoint import load_model
 from .config import Config, DataConfig, TrainConfig, model_section, save_config

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..data.io import atomic_write_json, check_output_file
+from ..io import atomic_write_json, check_output_file
 from . import builders
 from .checkpoint import load_model
 from .inference import predict_batch

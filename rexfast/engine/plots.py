@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..data.io import atomic_write
+from ..io import atomic_write
 
 
 def read_log(log_path: Path) -> list[dict]:

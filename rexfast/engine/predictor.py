@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.io import atomic_write_png, check_output_dir, load_image
+from ..io import atomic_write_png, check_output_dir, load_image
 from . import builders
 from .checkpoint import load_model
 from .inference import SamplePrediction, predict_batch

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from ..data.io import check_output_dir
+from ..io import check_output_dir
 from . import builders, checkpoint, distributed, sampling
 from .config import Config, save_config
 from .evaluator import evaluate

@@ -9,11 +9,11 @@ tensor or a plain value before it can run.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Mapping, Union
 
-import torch
 from torch import Tensor
+
+from ..io import safe_torch_load
 
 
 def read_checkpoint(checkpoint: Union[str, os.PathLike, Mapping]) -> dict[str, Tensor]:
@@ -21,17 +21,7 @@ def read_checkpoint(checkpoint: Union[str, os.PathLike, Mapping]) -> dict[str, T
     unwrapped from ``model_state_dict`` / ``state_dict`` / ``model`` and with
     every ``module.`` prefix removed. Files are read with ``weights_only=True``."""
     if isinstance(checkpoint, (str, os.PathLike)):
-        path = Path(checkpoint)
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint not found: {path}")
-        try:
-            checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - re-raised with what it means
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ValueError(
-                f"cannot read {path} with torch.load(weights_only=True): {first[:200]} (rexfast never unpickles "
-                "anything but tensors and plain values, so a file that needs more is refused)"
-            ) from None
+        checkpoint = safe_torch_load(checkpoint, "checkpoint")
     if not isinstance(checkpoint, Mapping):
         raise TypeError(f"checkpoint must be a path or a mapping, got {type(checkpoint).__name__}")
     state = checkpoint

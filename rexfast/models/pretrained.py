@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Union
 
-from ..data.io import atomic_write_bytes, atomic_write_json, check_output_dir
+from ..io import atomic_write_bytes, atomic_write_json, check_output_dir
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"

@@ -18,6 +18,8 @@ from typing import Mapping, Optional, Union
 import torch
 from torch import Tensor
 
+from ..io import safe_torch_load
+
 # bert-base-uncased (what the released model uses)
 BERT_BASE_UNCASED = dict(
     vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
@@ -104,7 +106,7 @@ def _read_state_dict(source) -> dict[str, Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    state = safe_torch_load(path, "BERT weights")
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
             state = state[key]

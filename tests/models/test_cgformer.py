@@ -437,3 +437,42 @@ def test_torch_compile_fullgraph_train_and_eval():
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(compiled(images, ids, mask), model(images, ids, mask), rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- model folders (safetensors)
+@pytest.mark.parametrize("preset", ["tiny", "demo", pytest.param("released", marks=pytest.mark.slow),
+                                    pytest.param("paper", marks=pytest.mark.slow)])
+def test_save_pretrained_from_pretrained_bit_identical(tmp_path, preset):
+    torch.manual_seed(0)
+    cfg = CGFormerConfig.preset(preset)
+    model = CGFormer(cfg).eval()
+    model.save_pretrained(tmp_path / "m")
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
+    loaded = CGFormer.from_pretrained(tmp_path / "m")
+    assert loaded.config == cfg
+    size = cfg.image_size if preset in ("tiny", "demo") else 96
+    images, ids, mask, _ = make_batch(b=1, h=size, w=size)
+    with torch.no_grad():
+        assert torch.equal(model(images, ids, mask), loaded(images, ids, mask))
+
+
+def test_convert_official_to_a_model_folder(tmp_path):
+    """`rexfast convert` reads the released format (weights_only) and writes a model folder."""
+    import subprocess
+    import sys
+
+    from rexfast.models.text import BERT_BASE_UNCASED
+
+    torch.manual_seed(0)
+    swin = SwinConfig(embed_dim=128, depths=(1, 1, 1, 1), num_heads=(4, 8, 16, 32), window_size=12)
+    model = CGFormer(CGFormerConfig.released(swin=swin, bert=dict(BERT_BASE_UNCASED, num_hidden_layers=1),
+                                             image_size=64)).eval()
+    official = tmp_path / "cgformer_refcoco.pth"
+    torch.save({"epoch": 3, **to_official_state_dict(model, ddp_prefix=True)}, official)
+    proc = subprocess.run([sys.executable, "-m", "rexfast", "convert", "--official", official, "--out",
+                           tmp_path / "converted"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    loaded = CGFormer.from_pretrained(tmp_path / "converted")
+    images, ids, mask, _ = make_batch(b=1)
+    with torch.no_grad():
+        assert torch.equal(model(images, ids, mask), loaded(images, ids, mask))

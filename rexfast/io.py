@@ -1,4 +1,5 @@
-"""File I/O every layer shares: one atomic-write helper and one image loader.
+"""File I/O every layer shares: one atomic-write helper, one image loader, and
+the one way rexfast reads a ``torch.save`` file (never unpickling code).
 
 Atomic writes go to a temporary file in the target's folder, are flushed and
 fsync'ed, then renamed over the target (and the folder entry fsync'ed), so a
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Callable, IO, Union
@@ -79,6 +82,35 @@ def atomic_write_png(path: PathLike, array) -> Path:
     return atomic_write(path, lambda f: Image.fromarray(array).save(f, format="PNG"))
 
 
+class UnsafeFileError(ValueError):
+    """A file that could only be read by unpickling more than tensors and plain values."""
+
+
+def safe_torch_load(path: PathLike, what: str = "file", *, map_location="cpu"):
+    """``torch.load(path, weights_only=True)``: a file from a stranger cannot run
+    code. A file holding anything else (a class, a function: what a hostile
+    pickle uses) raises :class:`UnsafeFileError` naming it before any of it runs;
+    a missing or corrupt file raises FileNotFoundError / ValueError."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch.load raises many types on a corrupt file
+        text = " ".join(str(exc).split())
+        unsafe = re.search(r"GLOBAL ([\w.]+)", text)
+        if isinstance(exc, pickle.UnpicklingError) and unsafe:
+            raise UnsafeFileError(
+                f"refusing to load {what} {path}: it holds a {unsafe.group(1)} object, not only tensors and plain "
+                "values, and unpickling it could run code (rexfast reads files with torch.load(weights_only=True) "
+                "only)") from None
+        detail = re.search(r"(Unsupported operand \d+|invalid load key[^.]*)", text)
+        raise ValueError(f"cannot read {what} {path}: {type(exc).__name__}: "
+                         f"{detail.group(1) if detail else text[:200]}") from None
+
+
 def load_image(path: PathLike) -> Image.Image:
     """An RGB PIL image; FileNotFoundError / ValueError naming the path."""
     path = Path(path)
@@ -92,5 +124,5 @@ def load_image(path: PathLike) -> Image.Image:
         raise ValueError(f"cannot read image {path}: {e}") from None
 
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_write_png",
+__all__ = ["UnsafeFileError", "safe_torch_load", "atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_write_png",
            "check_output_dir", "check_output_file", "load_image"]
