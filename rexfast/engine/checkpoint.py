@@ -123,9 +123,12 @@ def load_model(path: str | os.PathLike, *, overrides=(), tokenizer_path: Optiona
 
     path = Path(path)
     if path.is_dir():
-        from rexfast.models.pretrained import read_pretrained
+        from rexfast.models import registry
+        from rexfast.models.pretrained import read_pretrained_config, read_pretrained_weights
 
-        name, model_cfg, state = read_pretrained(path)
+        name, fields = read_pretrained_config(path)
+        model_cfg = registry.get(name).config_class.from_dict(fields)
+        state = read_pretrained_weights(path)
         raw = apply_overrides({"data": {}, "train": {}}, list(overrides))
         cfg = Config.from_dict({k: v for k, v in raw.items() if k != "model"})
         cfg.model = ModelSection(name=name, preset=type(model_cfg).PRESETS[0], config=model_cfg)

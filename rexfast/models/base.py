@@ -79,6 +79,8 @@ class Prediction(NamedTuple):
 class ReferringModel(nn.Module):
     """Base class of the registered models: shared input checks and the model-folder format."""
 
+    model_type: ClassVar[str]  # the registry name, written into model folders
+    config_class: ClassVar[type]
     input_multiple: ClassVar[int] = 32  # image height and width must be multiples of this
 
     def save_pretrained(self, directory):
@@ -90,12 +92,13 @@ class ReferringModel(nn.Module):
     @classmethod
     def from_pretrained(cls, directory):
         """The model of a :meth:`save_pretrained` folder (no code runs while reading it), in eval mode."""
-        from .pretrained import read_pretrained
-        from .registry import MODELS
+        from .pretrained import read_pretrained_config, read_pretrained_weights
 
-        name, config, state = read_pretrained(directory)
-        if MODELS[name].model_class is not cls:
-            raise ValueError(f"{directory} holds a {name} model, not a {cls.__name__}")
+        model_type, fields = read_pretrained_config(directory)
+        if model_type != cls.model_type:
+            raise ValueError(f"{directory} holds a {model_type!r} model, not a {cls.model_type!r} ({cls.__name__})")
+        config = cls.config_class.from_dict(fields)
+        state = read_pretrained_weights(directory)
         model = cls(config)
         load_state_strict(model, state, directory)
         return model.eval()

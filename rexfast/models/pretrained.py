@@ -24,8 +24,6 @@ def save_pretrained(model, directory: PathLike) -> Path:
     """Write ``config.json`` and ``model.safetensors`` for a registered model (each atomically)."""
     from safetensors.torch import save
 
-    from .registry import name_of
-
     directory = check_output_dir(directory, "model folder")
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -37,19 +35,14 @@ def save_pretrained(model, directory: PathLike) -> Path:
         seen[ptr] = key
     from .. import __version__
 
-    atomic_write_bytes(directory / WEIGHTS_FILE, save(state, metadata={"format": "pt", "model_type": name_of(model)}))
+    atomic_write_bytes(directory / WEIGHTS_FILE, save(state, metadata={"format": "pt", "model_type": model.model_type}))
     atomic_write_json(directory / CONFIG_FILE,
-                      {"model_type": name_of(model), "rexfast_version": __version__, **model.config.to_dict()})
+                      {"model_type": model.model_type, "rexfast_version": __version__, **model.config.to_dict()})
     return directory
 
 
-def read_pretrained(directory: PathLike):
-    """(model name, config instance, state dict) of a ``save_pretrained`` folder; ValueError on anything else."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from .registry import MODELS
-
+def read_pretrained_config(directory: PathLike) -> tuple[str, dict]:
+    """(model type, config fields) of a ``save_pretrained`` folder's ``config.json``."""
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     if not directory.is_dir():
@@ -61,17 +54,23 @@ def read_pretrained(directory: PathLike):
         raw = json.loads(config_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"corrupt {config_path}: {exc}") from None
-    if not isinstance(raw, dict) or raw.get("model_type") not in MODELS:
-        raise ValueError(f"{config_path}: 'model_type' must be one of {sorted(MODELS)}, got "
-                         f"{raw.get('model_type') if isinstance(raw, dict) else type(raw).__name__!r}")
-    name = raw.pop("model_type")
+    if not isinstance(raw, dict) or not isinstance(raw.get("model_type"), str):
+        raise ValueError(f"{config_path} has no 'model_type' (a rexfast model folder's config.json names its model)")
+    model_type = raw.pop("model_type")
     raw.pop("rexfast_version", None)
-    config = MODELS[name].config_class.from_dict(raw)
+    return model_type, raw
+
+
+def read_pretrained_weights(directory: PathLike) -> dict:
+    """The state dict in a folder's ``model.safetensors`` (safetensors holds only tensors: no code runs)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    weights_path = Path(directory) / WEIGHTS_FILE
     try:
-        state = load_file(str(weights_path))
+        return load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise ValueError(f"cannot read {weights_path}: {exc}") from None
-    return name, config, state
 
 
-__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "save_pretrained", "read_pretrained"]
+__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "save_pretrained", "read_pretrained_config", "read_pretrained_weights"]

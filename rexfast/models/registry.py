@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .cgformer import CGFormer, CGFormerConfig
+from .cgformer import CGFormer
 
 
 @dataclass(frozen=True)
@@ -17,9 +17,13 @@ class ModelEntry:
     official_marker: str  # a state-dict key prefix only the authors' released checkpoints of this model hold
 
 
-MODELS: dict[str, ModelEntry] = {
-    "cgformer": ModelEntry("cgformer", CGFormerConfig, CGFormer, official_marker="decoder.cgattention1."),
-}
+def _entry(model_class, official_marker: str) -> ModelEntry:
+    return ModelEntry(model_class.model_type, model_class.config_class, model_class, official_marker)
+
+
+MODELS: dict[str, ModelEntry] = {e.name: e for e in (
+    _entry(CGFormer, official_marker="decoder.cgattention1."),
+)}
 
 
 def get(name: str) -> ModelEntry:
@@ -38,12 +42,4 @@ def recognise_official(keys) -> str:
     return found[0]
 
 
-def name_of(model) -> str:
-    """The registry name of a model instance."""
-    for entry in MODELS.values():
-        if type(model) is entry.model_class:
-            return entry.name
-    raise ValueError(f"{type(model).__name__} is not a registered rexfast model")
-
-
-__all__ = ["ModelEntry", "MODELS", "get", "name_of", "recognise_official"]
+__all__ = ["ModelEntry", "MODELS", "get", "recognise_official"]

@@ -146,7 +146,7 @@ def test_model_folders_run_no_code(genuine, tmp_path, marker):
                                "--image", genuine["image"], "--text", "the red circle", "--out-dir", tmp_path / "o"))
     assert "cannot read" in line
     (folder / "config.json").write_text(json.dumps({"model_type": "unet"}))
-    with pytest.raises(ValueError, match="model_type"):
+    with pytest.raises(ValueError, match="holds a 'unet' model"):
         CGFormer.from_pretrained(folder)
 
 

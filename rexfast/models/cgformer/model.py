@@ -265,6 +265,9 @@ class CGFormer(ReferringModel):
         is a dict whose values sum to the training loss.
     """
 
+    model_type = "cgformer"
+    config_class = CGFormerConfig
+
     def __init__(self, config: Optional[CGFormerConfig] = None, **overrides):
         super().__init__()
         if config is None:
@@ -279,16 +282,8 @@ class CGFormer(ReferringModel):
         if config.channels_last:
             self.to(memory_format=torch.channels_last)
 
-    # -- construction helpers ---------------------------------------------
-    @classmethod
-    def from_official(cls, checkpoint, config: Optional[CGFormerConfig] = None, **overrides) -> "CGFormer":
-        """Load the released checkpoint (path or loaded dict; DDP ``module.``
-        prefixes and the ``model_state_dict`` wrapper are handled). The
-        architecture is inferred from the weights unless ``config`` is given.
-        Unknown or missing keys raise a ``ValueError`` listing them."""
-        from .checkpoint import load_official
-
-        return load_official(checkpoint, config=config, **overrides)
+    # (``CGFormer.from_official`` is defined by the loader, ``checkpoint.py``: the loader
+    # imports the model, never the reverse.)
 
     def param_groups(self, train_cfg) -> list[dict]:
         """The released optimizer groups (model/__init__.py): the decoder and the
