@@ -1,10 +1,14 @@
 """Shared benchmark plumbing (imported by the benchmark modules and conftest.py): timing, device ceilings, and JSON results.
 
 Every benchmark module records rows with :func:`record`; at the end of the
-session the rows are written to ``benchmarks/results/<module>-<device>.json``
-together with the device name, torch/triton versions and the git commit, and
-a side-by-side table is printed. Timings are medians: CUDA via
-``triton.testing.do_bench``, CPU via ``time.perf_counter``.
+session the rows are written as ``<suite>-<device>.json`` together with the
+device name, torch/triton versions and the git commit, and a side-by-side table
+is printed. By default they go to ``benchmarks/.results/`` (ignored by git), so
+running the benchmarks leaves the tree clean; ``REXFAST_BENCH_RECORD=1`` writes
+the tracked ``benchmarks/results/`` instead, and only from a clean tree (the
+recorded commit must be the code that ran). Timings are medians with their
+spread (min, max, quartiles): CUDA via ``triton.testing.do_bench``, CPU via
+``time.perf_counter``.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ from pathlib import Path
 
 import torch
 
-RESULTS_DIR = Path(__file__).parent / "results"
+RESULTS_DIR = Path(__file__).parent / "results"  # tracked: REXFAST_BENCH_RECORD=1 from a clean tree
+SCRATCH_DIR = Path(__file__).parent / ".results"  # ignored: every other run
+RECORD_ENV = "REXFAST_BENCH_RECORD"
 _ROWS: dict[str, list[dict]] = defaultdict(list)
 _CEILINGS: dict[str, dict] = {}
 
@@ -46,12 +52,30 @@ def git_commit() -> str:
         return "unknown"
 
 
-def median_ms(fn, device: str, *, rounds: int = 7, warmup: int = 2) -> float:
-    """Median wall time of ``fn()`` in milliseconds."""
+class Timing(float):
+    """A median in milliseconds (it behaves as that float) that keeps its spread."""
+
+    def __new__(cls, samples):
+        samples = sorted(float(x) for x in samples)
+        n = len(samples)
+        median = samples[n // 2] if n % 2 else 0.5 * (samples[n // 2 - 1] + samples[n // 2])
+        self = super().__new__(cls, median)
+        self.min, self.max, self.n = samples[0], samples[-1], n
+        self.q1, self.q3 = samples[(n - 1) // 4], samples[(3 * (n - 1)) // 4]
+        return self
+
+    def fields(self, prefix: str) -> dict:
+        """``{prefix}_ms`` (the median) and its spread, for a result row."""
+        return {f"{prefix}_ms": float(self), f"{prefix}_min_ms": self.min, f"{prefix}_max_ms": self.max,
+                f"{prefix}_q1_ms": self.q1, f"{prefix}_q3_ms": self.q3, f"{prefix}_rounds": self.n}
+
+
+def median_ms(fn, device: str, *, rounds: int = 7, warmup: int = 2) -> Timing:
+    """Median wall time of ``fn()`` in milliseconds, with its spread."""
     if device == "cuda":
         import triton.testing
 
-        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+        return Timing(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="all"))
     for _ in range(warmup):
         fn()
     times = []
@@ -59,8 +83,7 @@ def median_ms(fn, device: str, *, rounds: int = 7, warmup: int = 2) -> float:
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1e3)
-    times.sort()
-    return times[len(times) // 2]
+    return Timing(times)
 
 
 def ceilings(device: str) -> dict:
@@ -110,21 +133,31 @@ def _environment(device: str) -> dict:
     }
 
 
+def results_dir() -> Path:
+    """Where this session's results go (see the module docstring)."""
+    if os.environ.get(RECORD_ENV) != "1":
+        return SCRATCH_DIR
+    commit = git_commit()
+    if commit.endswith("-dirty") or commit == "unknown":
+        raise RuntimeError(f"{RECORD_ENV}=1 records into benchmarks/results/ only from a clean tree "
+                           f"(commit {commit}): commit or stash first")
+    return RESULTS_DIR
+
+
 def write_results():
     if not _ROWS:
         return
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    target = results_dir()
+    target.mkdir(parents=True, exist_ok=True)
     for suite, rows in _ROWS.items():
         device = rows[0].get("device_type", "cpu")
         slug = re.sub(r"[^A-Za-z0-9]+", "-", "cuda-" + device_name("cuda") if device == "cuda" else "cpu").strip("-")
         payload = {"suite": suite, "environment": _environment(device), "ceilings": _CEILINGS.get(device), "rows": rows}
-        path = RESULTS_DIR / f"{suite}-{slug.lower()}.json"
+        path = target / f"{suite}-{slug.lower()}.json"
         path.write_text(json.dumps(payload, indent=2) + "\n")
         print(f"\n[{suite}] results written to {path}")
-        keys = [k for k in rows[0] if k not in ("device_type",)]
+        keys = [k for k in rows[0] if k != "device_type" and not re.search(r"_(q1|q3|min|max)_ms$|_rounds$", k)]
         print("  " + " | ".join(keys))
         for row in rows:
             print("  " + " | ".join(f"{row.get(k):.4g}" if isinstance(row.get(k), float) else str(row.get(k))
                                     for k in keys))
-
-

@@ -82,9 +82,9 @@ def _measure(models, batch, device, amp_dtype, rounds):
                 fn()  # also the compile warm-up
                 torch.cuda.synchronize()
                 row[f"{mode}_peak_MiB"] = torch.cuda.max_memory_allocated() / 2**20
-                row[f"{mode}_ms"] = median_ms(fn, device)
+                row.update(median_ms(fn, device).fields(mode))
             else:
-                row[f"{mode}_ms"] = median_ms(fn, device, rounds=rounds, warmup=1)
+                row.update(median_ms(fn, device, rounds=rounds, warmup=1).fields(mode))
                 row[f"{mode}_peak_MiB"] = None  # no allocator statistics on CPU
         results[name] = row
     return results
