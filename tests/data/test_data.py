@@ -47,7 +47,9 @@ def expected_masks():
     two[3:9, 6:12] = True
     over = np.zeros((H1, W1), bool)
     over[5:10, 8:16] = True  # overlaps `rect`
-    return {"rect": rect, "blob": blob, "comp": comp, "two": two, "over": over}
+    crowd = np.zeros((H1, W1), bool)
+    crowd[0:4, 0:4] = True  # an iscrowd annotation: never part of a gRefCOCO target
+    return {"rect": rect, "blob": blob, "comp": comp, "two": two, "over": over, "crowd": crowd}
 
 
 def instances(masks):
@@ -66,6 +68,8 @@ def instances(masks):
              "segmentation": [[1, 1, 9, 1, 9, 5, 1, 5], [6, 3, 12, 3, 12, 9, 6, 9]]},
             {"id": 14, "image_id": 1, "category_id": 1, "iscrowd": 0, "bbox": [0, 0, 1, 1], "area": 1,
              "segmentation": [[8, 5, 16, 5, 16, 10, 8, 10]]},
+            {"id": 15, "image_id": 1, "category_id": 1, "iscrowd": 1, "bbox": [0, 0, 4, 4], "area": 16,
+             "segmentation": uncompressed_rle(masks["crowd"])},
         ],
         "categories": [{"id": 1, "name": "box", "supercategory": "thing"},
                        {"id": 2, "name": "blob", "supercategory": "thing"}],
@@ -90,7 +94,7 @@ REFS = [
 ]
 
 GREFS = [
-    {"ref_id": 0, "image_id": 1, "ann_id": [10, 14], "category_id": [1], "split": "train", "no_target": False,
+    {"ref_id": 0, "image_id": 1, "ann_id": [10, 14, 15], "category_id": [1], "split": "train", "no_target": False,
      "sentences": [sent("two boxes", 0), sent("the boxes", 1)], "sent_ids": [0, 1]},
     {"ref_id": 1, "image_id": 1, "ann_id": [-1], "category_id": [], "split": "train", "no_target": True,
      "sentences": [sent("the cat", 2)], "sent_ids": [2]},
@@ -197,7 +201,10 @@ def test_load_grefer_multi_and_no_target(root):
     assert idx.task == "gres"
     masks = expected_masks()
     multi, nt = idx.refs[0], idx.refs[1]
+    # the ref lists annotation 15 too, an iscrowd one: left out, as the official gRefCOCO loader does
+    assert idx.ann_ids(multi) == [10, 14]
     assert np.array_equal(idx.mask(multi), masks["rect"] | masks["over"])
+    assert not (idx.mask(multi) & masks["crowd"] & ~masks["rect"] & ~masks["over"]).any()
     assert idx.is_no_target(nt) and not idx.mask(nt).any() and idx.mask(nt).shape == (H1, W1)
     assert not idx.is_no_target(multi)
     # "no_target": True alone marks a ref empty, as does ann_id == [-1] alone

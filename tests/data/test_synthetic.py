@@ -3,7 +3,6 @@ and every expression checked against the scene by an independent interpreter."""
 
 import json
 import pickle
-import time
 
 import numpy as np
 import pytest
@@ -294,10 +293,8 @@ def test_readable_by_the_loaders(syn):
     assert torch.equal(item["target"][0].bool(), item["orig_mask"])  # same size: nearest resize is the identity
 
 
-def test_fast_and_argument_checks(tmp_path):
-    t0 = time.perf_counter()
+def test_argument_checks(tmp_path):
     out = generate_synthetic(tmp_path, n_train=300, n_val=0, n_test=0, seed=1)
-    assert time.perf_counter() - t0 < 20  # ~1 s on 2 cores; thousands of images well under a minute
     assert out["images"] == 300
     with pytest.raises(ValueError, match="n_val"):
         generate_synthetic(tmp_path, n_train=1, n_val=-1, n_test=0)
