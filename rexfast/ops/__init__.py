@@ -7,5 +7,7 @@ Each op has a PyTorch reference and fused backends behind a per-op registry
 from . import registry
 from .group_assign import group_assign, group_assign_reference
 from .gumbel import gumbel_noise
+from .ms_deform_attn import ms_deform_attn, ms_deform_attn_reference
 
-__all__ = ["registry", "group_assign", "group_assign_reference", "gumbel_noise"]
+__all__ = ["registry", "group_assign", "group_assign_reference", "gumbel_noise", "ms_deform_attn",
+           "ms_deform_attn_reference"]
