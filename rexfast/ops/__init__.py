@@ -7,5 +7,8 @@ Each op has a PyTorch reference and fused backends behind a per-op registry
 from . import registry
 from .group_assign import group_assign, group_assign_reference
 from .gumbel import gumbel_noise
+from .region_image_attention import region_image_attention, region_image_attention_reference
+from .region_language_attention import region_language_attention, region_language_attention_reference
 
-__all__ = ["registry", "group_assign", "group_assign_reference", "gumbel_noise"]
+__all__ = ["registry", "group_assign", "group_assign_reference", "gumbel_noise", "region_image_attention",
+           "region_image_attention_reference", "region_language_attention", "region_language_attention_reference"]
