@@ -9,9 +9,11 @@ import torch
 
 import group_assign_cases
 import ms_deform_attn_cases
+import region_attention_cases
 from harness import check_against_reference, cpu_backends, require_backend, stable_seed
 
-SPECS = [group_assign_cases.SPEC, ms_deform_attn_cases.SPEC]
+SPECS = [group_assign_cases.SPEC, ms_deform_attn_cases.SPEC, region_attention_cases.RIA_SPEC,
+         region_attention_cases.RLA_SPEC]
 
 
 def _mode_id(mode: dict) -> str:

@@ -1,0 +1,346 @@
+"""region_image_attention (RIA) and region_language_attention (RLA) beyond the generic
+parity harness (test_parity.py): the reference against the authors' nn.MultiheadAttention
+with their mask construction, exact mask decisions (read back from the output),
+the all-padded rule, gradcheck, opcheck, torch.compile (Inductor), torch.export,
+overflowing scores, bad input and backend selection."""
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from harness import cpu_backends, rel_err, require_backend
+from region_attention_cases import (RIA_SPEC, RLA_SPEC, THRESHOLD, THRESHOLD_UP, blob_logits, decision_probe,
+                                    ria_case, rla_case)
+from rexfast.ops import (region_image_attention, region_image_attention_reference, region_language_attention,
+                         region_language_attention_reference)
+from rexfast.ops.region_attention import official_region_blocked
+from rexfast.ops.region_image_attention import BACKENDS as RIA_BACKENDS
+from rexfast.ops.region_language_attention import BACKENDS as RLA_BACKENDS
+
+RIA_CPU = cpu_backends(RIA_SPEC)
+RLA_CPU = cpu_backends(RLA_SPEC)
+FP64_CPU = [b for b in ("reference", "cpu") if b in RIA_BACKENDS.names]
+
+
+# ------------------------------------------------------------------ the reference is the authors' path
+def _heads(x, W, b, H):
+    L, B, E = x.shape
+    return (x @ W.T + b).reshape(L, B, H, E // H).permute(1, 2, 0, 3)
+
+
+def test_ria_reference_is_the_authors_masked_multihead_attention():
+    """nn.MultiheadAttention (as ReLA's RIA layer calls it, need_weights default) with the
+    attention mask built exactly as ReLA's decoder builds it, against in-projection →
+    the reference → out-projection."""
+    torch.manual_seed(0)
+    E, H, Q, B, (kh, kw) = 32, 4, 10, 2, (6, 5)
+    mha = nn.MultiheadAttention(E, H, dropout=0.0).eval()
+    tgt, memory = torch.randn(Q, B, E), torch.randn(kh * kw, B, E)
+    all_mask = blob_logits(B, Q, 12, 10, torch.Generator().manual_seed(1))
+    all_mask[1, 2] = -5.0  # a row that blocks everything
+    # forward_prediction_heads + forward, as the authors write them
+    attn_mask = F.interpolate(all_mask, size=(kh, kw), mode="bilinear", align_corners=False)
+    attn_mask = (attn_mask.sigmoid().flatten(2).unsqueeze(1).repeat(1, H, 1, 1).flatten(0, 1) < 0.5).bool()
+    attn_mask[torch.where(attn_mask.sum(-1) == attn_mask.shape[-1])] = False
+    assert attn_mask.any() and not attn_mask.all(-1).any()
+    with torch.no_grad():
+        want = mha(tgt, memory, memory, attn_mask=attn_mask)[0]
+        Wq, Wk, Wv = mha.in_proj_weight.chunk(3)
+        bq, bk, bv = mha.in_proj_bias.chunk(3)
+        q, k, v = _heads(tgt, Wq, bq, H), _heads(memory, Wk, bk, H), _heads(memory, Wv, bv, H)
+        out = region_image_attention_reference(q, k, v, all_mask, (kh, kw))
+        got = out.permute(2, 0, 1, 3).reshape(Q, B, E) @ mha.out_proj.weight.T + mha.out_proj.bias
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+    # and the mask the reference uses is that one
+    assert torch.equal(official_region_blocked(all_mask, (kh, kw)).repeat_interleave(H, 0), attn_mask)
+
+
+def test_rla_reference_without_mask_is_the_authors_word_attention():
+    """RLA_lang_att: nn.MultiheadAttention over the (projected) words, no key padding mask."""
+    torch.manual_seed(2)
+    E, H, Q, B, L = 32, 8, 12, 3, 20
+    mha = nn.MultiheadAttention(E, H, dropout=0.0).eval()
+    tgt, words = torch.randn(Q, B, E), torch.randn(L, B, E)
+    with torch.no_grad():
+        want = mha(tgt, words, words)[0]
+        Wq, Wk, Wv = mha.in_proj_weight.chunk(3)
+        bq, bk, bv = mha.in_proj_bias.chunk(3)
+        out = region_language_attention_reference(_heads(tgt, Wq, bq, H), _heads(words, Wk, bk, H),
+                                                  _heads(words, Wv, bv, H))
+        got = out.permute(2, 0, 1, 3).reshape(Q, B, E) @ mha.out_proj.weight.T + mha.out_proj.bias
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+
+
+def test_rla_padding_mask_matches_multihead_attention_key_padding():
+    torch.manual_seed(3)
+    B, H, Q, S, d = 3, 2, 5, 9, 8
+    q, k, v = torch.randn(B, H, Q, d), torch.randn(B, H, S, d), torch.randn(B, H, S, d)
+    kpm = torch.zeros(B, S, dtype=torch.bool)
+    kpm[0, 4:] = True
+    kpm[2, ::2] = True
+    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=~kpm[:, None, None, :])
+    torch.testing.assert_close(region_language_attention_reference(q, k, v, kpm), sdpa)
+
+
+# ------------------------------------------------------------------ exact decisions
+DECISION_SIZES = [  # (kh, kw, mh, mw, Q): ReLA's ratios, other sizes, Q across the resampler's lane split
+    (15, 15, 120, 120, 20),
+    (6, 6, 12, 12, 100),
+    (5, 7, 13, 9, 17),
+    (4, 9, 4, 9, 33),
+    (7, 3, 2, 5, 9),
+    (3, 11, 7, 5, 3),
+]
+
+
+def _decision_logits(B, Q, mh, mw, seed):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.rand(B, Q, mh, mw, generator=g) - 0.55) * 1.2e-6  # all within rounding of the threshold
+    logits[:, ::3] = torch.tensor([THRESHOLD, THRESHOLD_UP, 0.0, -1e-7])[torch.randint(0, 4, (B, len(range(0, Q, 3)),
+                                                                                            mh, mw), generator=g)]
+    logits[:, 1::5] = blob_logits(B, len(range(1, Q, 5)), mh, mw, g, forced=False)
+    return logits
+
+
+@pytest.mark.parametrize("backend", RIA_CPU)
+@pytest.mark.parametrize("size", DECISION_SIZES, ids=lambda s: "{}x{}<-{}x{}-Q{}".format(*s))
+def test_ria_mask_decisions_equal_the_official_ones_exactly(backend, size):
+    """The blocked/allowed decision of every (query, key), read back from the output, is
+    the official fp32 one, for logits within rounding of the decision threshold."""
+    require_backend(RIA_SPEC, backend, "cpu")
+    kh, kw, mh, mw, Q = size
+    S = kh * kw
+    if backend == "triton" and Q * S * S > 2_000_000:
+        pytest.skip("too slow under the Triton interpreter")
+    logits = _decision_logits(2, Q, mh, mw, seed=kh * 100 + Q)
+    q, k, v = decision_probe(logits, (kh, kw))
+    out = region_image_attention(q, k, v, logits, (kh, kw), backend=backend)[:, 0]
+    allowed = ~official_region_blocked(logits, (kh, kw))
+    assert allowed.any(-1).all()
+    got_allowed = out > 0
+    mismatch = (got_allowed != allowed).sum().item()
+    assert mismatch == 0, f"{mismatch} of {allowed.numel()} decisions differ from the official path"
+    torch.testing.assert_close(out, allowed.float() / allowed.sum(-1, keepdim=True), atol=1e-6, rtol=1e-6)
+
+
+def test_threshold_constant_is_torchs_fp32_sigmoid():
+    """THRESHOLD (the edge cases' anchor) is the largest fp32 logit with sigmoid < 0.5."""
+    x = torch.tensor([THRESHOLD, THRESHOLD_UP])
+    assert (torch.sigmoid(x) < 0.5).tolist() == [True, False]
+    assert (torch.sigmoid(x.repeat(40)) < 0.5).tolist() == [True, False] * 40  # vectorised path too
+
+
+# ------------------------------------------------------------------ the all-padded rule
+@pytest.mark.parametrize("backend", RLA_CPU)
+def test_rla_all_padded_sample_gives_zero_output_and_zero_gradients(backend):
+    require_backend(RLA_SPEC, backend, "cpu")
+    case = rla_case((3, 2, 6, 11, 8), mask="with_empty", seed=4)
+    q, k, v, kpm = (t.detach().clone().requires_grad_(True) if i < 3 else t for i, t in enumerate(case.args))
+    assert kpm[1].all() and not kpm[0].all()
+    out = region_language_attention(q, k, v, kpm, backend=backend)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    for g in (dq, dk, dv):
+        assert torch.equal(g[1], torch.zeros_like(g[1]))
+        assert g[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", RIA_CPU)
+def test_ria_all_blocked_row_attends_to_every_key(backend):
+    require_backend(RIA_SPEC, backend, "cpu")
+    logits = torch.full((1, 2, 4, 4), -3.0)
+    logits[0, 1, :2, :2] = 3.0
+    q, k, v = decision_probe(logits, (2, 2))
+    out = region_image_attention(q, k, v, logits, (2, 2), backend=backend)[0, 0]
+    torch.testing.assert_close(out, torch.tensor([[0.25] * 4, [1.0, 0.0, 0.0, 0.0]]))
+
+
+# ------------------------------------------------------------------ scores that overflow fp32
+@pytest.mark.parametrize("backend", [b for b in RIA_CPU if b != "reference"])
+def test_ria_overflowing_scores_match_the_reference_backend(backend):
+    """Finite fp32 inputs whose scores overflow (q·k = ±inf) give NaN rows; every backend
+    agrees with the reference backend (same fp32 semantics), gradients included."""
+    require_backend(RIA_SPEC, backend, "cpu")
+    case = ria_case((2, 2, 9, 6, 5, 8, 12, 10), seed=5)
+    q, k, v, logits, ks = case.args
+    q, k = q.clone(), k.clone()
+    q[1, 0, 2] = 3e19
+    k[1, 0] = k[1, 0].sign() * 3e19
+    results = []
+    for b in ("reference", backend):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+        out = region_image_attention(*leaves, logits, ks, backend=b)
+        grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+        results.append((out, *grads))
+    assert results[0][0].isnan().any()
+    for want, got in zip(*results):
+        assert torch.equal(got.isnan(), want.isnan())
+        assert rel_err(got, want) < 1e-5
+
+
+# ------------------------------------------------------------------ gradcheck (float64)
+@pytest.mark.parametrize("backend", FP64_CPU)
+def test_ria_gradcheck_float64(backend):
+    require_backend(RIA_SPEC, backend, "cpu")
+    q, k, v, logits, ks = ria_case((2, 2, 5, 3, 4, 6, 6, 8), dtype=torch.float64, seed=6).args
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    assert torch.autograd.gradcheck(
+        lambda q_, k_, v_: region_image_attention(q_, k_, v_, logits, ks, scale=0.7, backend=backend), leaves)
+
+
+@pytest.mark.parametrize("mask", ["padded", "none", "with_empty"])
+@pytest.mark.parametrize("backend", FP64_CPU)
+def test_rla_gradcheck_float64(backend, mask):
+    require_backend(RLA_SPEC, backend, "cpu")
+    q, k, v, kpm = rla_case((3, 2, 5, 7, 6), dtype=torch.float64, mask=mask, seed=7).args
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    assert torch.autograd.gradcheck(lambda q_, k_, v_: region_language_attention(q_, k_, v_, kpm, backend=backend),
+                                    leaves)
+
+
+# ------------------------------------------------------------------ registration
+@pytest.mark.parametrize("backend", RIA_CPU)
+def test_ria_opcheck(backend):
+    require_backend(RIA_SPEC, backend, "cpu")
+    q, k, v, logits, (kh, kw) = ria_case((2, 2, 5, 3, 4, 8, 6, 8), seed=8).args
+    args = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    torch.library.opcheck(torch.ops.rexfast.region_image_attention.default, (*args, logits, kh, kw, 0.35, backend))
+
+
+@pytest.mark.parametrize("backend", RLA_CPU)
+def test_rla_opcheck(backend):
+    require_backend(RLA_SPEC, backend, "cpu")
+    q, k, v, kpm = rla_case((2, 2, 5, 7, 8), seed=9).args
+    args = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    torch.library.opcheck(torch.ops.rexfast.region_language_attention.default, (*args, kpm, 0.35, backend))
+    torch.library.opcheck(torch.ops.rexfast.region_language_attention.default, (*args, None, 0.35, backend))
+
+
+def _best_cpu(backends):
+    return "cpu" if "cpu" in backends.available("cpu") else "reference"
+
+
+def test_torch_compile_fullgraph_inductor():
+    ria_backend, rla_backend = _best_cpu(RIA_BACKENDS), _best_cpu(RLA_BACKENDS)
+    q, k, v, logits, ks = ria_case((2, 2, 6, 3, 4, 8, 6, 8), seed=10).args
+    kpm = torch.zeros(2, 12, dtype=torch.bool)
+    kpm[1, 7:] = True
+
+    def fn(q, k, v, logits, kpm):
+        x = region_image_attention(q, k, v, logits, ks, backend=ria_backend)
+        y = region_language_attention(x * 2.0, k, v, kpm, backend=rla_backend)
+        return (x.sin() + y).sum()
+
+    compiled = torch.compile(fn, fullgraph=True)  # Inductor
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    leaves_c = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    loss = fn(*leaves, logits, kpm)
+    loss_c = compiled(*leaves_c, logits, kpm)
+    torch.testing.assert_close(loss_c, loss)
+    for a, b in zip(torch.autograd.grad(loss, leaves), torch.autograd.grad(loss_c, leaves_c)):
+        torch.testing.assert_close(a, b)
+
+
+def test_torch_export():
+    ria_backend, rla_backend = _best_cpu(RIA_BACKENDS), _best_cpu(RLA_BACKENDS)
+
+    class Block(nn.Module):
+        def forward(self, q, k, v, logits, words):
+            x = region_image_attention(q, k, v, logits, (3, 4), backend=ria_backend)
+            return region_language_attention(x, words, words, backend=rla_backend)
+
+    q, k, v, logits, _ = ria_case((1, 2, 5, 3, 4, 8, 6, 8), seed=11).args
+    words = torch.randn(1, 2, 7, 8)
+    exported = torch.export.export(Block(), (q, k, v, logits, words))
+    torch.testing.assert_close(exported.module()(q, k, v, logits, words), Block()(q, k, v, logits, words))
+
+
+# ------------------------------------------------------------------ bad input
+def _ria_ok():
+    return torch.randn(2, 3, 5, 8), torch.randn(2, 3, 12, 8), torch.randn(2, 3, 12, 8), torch.randn(2, 5, 6, 7), (3, 4)
+
+
+def _re(words):
+    return re.escape(words)
+
+
+@pytest.mark.parametrize(
+    "mutate, exc, words",
+    [
+        (lambda q, k, v, r, s: (q[0], k, v, r, s), ValueError, "q must be 4-D (B, H, L, d), got shape (3, 5, 8)"),
+        (lambda q, k, v, r, s: (q, k[:, :2], v, r, s), ValueError, "k must be (B, H, S, d) = (2, 3, S, 8)"),
+        (lambda q, k, v, r, s: (q, k, v[..., :4], r, s), ValueError, "v must have k's shape"),
+        (lambda q, k, v, r, s: (q, k, v, r, (4, 4)), ValueError, "key_size (4, 4) has kh*kw = 16 keys but k has S = 12"),
+        (lambda q, k, v, r, s: (q, k, v, r, (3, 0)), ValueError, "key_size must be positive"),
+        (lambda q, k, v, r, s: (q, k, v, r, 12), TypeError, "key_size must be a pair"),
+        (lambda q, k, v, r, s: (q, k, v, r, (3.0, 4)), TypeError, "key_size must hold two ints"),
+        (lambda q, k, v, r, s: (q, k, v, r[:1], s), ValueError, "region_logits must be (B, Q, mh, mw) = (2, 5, mh, mw)"),
+        (lambda q, k, v, r, s: (q, k, v, r[0], s), ValueError, "region_logits must be 4-D"),
+        (lambda q, k, v, r, s: (q, k, v, r[..., :0], s), ValueError, "empty region map"),
+        (lambda q, k, v, r, s: (q, k, v, r.long(), s), TypeError, "region_logits must be a float tensor"),
+        (lambda q, k, v, r, s: (q, k, v, r.to("meta"), s), ValueError, "region_logits is on meta"),
+        (lambda q, k, v, r, s: (q, k.double(), v, r, s), TypeError, "share a dtype"),
+        (lambda q, k, v, r, s: (q.int(), k, v, r, s), TypeError, "q must be float"),
+        (lambda q, k, v, r, s: ([1.0], k, v, r, s), TypeError, "q must be a torch.Tensor"),
+        (lambda q, k, v, r, s: (q, k, v, "mask", s), TypeError, "region_logits must be a torch.Tensor"),
+        (lambda q, k, v, r, s: (q[..., :0], k[..., :0], v[..., :0], r, s), ValueError, "head dimension d"),
+        (lambda q, k, v, r, s: (q, k, v.to("meta"), r, s), ValueError, "one device"),
+    ],
+)
+def test_ria_bad_input(mutate, exc, words):
+    with pytest.raises(exc, match=_re(words)):
+        region_image_attention(*mutate(*_ria_ok()))
+
+
+def test_ria_bad_scale_and_backend():
+    q, k, v, r, s = _ria_ok()
+    with pytest.raises(TypeError, match="scale must be a float"):
+        region_image_attention(q, k, v, r, s, scale="0.5")
+    with pytest.raises(ValueError, match="scale must be finite"):
+        region_image_attention(q, k, v, r, s, scale=float("inf"))
+    with pytest.raises(ValueError, match="unknown backend"):
+        region_image_attention(q, k, v, r, s, backend="fpga")
+    with pytest.raises(RuntimeError, match="cannot run cpu tensors"):
+        region_image_attention(q, k, v, r, s, backend="cuda")
+
+
+@pytest.mark.parametrize(
+    "mask, exc, words",
+    [
+        (torch.zeros(2, 11, dtype=torch.bool), ValueError, "key_padding_mask must be (B, S) = (2, 12)"),
+        (torch.zeros(2, 12), TypeError, "key_padding_mask must be a bool tensor (True = padded), got torch.float32"),
+        ([True] * 12, TypeError, "key_padding_mask must be a bool tensor or None"),
+        (torch.zeros(2, 12, dtype=torch.bool, device="meta"), ValueError, "key_padding_mask is on meta"),
+    ],
+)
+def test_rla_bad_input(mask, exc, words):
+    q, k, v, _, _ = _ria_ok()
+    with pytest.raises(exc, match=_re(words)):
+        region_language_attention(q, k, v, mask)
+    with pytest.raises(ValueError, match="k must be"):
+        region_language_attention(q, k[:1], v[:1])
+
+
+def test_empty_inputs_give_empty_outputs_and_gradients():
+    for B, Q in ((0, 5), (2, 0)):
+        q = torch.randn(B, 3, Q, 8, requires_grad=True)
+        k, v = torch.randn(B, 3, 12, 8, requires_grad=True), torch.randn(B, 3, 12, 8, requires_grad=True)
+        out = region_image_attention(q, k, v, torch.randn(B, Q, 6, 7), (3, 4))
+        assert out.shape == (B, 3, Q, 8)
+        out2 = region_language_attention(q, k, v, torch.zeros(B, 12, dtype=torch.bool))
+        assert out2.shape == (B, 3, Q, 8)
+        grads = torch.autograd.grad((out.sum() + out2.sum()), (q, k, v), allow_unused=True)
+        for g, t in zip(grads, (q, k, v)):
+            assert g is None or (g.shape == t.shape and not g.any())
+
+
+def test_backend_env_override(monkeypatch):
+    monkeypatch.setenv("REXFAST_BACKEND", "reference")
+    assert RIA_BACKENDS.choose(torch.device("cpu"), None) == "reference"
+    assert RLA_BACKENDS.choose(torch.device("cpu"), None) == "reference"
+    monkeypatch.setenv("REXFAST_BACKEND", "nope")
+    with pytest.raises(ValueError, match="unknown backend"):
+        RIA_BACKENDS.choose(torch.device("cpu"), None)
