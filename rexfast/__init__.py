@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 from . import ops  # noqa: E402
 
-_LAZY = {"CGFormer": "rexfast.models", "CGFormerConfig": "rexfast.models"}
+_LAZY = {name: "rexfast.models" for name in ("CGFormer", "CGFormerConfig", "ReLA", "ReLAConfig")}
 
 
 def info() -> dict:

@@ -1,10 +1,14 @@
 """Building blocks shared by the models: stochastic depth, the GELU MLP, the
-released multi-head cross-attention with its padding convention, conv-norm-act."""
+released multi-head cross-attention with its padding convention, conv-norm-act
+(the torchvision-style ``Sequential`` and detectron2's ``Conv2d`` layout), a
+ReLU MLP, and a frozen batch norm."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -73,4 +77,71 @@ def conv_bn_relu(in_dim: int, out_dim: int, kernel_size: int = 1, padding: int =
                          nn.ReLU(True))
 
 
-__all__ = ["DropPath", "Mlp", "CrossAttn", "conv_bn_relu"]
+class ConvNormAct(nn.Conv2d):
+    """detectron2's ``Conv2d`` layout: a convolution whose ``norm`` and ``activation``
+    run after it (keys ``weight``, ``bias``, ``norm.*``)."""
+
+    def __init__(self, *args, norm: Optional[nn.Module] = None, activation: Optional[Callable] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.norm = norm
+        self.activation = activation
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        if self.norm is not None:
+            x = self.norm(x)
+        if self.activation is not None:
+            x = self.activation(x)
+        return x
+
+
+def c2_xavier_fill(conv: nn.Conv2d) -> None:
+    """Caffe2's "XavierFill" as detectron2 initialises convs: kaiming_uniform(a=1), zero bias."""
+    nn.init.kaiming_uniform_(conv.weight, a=1)
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
+
+
+def c2_msra_fill(conv: nn.Conv2d) -> None:
+    """Caffe2's "MSRAFill": kaiming_normal(fan_out, relu), zero bias."""
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """Batch norm with fixed statistics and affine terms (all four are buffers,
+    never trained): y = (x − mean) / sqrt(var + eps) · weight + bias, as one affine map."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        super().__init__()
+        self.num_features, self.eps = num_features, eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features) - eps)  # identity at initialisation
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale.to(x.dtype).view(1, -1, 1, 1) + shift.to(x.dtype).view(1, -1, 1, 1)
+
+
+class ReluMLP(nn.Module):
+    """``num_layers`` linear layers with ReLU between them (keys ``layers.{i}``)."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x
+
+
+__all__ = ["DropPath", "Mlp", "CrossAttn", "conv_bn_relu", "ConvNormAct", "c2_xavier_fill", "c2_msra_fill",
+           "FrozenBatchNorm2d", "ReluMLP"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .cgformer import CGFormer
+from .rela import ReLA
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ def _entry(model_class, official_marker: str) -> ModelEntry:
 
 MODELS: dict[str, ModelEntry] = {e.name: e for e in (
     _entry(CGFormer, official_marker="decoder.cgattention1."),
+    _entry(ReLA, official_marker="sem_seg_head.predictor."),
 )}
 
 

@@ -1,12 +1,17 @@
 """LAVT-style multimodal Swin Transformer: Swin stages, each followed by a
 pixel-word attention module (PWAM) whose output is added back through a tanh gate.
 
-Used by CGFormer (and, later, ReLA). Module and parameter names follow the
-released CGFormer backbone so that its checkpoint loads key for key:
-``patch_embed``, ``layers.{i}.blocks.{j}``, ``layers.{i}.pwam_fusion``,
-``layers.{i}.pwam_gate``, ``layers.{i}.downsample``, ``norm{i}``. (LAVT's own
-backbone calls the last two ``fusion`` and ``res_gate``: its checkpoints need a
-key map.)
+Used by CGFormer and ReLA, whose released backbones are the same design with
+two layouts (``SwinConfig.layout``), so each checkpoint loads key for key:
+
+  ``cgformer``: ``layers.{i}.pwam_fusion`` and ``layers.{i}.pwam_gate`` (a gate in
+  every stage, the last one unused), the released ``init_weights`` (trunc-normal
+  Linears, the gates included);
+  ``rela``: LAVT's names ``layers.{i}.fusion`` and ``layers.{i}.res_gate`` (no gate
+  in the last stage), PyTorch's default initialisation (ReLA never calls
+  ``init_weights``) with zero-initialised gates.
+
+Shared: ``patch_embed``, ``layers.{i}.blocks.{j}``, ``layers.{i}.downsample``, ``norm{i}``.
 
 Behaviour reproduced from the released backbone (it differs from the original
 classification Swin in places):
@@ -40,13 +45,22 @@ class SwinConfig:
     window_size: int = 12
     mlp_ratio: float = 4.0
     drop_path_rate: float = 0.3  # released build_model value
-    pwam_heads: tuple[int, ...] = (8, 8, 8, 8)  # released config: mha '8-8-8-8'
+    pwam_heads: tuple[int, ...] = (8, 8, 8, 8)  # released CGFormer config: mha '8-8-8-8' (ReLA: 1-1-1-1)
     fusion_drop: float = 0.0
     patch_size: int = 4
+    layout: str = "cgformer"  # cgformer | rela: module names, last-stage gate, initialisation (module docstring)
+
+    def __post_init__(self):
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"SwinConfig.layout must be one of {sorted(LAYOUTS)}, got {self.layout!r}")
 
     @property
     def num_features(self) -> list[int]:
         return [self.embed_dim * 2**i for i in range(len(self.depths))]
+
+
+# layout -> (PWAM module name, gate module name, gate in the last stage)
+LAYOUTS = {"cgformer": ("pwam_fusion", "pwam_gate", True), "rela": ("fusion", "res_gate", False)}
 
 
 # The four released backbones (model/__init__.py); window 12 is what the
@@ -261,7 +275,8 @@ class MMBasicLayer(nn.Module):
     """One Swin stage + PWAM + tanh gate (+ patch merging)."""
 
     def __init__(self, dim: int, depth: int, num_heads: int, window_size: int, mlp_ratio: float,
-                 drop_path: Sequence[float], text_dim: int, pwam_heads: int, fusion_drop: float, downsample: bool):
+                 drop_path: Sequence[float], text_dim: int, pwam_heads: int, fusion_drop: float, downsample: bool,
+                 layout: str = "cgformer"):
         super().__init__()
         self.window_size = window_size
         self.shift_size = window_size // 2
@@ -270,11 +285,27 @@ class MMBasicLayer(nn.Module):
                                  drop_path[i])
             for i in range(depth)
         ])
-        self.pwam_fusion = PWAM(dim, dim, text_dim, dim, dim, num_heads=pwam_heads, dropout=fusion_drop)
-        self.pwam_gate = nn.Sequential(nn.Linear(dim, dim, bias=False), nn.ReLU(), nn.Linear(dim, dim, bias=False),
-                                       nn.Tanh())
+        fusion_name, gate_name, last_gate = LAYOUTS[layout]
+        self._fusion_name = fusion_name
+        self.add_module(fusion_name, PWAM(dim, dim, text_dim, dim, dim, num_heads=pwam_heads, dropout=fusion_drop))
+        self._gate_name = gate_name if downsample or last_gate else None
+        if self._gate_name:
+            gate = nn.Sequential(nn.Linear(dim, dim, bias=False), nn.ReLU(), nn.Linear(dim, dim, bias=False),
+                                 nn.Tanh())
+            if layout == "rela":  # "initialize the gate to 0"
+                nn.init.zeros_(gate[0].weight)
+                nn.init.zeros_(gate[2].weight)
+            self.add_module(gate_name, gate)
         self.downsample = PatchMerging(dim) if downsample else None
         self._mask_cache: dict = {}
+
+    @property
+    def fusion_module(self) -> nn.Module:
+        return self._modules[self._fusion_name]
+
+    @property
+    def gate_module(self) -> Optional[nn.Module]:
+        return self._modules[self._gate_name] if self._gate_name else None
 
     def _shift_mask(self, h: int, w: int, device) -> Optional[Tensor]:
         if len(self.blocks) < 2:
@@ -291,11 +322,11 @@ class MMBasicLayer(nn.Module):
         mask = self._shift_mask(h, w, x.device)
         for blk in self.blocks:
             x = blk(x, h, w, mask)
-        residual = self.pwam_fusion(x, words, word_mask)
-        x = x + self.pwam_gate(residual) * residual
-        if self.downsample is not None:
-            return residual, self.downsample(x, h, w), (h + 1) // 2, (w + 1) // 2
-        return residual, x, h, w
+        residual = self.fusion_module(x, words, word_mask)
+        if self.downsample is None:  # the last stage: the gated sum would go nowhere
+            return residual, x, h, w
+        x = x + self.gate_module(residual) * residual
+        return residual, self.downsample(x, h, w), (h + 1) // 2, (w + 1) // 2
 
 
 class MultiModalSwinTransformer(nn.Module):
@@ -318,10 +349,11 @@ class MultiModalSwinTransformer(nn.Module):
             self.layers.append(MMBasicLayer(
                 self.num_features[i], config.depths[i], config.num_heads[i], config.window_size, config.mlp_ratio,
                 rates[start:start + config.depths[i]], text_dim, config.pwam_heads[i], config.fusion_drop,
-                downsample=i < n - 1))
+                downsample=i < n - 1, layout=config.layout))
         for i in range(n):
             self.add_module(f"norm{i}", nn.LayerNorm(self.num_features[i]))
-        self.apply(_init_released)
+        if config.layout == "cgformer":
+            self.apply(_init_released)
 
     def forward(self, images: Tensor, words: Tensor, word_mask: Tensor) -> list[Tensor]:
         """images (B,3,H,W); words (B,Nl,Ct) token features; word_mask (B,Nl) 0/1."""
@@ -349,4 +381,4 @@ def _init_released(m: nn.Module):
         nn.init.zeros_(m.bias)
 
 
-__all__ = ["SwinConfig", "SWIN_PRESETS", "swin_config", "MultiModalSwinTransformer", "PWAM"]
+__all__ = ["SwinConfig", "SWIN_PRESETS", "LAYOUTS", "swin_config", "MultiModalSwinTransformer", "PWAM"]

@@ -1,0 +1,134 @@
+"""``ReLAConfig``: everything that defines a ReLA, with its presets."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+from ..backbones.resnet import ResNetConfig
+from ..backbones.swin import SwinConfig, swin_config
+from ..base import ConfigBase
+
+BACKBONES = ("swin", "resnet")
+
+
+def rela_swin(name: str, **overrides) -> SwinConfig:
+    """ReLA's Swin: LAVT layout, one PWAM head per stage, drop-path 0.3; window 12
+    for Swin-B (``referring_swin_base.yaml``) and 7 for Swin-T."""
+    window = {"base": 12, "tiny": 7}.get(name, 12)
+    return swin_config(name, **{**dict(window_size=window, pwam_heads=(1, 1, 1, 1), drop_path_rate=0.3,
+                                       layout="rela"), **overrides})
+
+
+@dataclass
+class ReLAConfig(ConfigBase):
+    """Presets: :meth:`released` (Swin-B), :meth:`swin_tiny`, :meth:`r50`, :meth:`tiny`, :meth:`demo`."""
+
+    PRESETS = ("released", "swin_tiny", "r50", "tiny", "demo")
+
+    backbone: str = "swin"  # swin (multimodal, PWAM after every stage) | resnet (no language fusion)
+    swin: Optional[SwinConfig] = field(default_factory=lambda: rela_swin("base"))
+    resnet: Optional[ResNetConfig] = None
+    bert: Any = "bert-base-uncased"  # preset name, dict of BertConfig fields, or local folder
+    bert_weights: Optional[str] = None  # local folder / state-dict file; never downloaded
+    # pixel decoder (MSDeformAttnPixelDecoder as ReLA configures it)
+    conv_dim: int = 256
+    mask_dim: int = 256
+    enc_layers: int = 6
+    enc_heads: int = 8
+    enc_points: int = 4
+    enc_ffn: int = 1024
+    # decoder (MultiScaleMaskedReferringDecoder)
+    hidden_dim: int = 256
+    num_queries: int = 100  # a square number: query q is minimap cell (q // √Q, q % √Q)
+    nheads: int = 8
+    dim_feedforward: int = 2048
+    dec_layers: int = 9  # DEC_LAYERS 10 - 1
+    rla_weight: float = 0.1
+    # losses (criterion.py): mask_weight × [CE(mask) + 0.1 CE(minimap) + 0.1 CE(no-target)], class weights
+    mask_weight: float = 5.0
+    minimap_weight: float = 0.1
+    nt_weight: float = 0.1
+    class_weights: tuple[float, float] = (0.9, 1.1)
+    # the released optimizer trains BERT's layers 0..9 only (not its embeddings nor layers 10-11);
+    # None trains all of BERT
+    text_trained_layers: Optional[int] = 10
+    ops_backend: Optional[str] = None  # pin the ops' backend (reference | cpu | cuda | triton)
+    region_masks_at_key_resolution: bool = True  # exact reformulation (rexfast/models/rela/decoder.py)
+
+    def __post_init__(self):
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"ReLAConfig.backbone must be one of {BACKBONES}, got {self.backbone!r}")
+        if isinstance(self.swin, str):
+            self.swin = rela_swin(self.swin)
+        elif isinstance(self.swin, Mapping):
+            swin = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(self.swin).items()}
+            self.swin = SwinConfig(**swin)
+        if isinstance(self.resnet, Mapping):
+            self.resnet = ResNetConfig(**dict(self.resnet))
+        if self.backbone == "swin" and self.swin is None:
+            raise ValueError("ReLAConfig: backbone 'swin' needs a swin config")
+        if self.backbone == "resnet" and self.resnet is None:
+            self.resnet = ResNetConfig()
+        if self.backbone == "resnet":
+            self.swin = None
+        self.class_weights = tuple(float(w) for w in self.class_weights)
+        if len(self.class_weights) != 2:
+            raise ValueError(f"class_weights needs 2 values, got {self.class_weights}")
+        side = math.isqrt(self.num_queries)
+        if self.num_queries < 1 or side * side != self.num_queries:
+            raise ValueError(f"num_queries must be a positive square (the minimap is √Q × √Q), got {self.num_queries}")
+        if self.conv_dim != self.hidden_dim:
+            raise ValueError(f"conv_dim ({self.conv_dim}) must equal hidden_dim ({self.hidden_dim}): the decoder "
+                             "reads the pixel decoder's maps without a projection, as released")
+        for name in ("conv_dim",):
+            if getattr(self, name) % 32:
+                raise ValueError(f"{name} must be a multiple of 32 (GroupNorm(32)), got {getattr(self, name)}")
+        if self.hidden_dim % self.nheads or self.conv_dim % self.enc_heads:
+            raise ValueError("hidden_dim / conv_dim must be divisible by nheads / enc_heads")
+        if self.dec_layers < 1 or self.enc_layers < 0:
+            raise ValueError(f"dec_layers must be >= 1 and enc_layers >= 0, got {self.dec_layers}, {self.enc_layers}")
+
+    @property
+    def minimap_size(self) -> int:
+        return math.isqrt(self.num_queries)
+
+    # presets ---------------------------------------------------------------
+    @classmethod
+    def released(cls, **overrides) -> "ReLAConfig":
+        """The released checkpoint's architecture: multimodal Swin-B (window 12), BERT-base (225,521,469 parameters)."""
+        return cls(**overrides)
+
+    @classmethod
+    def swin_tiny(cls, **overrides) -> "ReLAConfig":
+        """The released Swin-T checkpoint's architecture (window 7)."""
+        return cls(**{**dict(swin=rela_swin("tiny")), **overrides})
+
+    @classmethod
+    def r50(cls, **overrides) -> "ReLAConfig":
+        """The released ResNet-50 checkpoint's architecture (no language fusion in the backbone)."""
+        return cls(**{**dict(backbone="resnet", swin=None, resnet=ResNetConfig()), **overrides})
+
+    @classmethod
+    def tiny(cls, **overrides) -> "ReLAConfig":
+        """A few-thousand-parameter-per-layer model at 64² for tests (CPU, seconds)."""
+        base = dict(
+            swin=SwinConfig(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), window_size=4,
+                            drop_path_rate=0.1, pwam_heads=(1, 1, 1, 1), layout="rela"),
+            bert="tiny", conv_dim=32, mask_dim=32, enc_layers=2, enc_heads=2, enc_points=2, enc_ffn=64,
+            hidden_dim=32, num_queries=16, nheads=2, dim_feedforward=64, dec_layers=3)
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def demo(cls, **overrides) -> "ReLAConfig":
+        """A small model that trains on CPU in minutes (synthetic data), every part from scratch."""
+        base = dict(
+            swin=SwinConfig(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), window_size=4,
+                            drop_path_rate=0.0, pwam_heads=(1, 1, 1, 1), layout="rela"),
+            bert="small", conv_dim=64, mask_dim=64, enc_layers=2, enc_heads=4, enc_points=4, enc_ffn=128,
+            hidden_dim=64, num_queries=16, nheads=4, dim_feedforward=128, dec_layers=3, text_trained_layers=None)
+        return cls(**{**base, **overrides})
+
+
+__all__ = ["ReLAConfig", "BACKBONES", "rela_swin"]

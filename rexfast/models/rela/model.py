@@ -1,0 +1,164 @@
+"""ReLA (Liu, Ding, Jiang — "GRES: Generalized Referring Expression Segmentation", CVPR 2023).
+
+    images ─► backbone (multimodal Swin with PWAM, or ResNet-50) ─► res2 … res5
+    words  ─► BERT ───────────┘ (PWAM in every Swin stage)          │
+    pixel decoder (deformable attention over res3–res5, FPN to 1/4) ─► mask features, 3 maps
+    decoder: Q region queries, RIA (region-masked image attention) / RLA (words at layer 0,
+             region self-attention) / FFN, cycling 1/32, 1/16, 1/8        (rexfast/models/rela/decoder.py)
+    heads:   target mask (B, 2, H/4, W/4) = minimap-weighted region masks; no-target (B, 2); minimap (B, Q, 2)
+
+As the authors' main branch runs it (``../shared/RELA.md``). Module names
+reproduce the released checkpoint's (``backbone.*``, ``text_encoder.*``,
+``sem_seg_head.pixel_decoder.*``, ``sem_seg_head.predictor.*``), so
+:meth:`ReLA.from_official` loads it key for key.
+
+Images come normalised as rexfast's data pipeline makes them (ImageNet
+mean/std on [0, 1] pixels), which is the authors' in-model normalisation
+((x − 255·mean) / (255·std) on [0, 255] pixels).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..backbones.resnet import ResNet
+from ..backbones.swin import MultiModalSwinTransformer
+from ..base import Prediction, ReferringModel
+from ..text import bert_config, build_bert
+from .config import ReLAConfig
+from .decoder import ReferringDecoder
+from .losses import rela_losses
+from .pixel_decoder import PixelDecoder
+
+_NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.InstanceNorm1d, nn.InstanceNorm2d)
+
+
+class ReferringHead(nn.Module):
+    """``sem_seg_head``: the pixel decoder and the decoder (``predictor``)."""
+
+    def __init__(self, pixel_decoder: PixelDecoder, predictor: ReferringDecoder):
+        super().__init__()
+        self.pixel_decoder = pixel_decoder
+        self.predictor = predictor
+
+
+def _strictly_above_half(p: Tensor, decide: Tensor) -> Tensor:
+    """``p`` moved by at most one ulp so that ``p > 0.5`` holds exactly where ``decide``:
+    the released evaluator takes an argmax over two sigmoid scores, and thresholding
+    this probability at 0.5 must give the same decision, ties included."""
+    above = torch.nextafter(torch.tensor(0.5, dtype=p.dtype, device=p.device), torch.tensor(1.0, dtype=p.dtype,
+                                                                                              device=p.device))
+    return torch.where(decide, torch.maximum(p, above), torch.minimum(p, torch.full_like(p, 0.5)))
+
+
+class ReLA(ReferringModel):
+    """ReLA for generalized referring expression segmentation.
+
+    ``ReLA()`` builds the released architecture (Swin-B; random weights, BERT
+    from ``config.bert_weights`` if given); ``ReLA(ReLAConfig.tiny())`` a toy;
+    ``ReLA.from_official(path)`` the authors' checkpoint.
+
+    ``forward(images, input_ids, attention_mask, targets=None)``: images
+    (B, 3, H, W), H and W multiples of 32; ids / mask (B, L) (released: L = 20).
+    Returns a dict with ``mask_logits`` (B, 2, H/4, W/4: background, target),
+    ``nt_logits`` (B, 2: target, no target) and ``minimap_logits`` (B, Q, 2); with
+    ``targets`` (B, H, W) binary masks (all zero for "no target"), ``(outputs, losses)``.
+    """
+
+    model_type = "rela"
+    config_class = ReLAConfig
+
+    def __init__(self, config: Optional[ReLAConfig] = None, **overrides):
+        super().__init__()
+        if config is None:
+            config = ReLAConfig.released(**overrides)
+        elif overrides:
+            config = dataclasses.replace(config, **overrides)
+        self.config = config
+        text_cfg = bert_config(config.bert)
+        if config.backbone == "swin":
+            self.backbone = MultiModalSwinTransformer(config.swin, text_dim=text_cfg.hidden_size)
+        else:
+            self.backbone = ResNet(config.resnet)
+        self.text_encoder = build_bert(text_cfg, config.bert_weights)
+        pixel_decoder = PixelDecoder(self.backbone.num_features, config.conv_dim, config.mask_dim, config.enc_layers,
+                                     config.enc_heads, config.enc_points, config.enc_ffn, backend=config.ops_backend)
+        predictor = ReferringDecoder(
+            config.hidden_dim, config.num_queries, config.nheads, config.dim_feedforward, config.dec_layers,
+            config.mask_dim, text_cfg.hidden_size, config.rla_weight,
+            region_masks_at_key_resolution=config.region_masks_at_key_resolution, backend=config.ops_backend)
+        self.sem_seg_head = ReferringHead(pixel_decoder, predictor)
+
+    # -- forward ----------------------------------------------------------------
+    def forward_features(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> dict:
+        self.check_inputs(images, input_ids, attention_mask)
+        words = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        features = self.backbone(images, words, attention_mask.to(words.dtype))
+        mask_features, maps = self.sem_seg_head.pixel_decoder(features)
+        out = self.sem_seg_head.predictor(maps, mask_features, words)
+        out.pop("region_embed")
+        return out
+
+    def forward(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor, targets: Optional[Tensor] = None):
+        out = self.forward_features(images, input_ids, attention_mask)
+        if targets is None:
+            return out
+        if targets.shape[0] != images.shape[0] or targets.shape[-2:] != images.shape[-2:]:
+            raise ValueError(f"targets {tuple(targets.shape)} must be (B, H, W) matching images {tuple(images.shape)}")
+        return out, self.losses(out, targets)
+
+    def losses(self, outputs: Mapping[str, Tensor], targets: Tensor) -> dict[str, Tensor]:
+        cfg = self.config
+        return rela_losses(outputs["mask_logits"], outputs["minimap_logits"], outputs["nt_logits"], targets,
+                           class_weights=cfg.class_weights, minimap_size=cfg.minimap_size,
+                           minimap_weight=cfg.minimap_weight, nt_weight=cfg.nt_weight, mask_weight=cfg.mask_weight)
+
+    def predict(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Prediction:
+        """As the released inference and evaluator: the target-mask logits resized
+        (bilinear, align_corners=False) to the input size; a pixel is the target
+        where sigmoid(target) > sigmoid(background), the sentence names nothing
+        where sigmoid(no target) > sigmoid(target). Returned as probabilities
+        (softmax of the two logits) that exceed 0.5 exactly where those argmaxes pick."""
+        out = self.forward_features(images, input_ids, attention_mask)
+        logits = F.interpolate(out["mask_logits"].float(), size=images.shape[-2:], mode="bilinear",
+                               align_corners=False)
+        mask = _strictly_above_half(torch.sigmoid(logits[:, 1] - logits[:, 0]),
+                                    torch.sigmoid(logits[:, 1]) > torch.sigmoid(logits[:, 0]))
+        nt = out["nt_logits"].float()
+        no_target = _strictly_above_half(torch.sigmoid(nt[:, 1] - nt[:, 0]), torch.sigmoid(nt[:, 1]) > torch.sigmoid(nt[:, 0]))
+        return Prediction(mask=mask, no_target=no_target)
+
+    # -- training ------------------------------------------------------------------
+    def param_groups(self, train_cfg) -> list[dict]:
+        """The released optimizer (train_net.py ``build_optimizer``): every parameter
+        outside BERT at ``train_cfg.lr`` with ``train_cfg.weight_decay``, except norm
+        layers, embeddings and Swin relative-position tables (no weight decay); of
+        BERT only layers ``0 … text_trained_layers − 1`` (released: 0–9, with weight
+        decay throughout; its embeddings and last layers never update)."""
+        lr, wd = float(train_cfg.lr), float(train_cfg.weight_decay)
+        decay, no_decay = [], []
+        for module_name, module in self.named_modules():
+            if module_name.startswith("text_encoder"):
+                continue
+            for name, p in module.named_parameters(recurse=False):
+                if not p.requires_grad:
+                    continue
+                free = isinstance(module, (_NORM_TYPES, nn.Embedding)) or "relative_position_bias_table" in name
+                (no_decay if free else decay).append(p)
+        n = self.config.text_trained_layers
+        if n is None:
+            text = [p for p in self.text_encoder.parameters() if p.requires_grad]
+        else:
+            text = [p for layer in self.text_encoder.encoder.layer[:n] for p in layer.parameters() if p.requires_grad]
+        groups = [{"name": "decay", "params": decay, "lr": lr, "weight_decay": wd},
+                  {"name": "no_decay", "params": no_decay, "lr": lr, "weight_decay": 0.0},
+                  {"name": "text", "params": text, "lr": lr, "weight_decay": wd}]
+        return [g for g in groups if g["params"]]
+
+
+__all__ = ["ReLA", "ReLAConfig", "ReferringHead"]

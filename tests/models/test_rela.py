@@ -1,0 +1,237 @@
+"""ReLA: forward/backward on tiny configs, gradient coverage, released parameter and
+key counts, the released key sets (fixtures read from the authors' code),
+checkpoint round trips, lang_weight loading, determinism, bad input.
+
+The comparison with the authors' own code on their architectures (outputs to
+rel. err. ~1e-5) is run outside the repository (the authors' code is not part of
+rexfast); see the README."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from rexfast import ReLA, ReLAConfig
+from rexfast.models.rela.checkpoint import LANG_WEIGHT, check_keys, config_from_state_dict, to_official_state_dict
+from rexfast.models.official import read_checkpoint
+
+SIZE = 64
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def make_batch(b=2, size=SIZE, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(b, 3, size, size, generator=g)
+    ids = torch.randint(1000, 30000, (b, 20), generator=g)
+    mask = torch.ones(b, 20, dtype=torch.long)
+    mask[0, 7:] = 0
+    targets = (torch.rand(b, size, size, generator=g) > 0.6).float()
+    targets[-1] = 0  # a no-target sample
+    return images, ids, mask, targets
+
+
+def tiny(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return ReLA(ReLAConfig.tiny(**overrides))
+
+
+def perturb(model, seed=1):
+    """Every weight non-trivial (the released init leaves the word projection, the
+    PWAM gates and the deformable offsets' weights at 0, which hides those paths)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            scale = p.abs().mean().clamp(min=1e-2) if p.numel() > 1 else torch.tensor(0.5)
+            p.add_(torch.randn(p.shape, generator=g) * scale * 0.3)
+    return model
+
+
+def test_shapes_losses_and_predict():
+    model = tiny().eval()
+    images, ids, mask, targets = make_batch()
+    out = model(images, ids, mask)
+    assert out["mask_logits"].shape == (2, 2, SIZE // 4, SIZE // 4)
+    assert out["nt_logits"].shape == (2, 2) and out["minimap_logits"].shape == (2, 16, 2)
+    pred = model.predict(images, ids, mask)
+    assert pred.mask.shape == (2, SIZE, SIZE) and pred.no_target.shape == (2,)
+    assert ((pred.mask >= 0) & (pred.mask <= 1)).all()
+    model.train()
+    out, losses = model(images, ids, mask, targets=targets)
+    assert set(losses) == {"mask_ce", "minimap_ce", "nt_ce"} and all(torch.isfinite(v) for v in losses.values())
+
+
+# Parameters the released initialisation gives no gradient at the first step
+# (they are zero-initialised in the authors' code: a two-layer gate whose both
+# weights start at 0 stays at 0 — in the released ReLA the PWAM gates never train).
+ZERO_INIT_NO_GRAD = [
+    r"^backbone\.layers\.\d\.res_gate\.[02]\.weight$",
+    r"^sem_seg_head\.pixel_decoder\.transformer\.level_embed$",  # reaches only the zero-initialised offset/weight heads
+    r"^sem_seg_head\.predictor\.RLA_lang_att\.multihead_attn\.(in_proj_weight|out_proj\.weight)$",  # lang_proj = 0
+]
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny_r50"])
+def test_every_parameter_is_trained(preset):
+    model = tiny() if preset == "tiny" else tiny(backbone="resnet")
+    images, ids, mask, targets = make_batch()
+    model.train()
+    _, losses = model(images, ids, mask, targets=targets)
+    sum(losses.values()).backward()
+    silent = sorted(n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0)
+    # ReLA-R50 reads the words only through the zero-initialised lang_proj: BERT has no gradient at the start
+    allowed = ZERO_INIT_NO_GRAD + ([r"^text_encoder\."] if preset == "tiny_r50" else [])
+    assert all(any(re.search(pat, n) for pat in allowed) for n in silent), silent
+    perturb(model).zero_grad()
+    _, losses = model(images, ids, mask, targets=targets)
+    sum(losses.values()).backward()
+    silent = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not silent, f"parameters without a gradient once every weight is non-zero: {silent}"
+
+
+@pytest.mark.parametrize("preset, params, keys", [
+    ("released", 225_521_469, 912), ("swin_tiny", 162_560_575, 744), ("r50", 153_368_197, 766)])
+def test_full_size_parameter_and_key_counts(preset, params, keys):
+    with torch.device("meta"):
+        model = ReLA(ReLAConfig.preset(preset))
+    assert sum(p.numel() for p in model.parameters()) == params
+    assert len(model.state_dict()) == keys
+
+
+@pytest.mark.parametrize("fixture, preset", [("rela_swin_base_keys.json", "released"),
+                                             ("rela_swin_tiny_keys.json", "swin_tiny"),
+                                             ("rela_r50_keys.json", "r50")])
+def test_from_official_accepts_exactly_the_released_key_set(fixture, preset):
+    """Key names and shapes read by building the authors' models (not rexfast's own
+    mapping): every key is used, none is missing, the architecture inferred is the released one."""
+    data = json.loads((FIXTURES / fixture).read_text())
+    state = {k: torch.empty(shape, device="meta") for k, shape in data["keys"].items()}
+    config = config_from_state_dict(read_checkpoint({"model": state}))
+    assert config == ReLAConfig.preset(preset)
+    with torch.device("meta"):
+        model = ReLA(config)
+    kept = check_keys(model, state)
+    assert set(kept) == set(model.state_dict()) == set(state) - {"text_encoder.embeddings.position_ids"}
+    assert sum(p.numel() for p in model.parameters()) == data["num_parameters"]
+
+
+def test_official_round_trip_and_lang_weight(tmp_path):
+    model = perturb(tiny()).eval()
+    with torch.no_grad():
+        model.sem_seg_head.predictor.lang_weight.fill_(1.5)
+    path = tmp_path / "model_final.pth"
+    state = to_official_state_dict(model)
+    state["model"]["text_encoder.embeddings.position_ids"] = torch.arange(64)[None]  # as transformers 4.x saved it
+    torch.save({**state, "iteration": 150000}, path)
+    images, ids, mask, _ = make_batch()
+    cfg = model.config
+    honoured = ReLA.from_official(path, config=cfg, honour_lang_weight=True)
+    default = ReLA.from_official(path, config=cfg)
+    assert float(honoured.sem_seg_head.predictor.lang_weight.detach()) == 1.5
+    assert float(default.sem_seg_head.predictor.lang_weight.detach()) == 0.0  # as the authors' loader leaves it
+    with torch.no_grad():
+        want = model(images, ids, mask)
+        got = honoured(images, ids, mask)
+        other = default(images, ids, mask)
+    for key in ("mask_logits", "nt_logits", "minimap_logits"):
+        assert torch.equal(got[key], want[key]), key
+    assert not torch.equal(other["mask_logits"], want["mask_logits"])  # the gate moved from σ(1.5) to σ(0)
+
+
+def test_from_official_rejects_unknown_missing_misshaped_and_refuses_to_guess():
+    model = tiny()
+    state = to_official_state_dict(model)["model"]
+    cfg = model.config
+    with pytest.raises(ValueError, match=r"unexpected keys.*sem_seg_head\.predictor\.extra"):
+        ReLA.from_official(dict(state, **{"sem_seg_head.predictor.extra": torch.zeros(1)}), config=cfg)
+    with pytest.raises(ValueError, match=r"missing keys.*minimap_embed\.bias"):
+        ReLA.from_official({k: v for k, v in state.items() if k != "sem_seg_head.predictor.minimap_embed.bias"},
+                           config=cfg)
+    bad = dict(state)
+    bad["sem_seg_head.predictor.query_feat.weight"] = torch.zeros(16, 33)
+    with pytest.raises(ValueError, match=r"shape mismatches.*query_feat"):
+        ReLA.from_official(bad, config=cfg)
+    with pytest.raises(ValueError, match="PWAM head counts of a 16-wide Swin"):
+        ReLA.from_official(state)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "demo", pytest.param("released", marks=pytest.mark.slow),
+                                    pytest.param("r50", marks=pytest.mark.slow)])
+def test_save_pretrained_from_pretrained_bit_identical(tmp_path, preset):
+    torch.manual_seed(0)
+    cfg = ReLAConfig.preset(preset)
+    model = ReLA(cfg).eval()
+    model.save_pretrained(tmp_path / "m")
+    loaded = ReLA.from_pretrained(tmp_path / "m")
+    assert loaded.config == cfg
+    size = 64 if preset in ("tiny", "demo") else 96
+    images, ids, mask, _ = make_batch(b=1, size=size)
+    with torch.no_grad():
+        a, b = model(images, ids, mask), loaded(images, ids, mask)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_eval_is_deterministic_and_training_reproducible():
+    model = perturb(tiny()).eval()
+    images, ids, mask, targets = make_batch()
+    with torch.no_grad():
+        a, b = model(images, ids, mask), model(images, ids, mask)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    model.train()
+    grads = []
+    for _ in range(2):
+        torch.manual_seed(5)  # drop-path draws from torch's RNG
+        model.zero_grad()
+        _, losses = model(images, ids, mask, targets=targets)
+        sum(losses.values()).backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    assert all(torch.equal(x, y) for x, y in zip(*grads))
+
+
+def test_region_masks_at_key_resolution_is_exact():
+    """E·interp(F) = interp(E·F): both ways give the same outputs (decisions agree away from ties)."""
+    model = perturb(tiny()).eval()
+    other = tiny(region_masks_at_key_resolution=False).eval()
+    other.load_state_dict(model.state_dict())
+    images, ids, mask, _ = make_batch()
+    with torch.no_grad():
+        a, b = model(images, ids, mask), other(images, ids, mask)
+    for key in a:
+        assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-5), key
+
+
+def test_param_groups_follow_the_released_optimizer():
+    from types import SimpleNamespace
+
+    model = ReLA(ReLAConfig.tiny(bert={"vocab_size": 100, "hidden_size": 32, "num_hidden_layers": 3,
+                                       "num_attention_heads": 2, "intermediate_size": 64},
+                                 text_trained_layers=2))
+    groups = {g["name"]: g for g in model.param_groups(SimpleNamespace(lr=1e-5, weight_decay=0.05))}
+    ids = {name: {id(p) for p in g["params"]} for name, g in groups.items()}
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay = {names[i] for i in ids["no_decay"]}
+    assert groups["decay"]["weight_decay"] == 0.05 and groups["no_decay"]["weight_decay"] == 0.0
+    assert "sem_seg_head.predictor.query_feat.weight" in no_decay and "backbone.norm0.weight" in no_decay
+    assert "backbone.layers.0.blocks.0.attn.relative_position_bias_table" in no_decay
+    assert "sem_seg_head.pixel_decoder.input_proj.0.1.weight" in no_decay  # GroupNorm
+    assert "sem_seg_head.pixel_decoder.transformer.level_embed" not in no_decay  # an nn.Parameter, not an Embedding
+    text = {names[i] for i in ids["text"]}
+    assert all(n.startswith("text_encoder.encoder.layer.") for n in text)
+    assert {n.split(".")[3] for n in text} == {"0", "1"}  # layers 0..1: embeddings and layer 2 never update
+    assert LANG_WEIGHT in {names[i] for i in ids["decay"]}
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = tiny().eval()
+    images, ids, mask, targets = make_batch()
+    with pytest.raises(ValueError, match="multiples of 32"):
+        model(images[..., :48], ids, mask)
+    with pytest.raises(ValueError, match="at most 64"):
+        model(images, torch.randint(1000, 2000, (2, 65)), torch.ones(2, 65, dtype=torch.long))
+    with pytest.raises(ValueError, match="targets"):
+        model.train()(images, ids, mask, targets=targets[..., :32])
+    with pytest.raises(ValueError, match="square"):
+        ReLAConfig.tiny(num_queries=10)
