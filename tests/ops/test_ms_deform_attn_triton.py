@@ -37,12 +37,12 @@ def deterministic(request):
 
 
 BOUNDARY = [  # (B, Q, M, D, P, levels): around BLOCK_R / BLOCK_D edges and odd shapes
-    (1, 3, 1, 1, 1, "2x3"),
-    (2, 5, 3, 2, 2, "3x3-1x4"),
-    (1, 11, 2, 17, 3, "5x2-2x5"),
-    (1, 16, 4, 64, 2, "4x6"),  # 64 rows: exactly two forward programs (BLOCK_R = 32), four backward (16)
-    (1, 9, 2, 65, 2, "3x5-2x2"),
-    (1, 4, 1, 1024, 2, "3x3"),  # BLOCK_R = 2
+    (1, 3, 1, 1, 1, 2, 3),
+    (2, 5, 3, 2, 2, 3, 3, 1, 4),
+    (1, 11, 2, 17, 3, 5, 2, 2, 5),
+    (1, 16, 4, 64, 2, 4, 6),  # 64 rows: exactly two forward programs (BLOCK_R = 32), four backward (16)
+    (1, 9, 2, 65, 2, 3, 5, 2, 2),
+    (1, 4, 1, 1024, 2, 3, 3),  # BLOCK_R = 2
 ]
 
 
@@ -60,7 +60,7 @@ def test_edge_cases_in_both_modes(deterministic, name):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_half_precision_in_both_modes(deterministic, dtype):
-    case = make_case((1, 20, 4, 32, 4, "8x8-4x4-2x2"), dtype=dtype, device=DEVICE, seed=3, layout="strided")
+    case = make_case((1, 20, 4, 32, 4, 8, 8, 4, 4, 2, 2), dtype=dtype, device=DEVICE, seed=3, layout="strided")
     check_against_reference(SPEC, case, "triton", dtype, device_type=DEVICE)
 
 
@@ -83,7 +83,7 @@ def test_deterministic_mode_is_bitwise_reproducible():
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        value, shapes, starts, loc, attn = make_case((2, 30, 4, 16, 4, "6x5-3x3"), device=DEVICE, seed=4).args
+        value, shapes, starts, loc, attn = make_case((2, 30, 4, 16, 4, 6, 5, 3, 3), device=DEVICE, seed=4).args
         results = []
         for _ in range(2):
             leaves = [t.detach().clone().requires_grad_(True) for t in (value, loc, attn)]
@@ -98,7 +98,7 @@ def test_deterministic_mode_is_bitwise_reproducible():
 def test_atomic_and_deterministic_value_gradients_agree():
     from rexfast.ops.ms_deform_attn import triton_kernels as tk
 
-    value, shapes, starts, loc, attn = make_case((2, 30, 4, 16, 4, "6x5-3x3"), device=DEVICE, seed=5).args
+    value, shapes, starts, loc, attn = make_case((2, 30, 4, 16, 4, 6, 5, 3, 3), device=DEVICE, seed=5).args
     grad = torch.randn(2, 30, 64, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     det = tk.backward(grad, value, shapes, starts, loc, attn, deterministic=True)
     atom = tk.backward(grad, value, shapes, starts, loc, attn, deterministic=False)
