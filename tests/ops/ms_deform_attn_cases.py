@@ -27,21 +27,23 @@ from rexfast.ops.ms_deform_attn import BACKENDS
 
 MIN_FRACTION = 1e-3  # pixel units; float32 rounding of x·W − 0.5 is ~1e-5 at W = 128
 
-# (B, Q, M heads, D, P points, levels "HxW-HxW-..."): L = 1…4, P = 1…8, non-square
-# levels, odd D, heads 1…8.
+# (B, Q, M heads, D, P points, H_0, W_0, H_1, W_1, ...): L = 1…4, P = 1…8,
+# non-square levels, odd D, heads 1…8. (Flat integer tuples: the generic GPU
+# parity tests seed with sum(shape).)
 PARITY_SHAPES = [
-    (2, 37, 3, 8, 4, "6x9-3x5"),
-    (1, 40, 8, 32, 4, "15x15-8x8-4x4"),
-    (2, 13, 2, 5, 1, "7x3"),
-    (1, 29, 4, 16, 8, "5x6-9x4-2x2-11x3"),
-    (3, 9, 1, 33, 2, "4x4-2x8"),
-    (1, 17, 2, 64, 3, "1x7-6x1-3x3"),
+    (2, 37, 3, 8, 4, 6, 9, 3, 5),
+    (1, 40, 8, 32, 4, 15, 15, 8, 8, 4, 4),
+    (2, 13, 2, 5, 1, 7, 3),
+    (1, 29, 4, 16, 8, 5, 6, 9, 4, 2, 2, 11, 3),
+    (3, 9, 1, 33, 2, 4, 4, 2, 8),
+    (1, 17, 2, 64, 3, 1, 7, 6, 1, 3, 3),
 ]
 LAYOUTS = ("contiguous", "strided")
 
 
-def parse_levels(levels: str) -> list[tuple[int, int]]:
-    return [tuple(int(n) for n in lvl.split("x")) for lvl in levels.split("-")]
+def levels_of(shape) -> list[tuple[int, int]]:
+    """The (H_l, W_l) of a parity shape (B, Q, M, D, P, H_0, W_0, H_1, W_1, ...)."""
+    return list(zip(shape[5::2], shape[6::2]))
 
 
 def level_tensors(levels, device="cpu"):
@@ -79,8 +81,8 @@ def make_case(shape, *, dtype=torch.float32, device="cpu", seed=0, layout="conti
     outside the maps), softmax attention weights, standard normal values.
     layout 'strided': value is a head/channel slice of a wider tensor (unit
     stride over D only) and the locations/weights are non-contiguous views."""
-    B, Q, M, D, P, levels = shape
-    levels = parse_levels(levels)
+    B, Q, M, D, P = shape[:5]
+    levels = levels_of(shape)
     L = len(levels)
     S = sum(h * w for h, w in levels)
     g = torch.Generator().manual_seed(seed)
@@ -219,8 +221,8 @@ EDGE_CASES = {
 
 
 def _work(shape) -> int:
-    B, Q, M, D, P, levels = shape
-    return B * Q * M * D * P * len(parse_levels(levels))
+    B, Q, M, D, P = shape[:5]
+    return B * Q * M * D * P * len(levels_of(shape))
 
 
 SPEC = OpSpec(
@@ -231,7 +233,7 @@ SPEC = OpSpec(
     make_case=make_case,
     shapes=PARITY_SHAPES,
     modes=tuple({"layout": layout} for layout in LAYOUTS),
-    dtype_shapes=[(2, 37, 3, 8, 4, "6x9-3x5"), (1, 20, 4, 32, 4, "8x8-4x4-2x2")],
+    dtype_shapes=[(2, 37, 3, 8, 4, 6, 9, 3, 5), (1, 20, 4, 32, 4, 8, 8, 4, 4, 2, 2)],
     differentiable=(0, 3, 4),
     edge_cases=EDGE_CASES,
     dtypes={"triton": (torch.float32, torch.float16, torch.bfloat16),
@@ -240,5 +242,5 @@ SPEC = OpSpec(
     output_names=("out",),
 )
 
-__all__ = ["SPEC", "make_case", "PARITY_SHAPES", "EDGE_CASES", "EDGE_LEVELS", "parse_levels", "level_tensors",
+__all__ = ["SPEC", "make_case", "PARITY_SHAPES", "EDGE_CASES", "EDGE_LEVELS", "levels_of", "level_tensors",
            "keep_off_grid_lines", "pixel_coordinates", "MIN_FRACTION"]

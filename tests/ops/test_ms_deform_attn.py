@@ -62,7 +62,7 @@ def corner_loop_formulation(value, spatial_shapes, level_start_index, sampling_l
     return out.reshape(B, Q, M * D)
 
 
-@pytest.mark.parametrize("shape", [(2, 5, 2, 3, 2, "3x4-2x5"), (1, 7, 3, 2, 3, "1x6-4x1-3x3")],
+@pytest.mark.parametrize("shape", [(2, 5, 2, 3, 2, 3, 4, 2, 5), (1, 7, 3, 2, 3, 1, 6, 4, 1, 3, 3)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_reference_equals_a_per_corner_loop(shape):
     value, shapes, starts, loc, attn = make_case(shape, dtype=torch.float64, seed=2).args
@@ -71,7 +71,7 @@ def test_reference_equals_a_per_corner_loop(shape):
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("shape", [(2, 37, 3, 8, 4, "6x9-3x5"), (1, 29, 4, 16, 8, "5x6-9x4-2x2-11x3")],
+@pytest.mark.parametrize("shape", [(2, 37, 3, 8, 4, 6, 9, 3, 5), (1, 29, 4, 16, 8, 5, 6, 9, 4, 2, 2, 11, 3)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_reference_and_gradients_equal_grid_sample_per_level(shape):
     case = make_case(shape, dtype=torch.float64, seed=3)
@@ -90,7 +90,7 @@ def test_reference_and_gradients_equal_grid_sample_per_level(shape):
 def test_every_backend_equals_grid_sample_at_relas_head_layout(backend):
     """ReLA's heads (8 × D = 32, 4 points) on two of its levels (15², 30²); smaller maps for the interpreter."""
     require_backend(SPEC, backend, "cpu")
-    shape = (2, 45, 8, 32, 4, "3x3-6x6") if backend == "triton" else (2, 225 + 900, 8, 32, 4, "15x15-30x30")
+    shape = (2, 45, 8, 32, 4, 3, 3, 6, 6) if backend == "triton" else (2, 225 + 900, 8, 32, 4, 15, 15, 30, 30)
     value, shapes, starts, loc, attn = make_case(shape, seed=4).args
     got = ms_deform_attn(value, shapes, starts, loc, attn, backend=backend)
     want = grid_sample_formulation(value.double(), shapes, loc.double(), attn.double())
@@ -154,7 +154,7 @@ def test_nan_location_gradients(backend):
 @pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "triton"])
 def test_gradcheck_float64(backend):
     require_backend(SPEC, backend, "cpu")
-    value, shapes, starts, loc, attn = make_case((2, 6, 2, 3, 2, "3x4-2x5"), dtype=torch.float64, seed=5).args
+    value, shapes, starts, loc, attn = make_case((2, 6, 2, 3, 2, 3, 4, 2, 5), dtype=torch.float64, seed=5).args
     leaves = [t.detach().clone().requires_grad_(True) for t in (value, loc, attn)]
     # locations are ≥ 1e-3 pixel from every grid line (make_case): eps = 1e-6 stays on one smooth piece
     assert torch.autograd.gradcheck(
@@ -167,7 +167,7 @@ def test_gradcheck_float64(backend):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_opcheck(backend):
     require_backend(SPEC, backend, "cpu")
-    value, shapes, starts, loc, attn = make_case((2, 7, 2, 4, 2, "3x4-2x5"), seed=9).args
+    value, shapes, starts, loc, attn = make_case((2, 7, 2, 4, 2, 3, 4, 2, 5), seed=9).args
     args = [t.detach().clone().requires_grad_(True) for t in (value, loc, attn)]
     torch.library.opcheck(torch.ops.rexfast.ms_deform_attn.default, (args[0], shapes, starts, args[1], args[2],
                                                                      backend))
@@ -179,7 +179,7 @@ def _compile_backend():
 
 def test_torch_compile_fullgraph_inductor():
     backend = _compile_backend()
-    value, shapes, starts, loc, attn = make_case((2, 20, 4, 8, 3, "5x6-3x3"), seed=13).args
+    value, shapes, starts, loc, attn = make_case((2, 20, 4, 8, 3, 5, 6, 3, 3), seed=13).args
 
     def fn(value, loc, attn):
         out = ms_deform_attn(value * 2, shapes, starts, loc.clamp(-0.5, 1.5), attn.softmax(-1), backend=backend)
@@ -202,13 +202,13 @@ def test_torch_export():
         def forward(self, value, shapes, starts, loc, attn):
             return ms_deform_attn(value, shapes, starts, loc, attn, backend=backend)
 
-    args = make_case((1, 12, 2, 4, 2, "3x4-2x5"), seed=1).args
+    args = make_case((1, 12, 2, 4, 2, 3, 4, 2, 5), seed=1).args
     exported = torch.export.export(Block(), args)
     torch.testing.assert_close(exported.module()(*args), Block()(*args))
 
 
 # ------------------------------------------------------------------ C++ kernel determinism
-@pytest.mark.parametrize("shape", [(2, 300, 8, 32, 4, "15x15-8x8-4x4"), (1, 77, 3, 5, 3, "9x7-4x5")],
+@pytest.mark.parametrize("shape", [(2, 300, 8, 32, 4, 15, 15, 8, 8, 4, 4), (1, 77, 3, 5, 3, 9, 7, 4, 5)],
                          ids=["rela-like", "odd"])
 def test_cpu_results_do_not_depend_on_the_thread_count(shape):
     require_backend(SPEC, "cpu", "cpu")
@@ -233,7 +233,7 @@ def test_cpu_results_do_not_depend_on_the_thread_count(shape):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_repeated_calls_are_bitwise_identical(backend):
     require_backend(SPEC, backend, "cpu")
-    value, shapes, starts, loc, attn = make_case((1, 40, 2, 8, 4, "6x9-3x5"), seed=8).args
+    value, shapes, starts, loc, attn = make_case((1, 40, 2, 8, 4, 6, 9, 3, 5), seed=8).args
     results = []
     for _ in range(2):
         leaves = [t.detach().clone().requires_grad_(True) for t in (value, loc, attn)]
@@ -248,7 +248,7 @@ def test_cpu_float64_at_relas_level_layout():
     """ReLA's pixel decoder levels (15², 30², 60²), fewer queries: every level and
     all of the value gradient's rows exercised by the C++ kernel in float64."""
     require_backend(SPEC, "cpu", "cpu")
-    case = make_case((1, 300, 8, 32, 4, "15x15-30x30-60x60"), dtype=torch.float64, seed=12)
+    case = make_case((1, 300, 8, 32, 4, 15, 15, 30, 30, 60, 60), dtype=torch.float64, seed=12)
     check_against_reference(SPEC, case, "cpu", torch.float64, grad_seed=3)
 
 

@@ -160,6 +160,9 @@ def _triton_backward(grad_output, value, spatial_shapes, level_start_index, loc,
 
 BACKENDS = registry.OpBackends("ms_deform_attn", triton_module=f"{__package__}.triton_kernels")
 BACKENDS.register(registry.reference_backend(reference_forward, reference_backward))
+BACKENDS.register(registry.cpu_backend(_ext_forward, _ext_backward, "ms_deform_attn_fwd"))
+BACKENDS.register(registry.cuda_backend(_ext_forward, _ext_backward, "ms_deform_attn_fwd"))
+BACKENDS.register(registry.triton_backend(_triton_forward, _triton_backward))
 
 
 def _inner_contiguous(t: Tensor) -> Tensor:
