@@ -162,8 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="vocab.txt or BERT folder (needed with a model folder)")
     p.set_defaults(func=_cmd_predict)
 
-    p = sub.add_parser("demo", help="synthetic GRES data → train a small model → evaluate → overlays")
-    p.add_argument("--model", default="cgformer", help="the model to train (cgformer)")
+    p = sub.add_parser("demo", help="synthetic GRES data → train a small ReLA or CGFormer → evaluate → overlays")
+    p.add_argument("--model", default="rela", choices=("rela", "cgformer"),
+                   help="the model to train: rela (default) or cgformer (with its no-target head)")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="a smoke run of a few seconds (tiny data, 6 steps)")
     p.add_argument("--minutes", type=float, default=15.0, help="training time budget (full mode)")
@@ -174,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="turn the authors' released .pth into a model folder (safetensors)")
     p.add_argument("--official", required=True, help="the released checkpoint (.pth)")
     p.add_argument("--out", required=True, help="the model folder to write (config.json + model.safetensors)")
-    p.add_argument("--model", default="auto", help="cgformer | auto (from the checkpoint's keys)")
+    p.add_argument("--model", default="auto", help="cgformer | rela | auto (from the checkpoint's keys)")
     p.set_defaults(func=_cmd_convert)
     return parser
 

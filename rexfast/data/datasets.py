@@ -39,6 +39,9 @@ class DatasetSpec:
     task: str  # "res" | "gres"
 
 
+MASK_RESIZES = ("nearest", "polygon")  # how a GT mask is brought to the input size
+EVAL_RESOLUTIONS = ("original", "input")  # where predictions meet the GT: each image's size, or the input size
+
 DATASETS = {
     "refcoco": DatasetSpec("refcoco", "refer", ("unc", "google"), "images/train2014", "res"),
     "refcoco+": DatasetSpec("refcoco+", "refer", ("unc",), "images/train2014", "res"),
@@ -83,11 +86,18 @@ class ReferringDataset:
             synthetic datasets ``<root>/vocab.txt`` is used when None.
         max_tokens: token sequence length.
         train: one sample per ref with a random sentence (else one per sentence).
+        mask_resize: how the GT mask is brought to ``image_size``² (``target``):
+            ``nearest`` (the mask at the original size, resized with nearest
+            neighbour) or ``polygon`` (polygons scaled and rasterised at the input
+            size, as ReLA's detectron2 mapper does).
+        eval_resolution: ``original`` (``eval_mask`` is the mask at the image's own
+            size, CGFormer's evaluation) or ``input`` (the GT at the input size
+            made by ``mask_resize``, ReLA's evaluation).
     """
 
     def __init__(self, root, dataset: str, split: str, *, split_by: Optional[str] = None,
                  image_root=None, image_size: int = 480, tokenizer=None, max_tokens: int = 20,
-                 train: bool = False):
+                 train: bool = False, mask_resize: str = "nearest", eval_resolution: str = "original"):
         if dataset not in DATASETS:
             raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(DATASETS)}")
         spec = DATASETS[dataset]
@@ -99,6 +109,11 @@ class ReferringDataset:
             raise ValueError(f"image_size must be positive, got {image_size}")
         if int(max_tokens) < 2:
             raise ValueError(f"max_tokens must be >= 2, got {max_tokens}")
+        if mask_resize not in MASK_RESIZES:
+            raise ValueError(f"mask_resize must be one of {MASK_RESIZES}, got {mask_resize!r}")
+        if eval_resolution not in EVAL_RESOLUTIONS:
+            raise ValueError(f"eval_resolution must be one of {EVAL_RESOLUTIONS}, got {eval_resolution!r}")
+        self.mask_resize, self.eval_resolution = mask_resize, eval_resolution
         self.root = Path(root)
         self.dataset = dataset
         self.split = split
@@ -166,8 +181,11 @@ class ReferringDataset:
 
         S = self.image_size
         img_t = preprocess_image(image, S)
-        target = Image.fromarray(mask.astype(np.uint8)).resize((S, S), Image.NEAREST)
-        target_t = torch.from_numpy(np.asarray(target, dtype=np.float32).copy()).unsqueeze(0)
+        if self.mask_resize == "polygon":  # ReLA's mapper: the GT rasterised at the input size
+            target = self.index.mask(ref, size=(S, S))
+        else:
+            target = np.asarray(Image.fromarray(mask.astype(np.uint8)).resize((S, S), Image.NEAREST), dtype=bool)
+        target_t = torch.from_numpy(target.astype(np.float32)).unsqueeze(0)
         input_ids, attention_mask = tokenize(self.tokenizer, sentence, self.max_tokens)
         return {
             "image": img_t,
@@ -175,6 +193,8 @@ class ReferringDataset:
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "orig_mask": torch.from_numpy(mask),
+            # the mask the evaluation compares with: at the original size, or at the input size (ReLA's protocol)
+            "eval_mask": torch.from_numpy(mask) if self.eval_resolution == "original" else torch.from_numpy(target),
             "orig_size": (height, width),
             "image_path": str(path),
             "sentence": sentence,

@@ -67,16 +67,35 @@ def decode_segmentation(segm, height: int, width: int) -> np.ndarray:
     return np.ascontiguousarray(m.astype(bool))
 
 
-def annotations_to_mask(anns: Iterable[Optional[dict]], height: int, width: int) -> np.ndarray:
-    """Union of the annotations' masks; ``None`` entries (no target) add nothing."""
-    out = np.zeros((int(height), int(width)), dtype=bool)
+def annotations_to_mask(anns: Iterable[Optional[dict]], height: int, width: int,
+                        size: Optional[tuple] = None) -> np.ndarray:
+    """Union of the annotations' masks; ``None`` entries (no target) add nothing.
+
+    With ``size = (h, w)`` the mask is made at that size as detectron2's
+    ``Resize`` transform makes it for ReLA: polygon vertices scaled by
+    (w / width, h / height) and rasterised at (h, w); RLE masks decoded at the
+    original size and resized with nearest neighbour."""
+    out_h, out_w = (int(height), int(width)) if size is None else (int(size[0]), int(size[1]))
+    out = np.zeros((out_h, out_w), dtype=bool)
     for ann in anns:
         if ann is None:
             continue
         if "segmentation" not in ann:
             raise ValueError(f"annotation {ann.get('id')} has no 'segmentation'")
         try:
-            out |= decode_segmentation(ann["segmentation"], height, width)
+            segm = ann["segmentation"]
+            if size is None:
+                out |= decode_segmentation(segm, height, width)
+            elif isinstance(segm, (list, tuple)):
+                polys = [segm] if segm and all(isinstance(v, (int, float)) for v in segm) else segm
+                sx, sy = out_w / float(width), out_h / float(height)
+                scaled = [[float(v) * (sx if i % 2 == 0 else sy) for i, v in enumerate(poly)] for poly in polys]
+                out |= decode_segmentation(scaled, out_h, out_w)
+            else:
+                from PIL import Image
+
+                full = decode_segmentation(segm, height, width).astype(np.uint8)
+                out |= np.asarray(Image.fromarray(full).resize((out_w, out_h), Image.NEAREST), dtype=bool)
         except ValueError as e:
             raise ValueError(f"annotation {ann.get('id')}: {e}") from None
     return out

@@ -19,7 +19,7 @@ import os
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 
@@ -164,11 +164,13 @@ class ReferIndex:
     def image_info(self, ref: dict) -> dict:
         return self.images[ref["image_id"]]
 
-    def mask(self, ref: dict) -> np.ndarray:
-        """(H, W) bool mask: the union of the ref's objects (all False for no target)."""
+    def mask(self, ref: dict, size: Optional[tuple] = None) -> np.ndarray:
+        """(H, W) bool mask: the union of the ref's objects (all False for no target);
+        at ``size = (h, w)`` rasterised there from scaled polygons (see
+        :func:`rexfast.data.masks.annotations_to_mask`)."""
         img = self.image_info(ref)
         anns = [self.anns[a] for a in self.ann_ids(ref)]
-        return annotations_to_mask(anns, img["height"], img["width"])
+        return annotations_to_mask(anns, img["height"], img["width"], size=size)
 
     @staticmethod
     def sentences(ref: dict) -> list:

@@ -72,7 +72,8 @@ def build_dataset(data_cfg: DataConfig, split: str, *, train: bool, tokenizer):
     task_of(data_cfg)  # validates the name
     return ReferringDataset(
         data_cfg.root, data_cfg.dataset, split, image_root=data_cfg.image_root, image_size=data_cfg.image_size,
-        tokenizer=tokenizer, max_tokens=data_cfg.max_tokens, train=train,
+        tokenizer=tokenizer, max_tokens=data_cfg.max_tokens, train=train, mask_resize=data_cfg.mask_resize,
+        eval_resolution=data_cfg.eval_resolution,
     )
 
 
@@ -92,6 +93,11 @@ def collate(items: list[dict], device) -> dict[str, torch.Tensor]:
 
 def original_mask(item: dict) -> torch.Tensor:
     return torch.as_tensor(item["orig_mask"]).bool()
+
+
+def eval_mask(item: dict) -> torch.Tensor:
+    """The GT the evaluation compares with (see ``data.eval_resolution``)."""
+    return torch.as_tensor(item.get("eval_mask", item["orig_mask"])).bool()
 
 
 def original_image(item: dict) -> np.ndarray:
@@ -163,7 +169,7 @@ def describe(model: torch.nn.Module) -> str:
 
 
 __all__ = [
-    "build_tokenizer", "vocab_of", "tokenizer_from_vocab", "task_of", "build_dataset", "collate", "original_mask",
+    "build_tokenizer", "vocab_of", "tokenizer_from_vocab", "task_of", "build_dataset", "collate", "original_mask", "eval_mask",
     "original_image", "sentence_of", "inference_item", "generate_synthetic_data", "model_class",
     "check_input_size", "build_model", "describe",
 ]

@@ -38,6 +38,11 @@ class DataConfig:
     max_tokens: int = 20
     tokenizer: Optional[str] = None  # vocab.txt or a local BERT folder; synthetic: <root>/vocab.txt
     num_workers: int = 0
+    # The evaluation protocol. CGFormer's (the default): predictions resized to each image's original size,
+    # GT masks resized to the input size with nearest neighbour for training. ReLA's: mask_resize=polygon
+    # (GT polygons rasterised at the input size, for training and evaluation) and eval_resolution=input.
+    mask_resize: str = "nearest"  # nearest | polygon
+    eval_resolution: str = "original"  # original | input
 
 
 @dataclass
@@ -51,8 +56,10 @@ class TrainConfig:
     weight_decay: float = 1e-2
     amsgrad: bool = False  # AdamW's AMSGrad variant (the released CGFormer recipe uses it)
     warmup_steps: int = 0
-    schedule: str = "poly"  # poly | cosine | constant
-    clip_grad: Optional[float] = None
+    schedule: str = "poly"  # poly | cosine | constant | step
+    lr_steps: Optional[list] = None  # schedule "step": the optimizer steps at which the lr is multiplied by lr_gamma
+    lr_gamma: float = 0.1
+    clip_grad: Optional[float] = None  # max L2 norm over every trained parameter (ReLA: 0.01)
     amp: str = "auto"  # auto (bf16 on GPU, off on CPU) | bf16 | fp16 | off
     seed: int = 0
     log_every: int = 10

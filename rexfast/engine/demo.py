@@ -2,7 +2,8 @@
 
 1. generate a synthetic gRefCOCO-format dataset (train / val / held-out test);
 2. evaluate the *untrained* model on the held-out split (the baseline);
-3. train a small model on the CPU within a time budget (validating on a fixed
+3. train a small ReLA (``--model rela``, the default) or CGFormer with its
+   no-target head (``--model cgformer``) on the CPU within a time budget (validating on a fixed
    subset of the val split every few minutes);
 4. evaluate the best model on the same held-out split;
 5. print both metric tables side by side, and write overlays and the training curve.
@@ -25,11 +26,12 @@ from .inference import predict_batch
 FULL = dict(n_train=4000, n_val=200, n_test=400, image_size=64, batch_size=16, lr=1e-3)
 QUICK = dict(n_train=96, n_val=16, n_test=32, image_size=32, batch_size=8, lr=1e-3)
 SHOWN_METRICS = ("gIoU", "cIoU", "N-acc", "T-acc", "Pr@0.7", "Pr@0.8", "Pr@0.9")
-DEMO_MODELS = ("cgformer",)
+# the demo preset of each model and the training settings that differ per model
+DEMO_MODELS = {"rela": dict(lr=1e-3), "cgformer": dict(lr=1e-3)}
 
 
-def demo_config(out: Path, quick: bool, minutes: float, seed: int, model: str = "cgformer") -> Config:
-    p = QUICK if quick else FULL
+def demo_config(out: Path, quick: bool, minutes: float, seed: int, model: str = "rela") -> Config:
+    p = {**(QUICK if quick else FULL), **DEMO_MODELS[model]}
     data = DataConfig(dataset="synthetic", root=str(out / "data"), image_size=p["image_size"], max_tokens=20,
                       train_split="train", val_split="val")
     return Config(
@@ -81,7 +83,7 @@ def _overlays(model, dataset, out_dir: Path, count: int, device) -> list[str]:
     return written
 
 
-def run_demo(out_dir="runs/demo", quick=False, minutes=15.0, seed=0, progress=True, model="cgformer") -> dict:
+def run_demo(out_dir="runs/demo", quick=False, minutes=15.0, seed=0, progress=True, model="rela") -> dict:
     from .trainer import train
 
     if model not in DEMO_MODELS:

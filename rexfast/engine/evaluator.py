@@ -38,7 +38,7 @@ def evaluate(model, dataset, *, task: str, batch_size: int = 8, device="cpu", am
         for start in starts:
             items = [dataset.get(i, None) for i in range(start, min(start + batch_size, count))]
             batch = builders.collate(items, device)
-            gts = [builders.original_mask(item) for item in items]
+            gts = [builders.eval_mask(item) for item in items]
             preds = predict_batch(model, batch, [tuple(g.shape[-2:]) for g in gts], threshold=threshold,
                                   amp_dtype=amp_dtype)
             for pred, gt, item in zip(preds, gts, items):

@@ -54,11 +54,15 @@ def _schedule(cfg: Config, total_steps: int, clock: dict):
     further along: steps or the budget's elapsed fraction (``clock``)."""
     warm, kind = cfg.train.warmup_steps, cfg.train.schedule
 
+    milestones = sorted(cfg.train.lr_steps or [])
+
     def factor(step: int) -> float:
         if warm and step < warm:
             return (step + 1) / warm
         if kind == "constant":
             return 1.0
+        if kind == "step":  # detectron2's multi-step schedule (ReLA: x0.1 at 110k and 140k)
+            return cfg.train.lr_gamma ** sum(step >= m for m in milestones)
         t = min(1.0, max((step - warm) / max(1, total_steps - warm), clock.get("fraction", 0.0)))
         return 0.5 * (1 + math.cos(math.pi * t)) if kind == "cosine" else (1 - t) ** 0.9
 
@@ -68,8 +72,12 @@ def _schedule(cfg: Config, total_steps: int, clock: dict):
 def validate_train_config(cfg: Config) -> None:
     """Every train/data setting that would otherwise fail mid-run."""
     tc = cfg.train
-    if tc.schedule not in ("poly", "cosine", "constant"):
-        raise ValueError(f"train.schedule must be poly, cosine or constant, got {tc.schedule!r}")
+    if tc.schedule not in ("poly", "cosine", "constant", "step"):
+        raise ValueError(f"train.schedule must be poly, cosine, constant or step, got {tc.schedule!r}")
+    if tc.schedule == "step" and not (isinstance(tc.lr_steps, list) and tc.lr_steps
+                                      and all(isinstance(m, int) and m > 0 for m in tc.lr_steps)):
+        raise ValueError(f"train.schedule step needs train.lr_steps, a list of positive step numbers, "
+                         f"got {tc.lr_steps!r}")
     amp_dtype_of(tc.amp, torch.device("cpu"))
     for name in ("epochs", "batch_size", "grad_accum", "log_every", "eval_every"):
         if getattr(tc, name) < 1:
@@ -243,12 +251,12 @@ def _train(cfg: Config, info: distributed.DistInfo, *, resume: str | None, progr
                     scaler.scale(loss / tc.grad_accum).backward()
                 for name, value in losses.items():
                     totals[name] = totals.get(name, 0.0) + float(value.detach()) / tc.grad_accum
-            if tc.clip_grad:
+            if tc.clip_grad:  # over what the optimizer trains, as detectron2's full-model clipping does
                 scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(core.parameters(), tc.clip_grad)
+                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], tc.clip_grad)
             scaler.step(optimizer)
             scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            core.zero_grad(set_to_none=True)  # parameters left out of the optimizer too
             scheduler.step()
             state["step"] += 1
             state["step_in_epoch"] = step_in_epoch + 1

@@ -37,6 +37,11 @@ class CGFormerConfig(ConfigBase):
     # factors relative to train.lr, used by CGFormer.param_groups.
     lr_backbone_scale: float = 0.5
     lr_text_scale: float = 0.5
+    # GRES (no released code has it): an MLP on the final referent token predicts
+    # "no target" (decoder.nt_head), trained with ReLA's class-weighted CE. Off in the
+    # released architecture, so the released checkpoints load unchanged.
+    no_target_head: bool = False
+    no_target_weight: float = 0.5  # ReLA's 0.1 x mask weight 5
 
     def __post_init__(self):
         if isinstance(self.swin, str):
@@ -82,14 +87,15 @@ class CGFormerConfig(ConfigBase):
 
     @classmethod
     def demo(cls, **overrides) -> "CGFormerConfig":
-        """A small model that trains on CPU in minutes (synthetic data). No
+        """A small model that trains on CPU in minutes (synthetic GRES data). No
         dropout or drop-path: a demo run sees each sample about once; one
-        learning rate for every part (everything trains from scratch)."""
+        learning rate for every part (everything trains from scratch); the
+        no-target head on."""
         base = dict(
             swin=SwinConfig(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), window_size=4,
                             drop_path_rate=0.0, pwam_heads=(1, 1, 2, 2)),
             bert="small", token_dim=64, image_size=128, decoder_dropout=0.0, lr_backbone_scale=1.0,
-            lr_text_scale=1.0)
+            lr_text_scale=1.0, no_target_head=True)
         return cls(**{**base, **overrides})
 
 

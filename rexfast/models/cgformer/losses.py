@@ -56,6 +56,14 @@ def contrastive_loss(tokens: Tensor, sentence: Tensor, referent_index: int = -1,
     return F.cross_entropy(logits, target)
 
 
+def no_target_loss(nt_logits: Tensor, targets: Tensor, class_weights=(0.9, 1.1)) -> Tensor:
+    """ReLA's no-target loss: class-weighted CE of the (target, no target) logits
+    against "the target mask is empty"."""
+    empty = (targets.flatten(1).sum(1) == 0).long()
+    weight = torch.tensor(tuple(class_weights), dtype=torch.float32, device=nt_logits.device)
+    return F.cross_entropy(nt_logits.float(), empty, weight=weight)
+
+
 def cgformer_losses(
     logits: Tensor,
     hit_maps: Sequence[Tensor],
@@ -96,4 +104,4 @@ def cgformer_losses(
     return losses
 
 
-__all__ = ["dice_loss", "bce_loss", "contrastive_loss", "cgformer_losses"]
+__all__ = ["dice_loss", "bce_loss", "contrastive_loss", "cgformer_losses", "no_target_loss"]

@@ -46,10 +46,10 @@ from torch import Tensor, nn
 from ...ops import group_assign
 from ..backbones.swin import MultiModalSwinTransformer
 from ..base import Prediction, ReferringModel
-from ..layers import CrossAttn, Mlp, conv_bn_relu
+from ..layers import CrossAttn, Mlp, ReluMLP, conv_bn_relu
 from ..text import bert_config, build_bert
 from .config import CGFormerConfig
-from .losses import cgformer_losses
+from .losses import cgformer_losses, no_target_loss
 
 
 # ----------------------------------------------------------------------------- decoder blocks
@@ -229,6 +229,8 @@ class Decoder(nn.Module):
         self.proj = DProjector(text_dim=d, in_dim=d)
         if config.variant == "paper":
             self.sentence_proj = nn.Linear(text_dim, d)
+        if config.no_target_head:
+            self.nt_head = ReluMLP(d, d, 2, 2)
 
     def forward(self, features: Sequence[Tensor], words: Tensor, word_mask: Tensor, *,
                 noises: Sequence[Optional[Tensor]], seeds: Sequence[Optional[int]], fused: bool,
@@ -341,6 +343,8 @@ class CGFormer(ReferringModel):
                                             backend=cfg.ops_backend)
         logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=True)
         out = {"logits": logits, "hit_maps": maps, "tokens": tokens, "words": words}
+        if cfg.no_target_head:  # (B, 2): target, no target
+            out["nt_logits"] = self.decoder.nt_head(tokens[:, -1])
         if cfg.variant == "paper":
             pooled = (words * word_mask[..., None]).sum(1) / word_mask.sum(1, keepdim=True).clamp(min=1)
             out["sentence"] = self.decoder.sentence_proj(pooled)
@@ -354,11 +358,14 @@ class CGFormer(ReferringModel):
 
     def losses(self, outputs: Mapping[str, Any], targets: Tensor) -> dict[str, Tensor]:
         cfg = self.config
-        return cgformer_losses(
+        losses = cgformer_losses(
             outputs["logits"], outputs["hit_maps"], targets, referent_index=-1,
             hitmap_weights=cfg.hitmap_loss_weights, tokens=outputs["tokens"], sentence=outputs.get("sentence"),
             contrastive_weight=cfg.contrastive_weight if cfg.variant == "paper" else 0.0,
             temperature=cfg.contrastive_temperature)
+        if cfg.no_target_head:
+            losses["nt_ce"] = cfg.no_target_weight * no_target_loss(outputs["nt_logits"], targets)
+        return losses
 
     def forward(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor, targets: Optional[Tensor] = None,
                 *, gumbel_noise: Optional[Sequence[Tensor]] = None):
@@ -371,9 +378,12 @@ class CGFormer(ReferringModel):
 
     def predict(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Prediction:
         """The mask probability (B, H, W) = sigmoid of the logits, as the released
-        evaluation computes it; no no-target head (an empty mask means no target)."""
-        logits = self.forward_features(images, input_ids, attention_mask)["logits"]
-        return Prediction(mask=logits.float().sigmoid()[:, 0], no_target=None)
+        evaluation computes it. Without the no-target head (the released model)
+        ``no_target`` is None and an empty mask means "no target"; with it, the
+        probability softmax(nt_logits)[1]."""
+        out = self.forward_features(images, input_ids, attention_mask)
+        nt = out["nt_logits"].float().softmax(-1)[:, 1] if "nt_logits" in out else None
+        return Prediction(mask=out["logits"].float().sigmoid()[:, 0], no_target=nt)
 
 
 __all__ = ["CGFormer", "CGFormerConfig", "CGAttention", "DProjector", "Decoder", "Fusion", "LoadLayer", "LoadToken"]
