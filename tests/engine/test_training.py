@@ -307,3 +307,28 @@ def test_demo_quick_runs_end_to_end_and_writes_everything(tmp_path):
     assert all(Path(p).is_file() for p in result["overlays"])
     assert "gIoU" in proc.stdout and "untrained" in proc.stdout
     shutil.rmtree(out)
+
+
+def test_rela_trains_evaluates_and_predicts_through_the_same_commands(data_root, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "rela"
+    cfg = _config(data_root, out, max_steps=2, epochs=1)
+    raw = yaml.safe_load(cfg.read_text())
+    raw["model"] = {"name": "rela", "preset": "tiny"}
+    raw["data"].update(mask_resize="polygon", eval_resolution="input", image_size=64)
+    cfg.write_text(yaml.safe_dump(raw))
+    _rexfast("train", "--config", cfg, "--no-progress")
+    proc = _rexfast("eval", "--checkpoint", out / "best.pt", "--split", "test")
+    assert "gIoU" in proc.stdout and "N-acc" in proc.stdout
+    image = next((data_root / "synthetic" / "images").glob("*.png"))
+    # a model whose no-target head always fires: predict says so and writes an empty mask
+    ckpt = load_checkpoint(out / "best.pt")
+    ckpt["model"]["sem_seg_head.predictor.nt_embed.layers.1.bias"] = torch.tensor([-50.0, 50.0])
+    torch.save(ckpt, tmp_path / "nothing.pt")
+    proc = _rexfast("predict", "--checkpoint", tmp_path / "nothing.pt", "--image", image, "--text", "the purple star",
+                    "--out-dir", tmp_path / "pred")
+    assert proc.stdout.startswith("no target")
+    mask_path, _ = _written(proc)
+    with Image.open(mask_path) as mask:
+        assert not np.asarray(mask).any()

@@ -233,5 +233,7 @@ def test_bad_inputs_raise_clear_errors():
         model(images, torch.randint(1000, 2000, (2, 65)), torch.ones(2, 65, dtype=torch.long))
     with pytest.raises(ValueError, match="targets"):
         model.train()(images, ids, mask, targets=targets[..., :32])
+    with pytest.raises(ValueError, match="too small for this ReLA"):
+        model(images[..., :32, :32], ids, mask)
     with pytest.raises(ValueError, match="square"):
         ReLAConfig.tiny(num_queries=10)

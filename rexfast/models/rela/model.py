@@ -95,6 +95,14 @@ class ReLA(ReferringModel):
         self.sem_seg_head = ReferringHead(pixel_decoder, predictor)
 
     # -- forward ----------------------------------------------------------------
+    def check_inputs(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> None:
+        super().check_inputs(images, input_ids, attention_mask)
+        h, w = images.shape[-2:]
+        if (self.config.conv_dim // 32) * (h // 32) * (w // 32) < 2:
+            # GroupNorm(32) of the 1/32 map would normalise single values
+            raise ValueError(f"images of {h}×{w} are too small for this ReLA (conv_dim {self.config.conv_dim}): "
+                             "use at least 64×64")
+
     def forward_features(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> dict:
         self.check_inputs(images, input_ids, attention_mask)
         words = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
