@@ -1,0 +1,151 @@
+"""ReLA end to end: rexfast (every op on its fused backend, region masks at the key
+resolution, final heads only) vs the same weights with every op on the reference
+backend and the region masks made as released (E·F_m resampled to each level)
+vs torch.compile of that reference model. Forward (eval, no grad) and a training
+step (forward with losses + backward): median times with their spread and, on
+CUDA, peak memory.
+
+CPU (always): a reduced configuration (Swin 32-wide, 2-2-2-2; tiny BERT;
+128-wide decoder, 6 layers; 25 queries) at B=2, 128², fp32. The CPU compile
+variant only runs with ``REXFAST_BENCH_CPU_COMPILE=1`` (minutes of C++
+compilation on a small CPU).
+CUDA (when present): the released configuration (Swin-B, BERT-base) at B=8,
+480², bf16 autocast. Target (the ReLA issue): training step ≥ 2× the
+reference-backend model at ≤ 70% of its peak memory.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from bench_utils import median_ms, record
+from rexfast.models import ReLA, ReLAConfig
+from rexfast.models.backbones.swin import SwinConfig
+
+SUITE = "rela"
+
+
+def reduced_config(**overrides) -> ReLAConfig:
+    swin = SwinConfig(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=4,
+                      pwam_heads=(1, 1, 1, 1), layout="rela")
+    return ReLAConfig(**{**dict(swin=swin, bert="tiny", conv_dim=128, mask_dim=128, hidden_dim=128, enc_layers=3,
+                                dim_feedforward=512, dec_layers=6, num_queries=25, enc_ffn=256), **overrides})
+
+
+def _batch(b, size, device):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(b, 3, size, size, generator=g).to(device)
+    ids = torch.randint(1000, 30000, (b, 20), generator=g).to(device)
+    mask = torch.ones(b, 20, dtype=torch.long)
+    mask[:, 12:] = 0
+    targets = (torch.rand(b, size, size, generator=g) > 0.7).float()
+    targets[0] = 0  # a no-target sample
+    return images, ids, mask.to(device), targets.to(device)
+
+
+def _variants(config: ReLAConfig, device: str, with_compile: bool):
+    torch.manual_seed(0)
+    fused = ReLA(config).to(device)
+    reference_cfg = dict(ops_backend="reference", region_masks_at_key_resolution=False)
+    reference = ReLA(config, **reference_cfg).to(device)
+    reference.load_state_dict(fused.state_dict())  # same weights everywhere
+    out = {"rexfast": fused, "reference": reference}
+    if with_compile:
+        compiled = ReLA(config, **reference_cfg).to(device)
+        compiled.load_state_dict(fused.state_dict())
+        out["compile"] = torch.compile(compiled)
+    return out
+
+
+def _measure(models, batch, device, amp_dtype, rounds):
+    images, ids, mask, targets = batch
+    autocast = lambda: torch.autocast(device, dtype=amp_dtype, enabled=amp_dtype is not None)  # noqa: E731
+    results = {}
+    for name, model in models.items():
+        def forward():
+            with torch.no_grad(), autocast():
+                return model(images, ids, mask)
+
+        def train_step():
+            with autocast():
+                _, losses = model(images, ids, mask, targets=targets)
+            sum(losses.values()).backward()
+            for p in model.parameters():
+                p.grad = None
+
+        row = {}
+        for mode, fn in (("fwd", forward), ("train", train_step)):
+            model.train(mode == "train")
+            if device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+                fn()  # also the compile warm-up
+                torch.cuda.synchronize()
+                row[f"{mode}_peak_MiB"] = torch.cuda.max_memory_allocated() / 2**20
+                row.update(median_ms(fn, device).fields(mode))
+            else:
+                row.update(median_ms(fn, device, rounds=rounds, warmup=1).fields(mode))
+                row[f"{mode}_peak_MiB"] = None  # no allocator statistics on CPU
+        results[name] = row
+    return results
+
+
+def _record(results, device, label, batch_size, size, dtype):
+    for name, row in results.items():
+        out = {"device_type": device, "config": label, "batch": batch_size, "image": size, "dtype": dtype,
+               "variant": name, **row}
+        for mode in ("fwd", "train"):
+            out[f"{mode}_speedup_vs_reference"] = results["reference"][f"{mode}_ms"] / row[f"{mode}_ms"]
+            if "compile" in results:
+                out[f"{mode}_speedup_vs_compile"] = results["compile"][f"{mode}_ms"] / row[f"{mode}_ms"]
+            peak, ref_peak = row.get(f"{mode}_peak_MiB"), results["reference"].get(f"{mode}_peak_MiB")
+            if peak is not None and ref_peak:
+                out[f"{mode}_peak_vs_reference"] = peak / ref_peak
+        record(SUITE, out)
+
+
+def test_rela_cpu(benchmark):
+    with_compile = os.environ.get("REXFAST_BENCH_CPU_COMPILE") == "1"
+    config, size, b = reduced_config(), 128, 2
+    models = _variants(config, "cpu", with_compile)
+    batch = _batch(b, size, "cpu")
+    results = _measure(models, batch, "cpu", None, rounds=5)
+    _record(results, "cpu", "reduced (Swin 32, 2-2-2-2; tiny BERT; 128-wide decoder, 6 layers, 25 queries)", b,
+            size, "float32")
+    benchmark.extra_info.update(results)
+    images, ids, mask, targets = batch
+    model = models["rexfast"].train()
+
+    def step():
+        _, losses = model(images, ids, mask, targets=targets)
+        sum(losses.values()).backward()
+        for p in model.parameters():
+            p.grad = None
+
+    benchmark.pedantic(step, rounds=3, iterations=1, warmup_rounds=1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_rela_cuda_released_b8_480_bf16(benchmark):
+    config, size, b = ReLAConfig.released(), 480, 8
+    models = _variants(config, "cuda", with_compile=True)
+    batch = _batch(b, size, "cuda")
+    results = _measure(models, batch, "cuda", torch.bfloat16, rounds=None)
+    _record(results, "cuda", "released (Swin-B w12, BERT-base, 100 queries)", b, size, "bfloat16 autocast")
+    benchmark.extra_info.update(results)
+    images, ids, mask, targets = batch
+    model = models["rexfast"].train()
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, losses = model(images, ids, mask, targets=targets)
+        sum(losses.values()).backward()
+        for p in model.parameters():
+            p.grad = None
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(step, rounds=3, iterations=1, warmup_rounds=1)
