@@ -344,3 +344,79 @@ def test_backend_env_override(monkeypatch):
     monkeypatch.setenv("REXFAST_BACKEND", "nope")
     with pytest.raises(ValueError, match="unknown backend"):
         RIA_BACKENDS.choose(torch.device("cpu"), None)
+
+
+# ------------------------------------------------------------------ the C++ kernel specifics
+RESAMPLE_SIZES = [  # (mh, mw, kh, kw, Q): both torch CPU resampling kernels, the 8-lane split, equal sizes
+    (120, 120, 60, 60, 100), (120, 120, 15, 15, 20), (13, 9, 5, 7, 21), (5, 5, 9, 3, 9), (2, 5, 7, 3, 13),
+    (33, 47, 61, 67, 5), (12, 12, 6, 6, 3), (9, 9, 9, 9, 18), (7, 3, 7, 3, 8), (40, 30, 70, 61, 2),
+]
+
+
+@pytest.mark.parametrize("size", RESAMPLE_SIZES, ids=lambda s: "{}x{}->{}x{}-Q{}".format(*s))
+def test_cpu_resampler_is_torchs_bit_for_bit(size):
+    """The resampled logits the C++ kernel compares with the threshold equal F.interpolate's
+    bit for bit (NaN and inf texels included), for the plan this machine gets."""
+    require_backend(RIA_SPEC, "cpu", "cpu")
+    from rexfast.ops.region_attention import RESAMPLE_MAP, decision_plan
+
+    mh, mw, kh, kw, Q = size
+    g = torch.Generator().manual_seed(mh * 1000 + kw)
+    logits = torch.randn(2, Q, mh, mw, generator=g) * 3
+    logits[:, ::4] *= 1e-7
+    logits[0, 0, 0, :3] = torch.tensor([float("inf"), float("nan"), float("-inf")])
+    plan = decision_plan(torch.device("cpu"), Q, (mh, mw), (kh, kw))
+    if plan.mode == RESAMPLE_MAP:
+        pytest.skip("this CPU's resampler is not reproduced (the kernel reads F.interpolate's values)")
+    want = F.interpolate(logits, size=(kh, kw), mode="bilinear", align_corners=False).flatten(2)
+    got = torch.ops.rexfast_C.region_resample(logits, kh, kw, plan.mode, plan.fma, plan.q_vec)
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got.nan_to_num(), want.nan_to_num()), f"{(got != want).sum().item()} values differ"
+
+
+@pytest.mark.parametrize("op", ["ria", "rla"])
+def test_cpu_results_do_not_depend_on_the_thread_count(op):
+    spec = RIA_SPEC if op == "ria" else RLA_SPEC
+    require_backend(spec, "cpu", "cpu")
+    if op == "ria":
+        case = ria_case((2, 3, 37, 15, 15, 32, 120, 120), seed=12)
+        fn = region_image_attention
+    else:
+        case = rla_case((3, 2, 41, 150, 16), mask="with_empty", seed=12)
+        fn = region_language_attention
+    previous = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            leaves = [t.detach().clone().requires_grad_(True) for t in case.args[:3]]
+            out = fn(*leaves, *case.args[3:], backend="cpu")
+            grads = torch.autograd.grad(out, leaves, torch.linspace(-1, 1, out.numel()).reshape(out.shape))
+            results.append((out, *grads))
+    finally:
+        torch.set_num_threads(previous)
+    for a, b in zip(*results):
+        assert torch.equal(a, b), "the CPU kernel must be bitwise independent of the thread count"
+
+
+def test_cpu_kernel_skips_blocked_tiles_without_changing_results():
+    """Sparse masks (a small blob per query, so most key tiles are blocked for a whole
+    query block) against the reference backend; and the same with a NaN in v, where the
+    kernel must not skip (0·NaN reaches every row)."""
+    require_backend(RIA_SPEC, "cpu", "cpu")
+    g = torch.Generator().manual_seed(13)
+    B, H, Q, kh, kw, d = 1, 2, 32, 30, 30, 16
+    q, k, v = torch.randn(B, H, Q, d, generator=g), torch.randn(B, H, kh * kw, d, generator=g), \
+        torch.randn(B, H, kh * kw, d, generator=g)
+    logits = torch.full((B, Q, 60, 60), -4.0)
+    logits[:, :, :6, :6] = 4.0  # every query allows only the top-left corner
+    for poison in (False, True):
+        vv = v.clone()
+        if poison:
+            vv[0, 1, kh * kw - 1, 3] = float("nan")  # a key every query blocks
+        want = region_image_attention(q, k, vv, logits, (kh, kw), backend="reference")
+        got = region_image_attention(q, k, vv, logits, (kh, kw), backend="cpu")
+        assert torch.equal(got.isnan(), want.isnan())
+        assert rel_err(got, want) < 1e-5
+        if poison:
+            assert got[0, 1, :, 3].isnan().all() and not got[0, 0].isnan().any()

@@ -40,8 +40,22 @@ def _check_inputs(q, k, v, key_padding_mask):
 
 
 # ----------------------------------------------------------------------------- backends
+def _ext_forward(q, k, v, key_padding_mask, scale):
+    from . import native
+
+    return native.forward(q, k, v, key_padding_mask, scale)
+
+
+def _ext_backward(dout, q, k, v, key_padding_mask, scale, out, lse):
+    from . import native
+
+    return native.backward(dout, q, k, v, key_padding_mask, scale, out, lse)
+
+
 BACKENDS = registry.OpBackends(OP)
 BACKENDS.register(registry.reference_backend(reference_forward, reference_backward))
+BACKENDS.register(registry.cpu_backend(_ext_forward, _ext_backward, "region_language_attention_fwd"))
+BACKENDS.register(registry.cuda_backend(_ext_forward, _ext_backward, "region_language_attention_fwd"))
 
 
 # ----------------------------------------------------------------------------- registration
