@@ -79,10 +79,23 @@ def _ext_backward(dout, q, k, v, region_logits, kh, kw, scale, out, lse, open_ro
     return native.backward(dout, q, k, v, region_logits, kh, kw, scale, out, lse, open_rows)
 
 
-BACKENDS = registry.OpBackends(OP)
+def _triton_forward(q, k, v, region_logits, kh, kw, scale):
+    from . import triton_kernels
+
+    return triton_kernels.forward(q, k, v, region_logits, kh, kw, scale)
+
+
+def _triton_backward(dout, q, k, v, region_logits, kh, kw, scale, out, lse, open_rows):
+    from . import triton_kernels
+
+    return triton_kernels.backward(dout, q, k, v, region_logits, kh, kw, scale, out, lse, open_rows)
+
+
+BACKENDS = registry.OpBackends(OP, triton_module=f"{__package__}.triton_kernels")
 BACKENDS.register(registry.reference_backend(reference_forward, reference_backward))
 BACKENDS.register(registry.cpu_backend(_ext_forward, _ext_backward, "region_image_attention_fwd"))
 BACKENDS.register(registry.cuda_backend(_ext_forward, _ext_backward, "region_image_attention_fwd"))
+BACKENDS.register(registry.triton_backend(_triton_forward, _triton_backward))
 
 
 # ----------------------------------------------------------------------------- registration
