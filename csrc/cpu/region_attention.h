@@ -126,21 +126,22 @@ T* workspace(int slot, size_t n) {
 }
 enum Slot { kSlotKT = 0, kSlotVT = 1, kSlotDQ = 2 };
 
-// x^T per (b, h) into `out` (B, H, d, S_pad): zero columns past S so every tile
-// computes whole vectors.
+// x^T per (b, h) in key tiles of W: out (B, H, nkb, d, W), tile kb holding keys
+// [kb W, (kb+1) W) with row stride W, zero past S so every tile computes whole
+// vectors. (A tile is d·W contiguous values: a plain (d, S) transpose would put
+// each of its d rows on another page and thrash the TLB.)
 template <typename acc_t>
-void transpose_into(const Operand<acc_t>& x, int64_t B, int64_t H, int64_t S, int64_t d, int64_t S_pad, acc_t* out) {
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / H, h = bh % H;
-      acc_t* dst = out + bh * d * S_pad;
-      for (int64_t c = 0; c < d; ++c) std::fill(dst + c * S_pad + S, dst + (c + 1) * S_pad, acc_t(0));
-      for (int64_t j0 = 0; j0 < S; j0 += 16) {  // 16 keys at a time: one cache line per row of x^T
-        const int64_t n = std::min<int64_t>(16, S - j0);
-        for (int64_t j = 0; j < n; ++j) {
-          const acc_t* src = x.row(b, h, j0 + j);
-          for (int64_t c = 0; c < d; ++c) dst[c * S_pad + j0 + j] = src[c];
-        }
+void transpose_into(const Operand<acc_t>& x, int64_t B, int64_t H, int64_t S, int64_t d, int64_t W, acc_t* out) {
+  const int64_t nkb = (S + W - 1) / W;
+  at::parallel_for(0, B * H * nkb, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t bh = t / nkb, kb = t % nkb, b = bh / H, h = bh % H;
+      acc_t* dst = out + t * d * W;
+      const int64_t j0 = kb * W, n = std::min(W, S - j0);
+      for (int64_t c = 0; c < d; ++c) std::fill(dst + c * W + n, dst + (c + 1) * W, acc_t(0));
+      for (int64_t j = 0; j < n; ++j) {
+        const acc_t* src = x.row(b, h, j0 + j);
+        for (int64_t c = 0; c < d; ++c) dst[c * W + j] = src[c];
       }
     }
   });
@@ -370,7 +371,7 @@ inline void grad_row_f32(float* pr, float* dpr, const uint8_t* ar, int64_t cols,
 // 4 rows x 64 keys of accumulators at a time, summed over d in order.
 template <typename acc_t, int64_t W>
 inline void scores_tile(const Operand<acc_t>& q, int64_t b, int64_t h, const int64_t* ridx /* query of each row */,
-                        int64_t rows, const acc_t* xT /* (d, S_pad) of (b, h) */, int64_t S_pad, int64_t j0,
+                        int64_t rows, const acc_t* xT /* a (d, ld) tile */, int64_t S_pad /* ld */, int64_t j0,
                         int64_t d, acc_t* s /* [rows][W] */) {
   if constexpr (std::is_same_v<acc_t, float>) {
     scores_tile_f32<W>(q, b, h, ridx, rows, xT, S_pad, j0, d, s);
@@ -545,13 +546,15 @@ struct Shapes {
 // ----------------------------------------------------------------------------- forward
 // Decider: bool masked() (false: no mask at all); bool empty(b) (a sample with no key:
 // zero rows, lse -inf); bool open_rule() (a row with no allowed key attends to every
-// key); int64_t tile(b, ridx, rows, j0, cols, uint8_t* allowed /*[rows][ld]*/, ld,
-// int64_t* row_counts /* += allowed per row, or nullptr */) -> number allowed.
+// key); void strip(b, ridx, rows, S, uint8_t* allowed /*[rows][ld]*/, ld, int64_t* counts)
+// (the decisions of those rows over every key, and how many each allows); int64_t
+// tile(b, ridx, rows, j0, cols, allowed, ld, counts) (the same for one key block).
 //
-// The all-blocked rule in the forward: the sweep counts each row's allowed keys
-// from the decision tiles it makes anyway; rows that end with none (they block
-// every key) are then recomputed over all keys, unmasked, in a second sweep of
-// those rows alone, and reported in `open` (B, Q) for the backward.
+// The forward makes a work item's decisions once, as a strip of its query block over
+// all keys (kBM x S bytes of per-thread scratch, one long pass per query plane: the
+// logits are read in order), counts each row's allowed keys from it (the all-blocked
+// rule: such rows become all-allowed, and are reported in `open` (B, Q) for the
+// backward), and then sweeps the key blocks reading their tiles from the strip.
 template <typename scalar_t, typename acc_t, typename Decider>
 void attention_forward(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tensor& v_t, acc_t scale,
                        const Decider& decider, at::Tensor& out_t, at::Tensor& lse_t, uint8_t* open /* or nullptr */) {
@@ -559,72 +562,19 @@ void attention_forward(const at::Tensor& q_t, const at::Tensor& k_t, const at::T
   const Operand<acc_t> q = operand<acc_t>(q_t), k = operand<acc_t>(k_t), v = operand<acc_t>(v_t);
   const int64_t S_pad = (s.S + kBN - 1) / kBN * kBN;
   acc_t* kT = workspace<acc_t>(kSlotKT, static_cast<size_t>(s.B * s.H * s.d * S_pad));
-  transpose_into(k, s.B, s.H, s.S, s.d, S_pad, kT);
+  transpose_into(k, s.B, s.H, s.S, s.d, kBN, kT);
   const std::vector<uint8_t> v_finite = all_finite(v, s.B, s.H, s.S, s.d);
   scalar_t* out = out_t.data_ptr<scalar_t>();  // (B, H, Q, d) contiguous
   acc_t* lse = lse_t.data_ptr<acc_t>();        // (B, H, Q)
   const int64_t nqb = (s.Q + kBM - 1) / kBM, nkb = S_pad / kBN;
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  const bool masked = decider.masked();
 
   at::parallel_for(0, s.B * nqb, 1, [&](int64_t begin, int64_t end) {
-    std::vector<uint8_t> allowed(kBM * kBN);
-    std::vector<acc_t> sc(kBM * kBN), m(s.H * kBM), l(s.H * kBM), acc(s.H * kBM * s.d);
-    std::vector<acc_t> m2(s.H * kBM), l2(s.H * kBM), acc2(s.H * kBM * s.d);
-
-    // One sweep over the key blocks for the rows ridx[0..rows): online softmax state
-    // per head in (mm, ll, aa), compact row positions.
-    auto sweep = [&](int64_t b, const int64_t* ridx, int64_t rows, bool masked, int64_t* counts, acc_t* mm,
-                     acc_t* ll, acc_t* aa) {
-      std::fill(mm, mm + s.H * kBM, neg_inf);
-      std::fill(ll, ll + s.H * kBM, acc_t(0));
-      std::fill(aa, aa + s.H * kBM * s.d, acc_t(0));
-      for (int64_t kb = 0; kb < nkb; ++kb) {
-        const int64_t j0 = kb * kBN, cols = std::min(kBN, s.S - j0);
-        const int64_t n_allowed =
-            masked ? decider.tile(b, ridx, rows, j0, cols, allowed.data(), kBN, counts) : rows * cols;
-        for (int64_t h = 0; h < s.H; ++h) {
-          if (n_allowed == 0 && v_finite[b * s.H + h]) continue;  // exactly zero contribution
-          scores_tile<acc_t, kBN>(q, b, h, ridx, rows, kT + (b * s.H + h) * s.d * S_pad, S_pad, j0, s.d,
-                                  sc.data());
-          acc_t* mh = mm + h * kBM;
-          acc_t* lh = ll + h * kBM;
-          acc_t* ah = aa + h * kBM * s.d;
-          for (int64_t r = 0; r < rows; ++r) {
-            acc_t* sr = sc.data() + r * kBN;
-            const uint8_t* ar = allowed.data() + r * kBN;
-            if constexpr (std::is_same_v<acc_t, float>) {
-              float alpha;
-              softmax_row_f32<kBN>(sr, ar, cols, masked, scale, mh[r], lh[r], alpha);
-              acc_t* ar_acc = ah + r * s.d;
-              for (int64_t c = 0; c < s.d; ++c) ar_acc[c] *= alpha;
-              continue;
-            }
-            // scale and mask the whole tile width (columns past S are -inf)
-#pragma omp simd
-            for (int64_t c = 0; c < kBN; ++c) {
-              const bool keep = c < cols && (!masked || ar[c]);
-              sr[c] = keep ? sr[c] * scale : neg_inf;
-            }
-            const acc_t m_new = nanmax(mh[r], row_max<acc_t, kBN>(sr));
-            const acc_t m_use = m_new == neg_inf ? acc_t(0) : m_new;
-            const acc_t alpha = exp_acc(mh[r] - m_use);
-#pragma omp simd
-            for (int64_t c = 0; c < kBN; ++c) sr[c] = exp_acc(sr[c] - m_use);
-            lh[r] = lh[r] * alpha + row_sum(sr, kBN);
-            mh[r] = m_new;
-            acc_t* ar_acc = ah + r * s.d;
-#pragma omp simd
-            for (int64_t c = 0; c < s.d; ++c) ar_acc[c] *= alpha;
-          }
-          rows_times_keys<acc_t, kBN>(sc.data(), rows, cols, v, b, h, j0, s.d, ah);
-        }
-      }
-    };
-
+    std::vector<uint8_t> strip(masked ? kBM * S_pad : 0);
+    std::vector<acc_t> sc(kBM * kBN), m(s.H * kBM), l(s.H * kBM), acc(s.H * kBM * s.d), cacc(kBM * s.d);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / nqb, i0 = (item % nqb) * kBM, rows = std::min(kBM, s.Q - i0);
-      int64_t ridx[kBM], counts[kBM], oidx[kBM], opos[kBM];
-      for (int64_t r = 0; r < rows; ++r) ridx[r] = i0 + r, counts[r] = 0;
       if (decider.empty(b)) {
         for (int64_t h = 0; h < s.H; ++h)
           for (int64_t r = 0; r < rows; ++r) {
@@ -634,23 +584,76 @@ void attention_forward(const at::Tensor& q_t, const at::Tensor& k_t, const at::T
           }
         continue;
       }
-      const bool masked = decider.masked();
-      sweep(b, ridx, rows, masked, counts, m.data(), l.data(), acc.data());
-      int64_t n_open = 0;
-      if (masked && decider.open_rule()) {
-        for (int64_t r = 0; r < rows; ++r)
-          if (counts[r] == 0) oidx[n_open] = ridx[r], opos[n_open++] = r;
-        if (open)
-          for (int64_t r = 0; r < rows; ++r) open[b * s.Q + i0 + r] = counts[r] == 0;
+      int64_t ridx[kBM], counts[kBM];
+      for (int64_t r = 0; r < rows; ++r) ridx[r] = i0 + r;
+      if (masked) {
+        decider.strip(b, ridx, rows, s.S, strip.data(), S_pad, counts);
+        for (int64_t r = 0; r < rows; ++r) {
+          const bool is_open = decider.open_rule() && counts[r] == 0;
+          if (is_open) std::fill(strip.data() + r * S_pad, strip.data() + r * S_pad + s.S, uint8_t(1));
+          if (open) open[b * s.Q + i0 + r] = is_open;
+        }
       }
-      if (n_open > 0) {  // rows that block every key: all keys, unmasked
-        sweep(b, oidx, n_open, false, nullptr, m2.data(), l2.data(), acc2.data());
-        for (int64_t h = 0; h < s.H; ++h)
-          for (int64_t t = 0; t < n_open; ++t) {
-            const int64_t dst = h * kBM + opos[t], src = h * kBM + t;
-            m[dst] = m2[src], l[dst] = l2[src];
-            std::copy(acc2.data() + src * s.d, acc2.data() + (src + 1) * s.d, acc.data() + dst * s.d);
+      std::fill(m.begin(), m.end(), neg_inf);
+      std::fill(l.begin(), l.end(), acc_t(0));
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      for (int64_t kb = 0; kb < nkb; ++kb) {
+        const int64_t j0 = kb * kBN, cols = std::min(kBN, s.S - j0);
+        // Rows with an allowed key in this tile; a row without one would add exactly
+        // nothing (p = 0) while v is finite, so only these rows are computed.
+        int64_t act[kBM], all_rows[kBM], n_act = 0;
+        for (int64_t r = 0; r < rows; ++r) {
+          all_rows[r] = r;
+          bool any = !masked;
+          if (masked) {
+            const uint8_t* a = strip.data() + r * S_pad + j0;
+            uint8_t o = 0;
+            for (int64_t c = 0; c < cols; ++c) o |= a[c];
+            any = o != 0;
           }
+          if (any) act[n_act++] = r;
+        }
+        for (int64_t h = 0; h < s.H; ++h) {
+          const bool v_ok = v_finite[b * s.H + h];
+          const int64_t* rl = v_ok ? act : all_rows;
+          const int64_t nr = v_ok ? n_act : rows;
+          if (nr == 0) continue;
+          int64_t qrow[kBM];
+          for (int64_t t = 0; t < nr; ++t) qrow[t] = ridx[rl[t]];
+          scores_tile<acc_t, kBN>(q, b, h, qrow, nr, kT + ((b * s.H + h) * nkb + kb) * s.d * kBN, kBN, 0, s.d,
+                                  sc.data());
+          acc_t* mh = m.data() + h * kBM;
+          acc_t* lh = l.data() + h * kBM;
+          acc_t* ah = acc.data() + h * kBM * s.d;
+          for (int64_t t = 0; t < nr; ++t) {
+            const int64_t r = rl[t];
+            acc_t* sr = sc.data() + t * kBN;
+            const uint8_t* ar = masked ? strip.data() + r * S_pad + j0 : nullptr;
+            acc_t* ar_acc = ah + r * s.d;
+            acc_t alpha;
+            if constexpr (std::is_same_v<acc_t, float>) {
+              softmax_row_f32<kBN>(sr, ar, cols, masked, scale, mh[r], lh[r], alpha);
+            } else {
+              // scale and mask the whole tile width (columns past S are -inf)
+              for (int64_t c = 0; c < kBN; ++c) {
+                const bool keep = c < cols && (!masked || ar[c]);
+                sr[c] = keep ? sr[c] * scale : neg_inf;
+              }
+              const acc_t m_new = nanmax(mh[r], row_max<acc_t, kBN>(sr));
+              const acc_t m_use = m_new == neg_inf ? acc_t(0) : m_new;
+              alpha = exp_acc(mh[r] - m_use);
+              for (int64_t c = 0; c < kBN; ++c) sr[c] = exp_acc(sr[c] - m_use);
+              lh[r] = lh[r] * alpha + row_sum(sr, kBN);
+              mh[r] = m_new;
+            }
+            // the row's accumulator, rescaled, into the compact block the product updates
+            acc_t* ca = cacc.data() + t * s.d;
+            for (int64_t c = 0; c < s.d; ++c) ca[c] = ar_acc[c] * alpha;
+          }
+          rows_times_keys<acc_t, kBN>(sc.data(), nr, cols, v, b, h, j0, s.d, cacc.data());
+          for (int64_t t = 0; t < nr; ++t) std::copy(cacc.data() + t * s.d, cacc.data() + (t + 1) * s.d,
+                                                     ah + rl[t] * s.d);
+        }
       }
       for (int64_t h = 0; h < s.H; ++h)
         for (int64_t r = 0; r < rows; ++r) {
@@ -678,8 +681,8 @@ void attention_backward(const at::Tensor& dout_t, const at::Tensor& q_t, const a
   const int64_t S_pad = (s.S + kBNB - 1) / kBNB * kBNB;
   acc_t* kT = workspace<acc_t>(kSlotKT, static_cast<size_t>(s.B * s.H * s.d * S_pad));
   acc_t* vT = workspace<acc_t>(kSlotVT, static_cast<size_t>(s.B * s.H * s.d * S_pad));
-  transpose_into(k, s.B, s.H, s.S, s.d, S_pad, kT);
-  transpose_into(v, s.B, s.H, s.S, s.d, S_pad, vT);
+  transpose_into(k, s.B, s.H, s.S, s.d, kBNB, kT);
+  transpose_into(v, s.B, s.H, s.S, s.d, kBNB, vT);
   // Skipping a blocked tile is exact only with finite q, k, dout (0 * x = 0).
   const std::vector<uint8_t> qf = all_finite(q, s.B, s.H, s.Q, s.d), kf = all_finite(k, s.B, s.H, s.S, s.d),
                              gf = all_finite(dout, s.B, s.H, s.Q, s.d);
@@ -712,7 +715,8 @@ void attention_backward(const at::Tensor& dout_t, const at::Tensor& q_t, const a
 
   at::parallel_for(0, s.B * nkb, 1, [&](int64_t begin, int64_t end) {
     std::vector<uint8_t> allowed(kBM * kBNB);
-    std::vector<acc_t> p(kBM * kBNB), dp(kBM * kBNB), dk_acc(s.H * kBNB * s.d), dv_acc(s.H * kBNB * s.d);
+    std::vector<acc_t> p(kBM * kBNB), dp(kBM * kBNB), dk_acc(s.H * kBNB * s.d), dv_acc(s.H * kBNB * s.d),
+        cacc(kBM * s.d);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / nkb, kb = item % nkb, j0 = kb * kBNB, cols = std::min(kBNB, s.S - j0);
       acc_t* dqp = dq_part + (kb * s.B + b) * s.H * s.Q * s.d;
@@ -725,20 +729,24 @@ void attention_backward(const at::Tensor& dout_t, const at::Tensor& q_t, const a
           const int64_t i0 = qb * kBM, rows = std::min(kBM, s.Q - i0);
           int64_t ridx[kBM];
           for (int64_t r = 0; r < rows; ++r) ridx[r] = i0 + r;
-          const int64_t n_allowed =
-              masked ? decider.tile(b, ridx, rows, j0, cols, allowed.data(), kBNB, nullptr) : rows * cols;
+          int64_t counts[kBM] = {};
+          if (masked) decider.tile(b, ridx, rows, j0, cols, allowed.data(), kBNB, counts);
           for (int64_t h = 0; h < s.H; ++h) {
             const int64_t bh = b * s.H + h;
-            if (n_allowed == 0 && qf[bh] && kf[bh] && gf[bh]) {
-              bool rows_ok = true;
-              for (int64_t r = 0; r < rows; ++r) rows_ok = rows_ok && lse_ok[bh * s.Q + i0 + r];
-              if (rows_ok) continue;  // exactly zero contribution
-            }
-            scores_tile<acc_t, kBNB>(q, b, h, ridx, rows, kT + bh * s.d * S_pad, S_pad, j0, s.d, p.data());
-            scores_tile<acc_t, kBNB>(dout, b, h, ridx, rows, vT + bh * s.d * S_pad, S_pad, j0, s.d, dp.data());
-            for (int64_t r = 0; r < rows; ++r) {
-              acc_t* pr = p.data() + r * kBNB;
-              acc_t* dpr = dp.data() + r * kBNB;
+            // Rows that add exactly nothing to this tile (no allowed key, finite lse,
+            // and finite q, k, dout: p = 0, ds = 0) are left out.
+            const bool safe = qf[bh] && kf[bh] && gf[bh];
+            int64_t act[kBM], qrow[kBM], nr = 0;
+            for (int64_t r = 0; r < rows; ++r)
+              if (!masked || counts[r] > 0 || !safe || !lse_ok[bh * s.Q + i0 + r]) act[nr] = r, qrow[nr++] = i0 + r;
+            if (nr == 0) continue;
+            const int64_t tile = (bh * nkb + kb) * s.d * kBNB;
+            scores_tile<acc_t, kBNB>(q, b, h, qrow, nr, kT + tile, kBNB, 0, s.d, p.data());
+            scores_tile<acc_t, kBNB>(dout, b, h, qrow, nr, vT + tile, kBNB, 0, s.d, dp.data());
+            for (int64_t t = 0; t < nr; ++t) {
+              const int64_t r = act[t];
+              acc_t* pr = p.data() + t * kBNB;
+              acc_t* dpr = dp.data() + t * kBNB;
               const uint8_t* ar = allowed.data() + r * kBNB;
               const acc_t lr = lse[bh * s.Q + i0 + r], dr = delta[bh * s.Q + i0 + r];
               if constexpr (std::is_same_v<acc_t, float>) {
@@ -746,7 +754,6 @@ void attention_backward(const at::Tensor& dout_t, const at::Tensor& q_t, const a
                 continue;
               }
               const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
-#pragma omp simd
               for (int64_t c = 0; c < kBNB; ++c) {
                 const bool keep = c < cols && (!masked || ar[c]);
                 const acc_t x = keep ? pr[c] * scale : neg_inf;
@@ -758,13 +765,19 @@ void attention_backward(const at::Tensor& dout_t, const at::Tensor& q_t, const a
             }
             const acc_t* qrows[kBM];
             const acc_t* grows[kBM];
-            for (int64_t r = 0; r < rows; ++r) {
-              qrows[r] = q.row(b, h, i0 + r);
-              grows[r] = dout.row(b, h, i0 + r);
+            for (int64_t t = 0; t < nr; ++t) {
+              qrows[t] = q.row(b, h, qrow[t]);
+              grows[t] = dout.row(b, h, qrow[t]);
             }
-            keys_times_rows<acc_t, kBNB>(p.data(), rows, cols, grows, s.d, dv_acc.data() + h * kBNB * s.d);
-            keys_times_rows<acc_t, kBNB>(dp.data(), rows, cols, qrows, s.d, dk_acc.data() + h * kBNB * s.d);
-            rows_times_keys<acc_t, kBNB>(dp.data(), rows, cols, k, b, h, j0, s.d, dqp + (h * s.Q + i0) * s.d);
+            keys_times_rows<acc_t, kBNB>(p.data(), nr, cols, grows, s.d, dv_acc.data() + h * kBNB * s.d);
+            keys_times_rows<acc_t, kBNB>(dp.data(), nr, cols, qrows, s.d, dk_acc.data() + h * kBNB * s.d);
+            // this key block's dq partial of the computed rows (the others stay 0)
+            acc_t* dq_rows = dqp + (h * s.Q + i0) * s.d;
+            for (int64_t t = 0; t < nr; ++t)
+              std::copy(dq_rows + act[t] * s.d, dq_rows + (act[t] + 1) * s.d, cacc.data() + t * s.d);
+            rows_times_keys<acc_t, kBNB>(dp.data(), nr, cols, k, b, h, j0, s.d, cacc.data());
+            for (int64_t t = 0; t < nr; ++t)
+              std::copy(cacc.data() + t * s.d, cacc.data() + (t + 1) * s.d, dq_rows + act[t] * s.d);
           }
         }
       }

@@ -166,6 +166,18 @@ struct RegionDecider {
     }
     return n;
   }
+  // The decisions of rows ridx[0..rows) over every key into strip[r * ld + j]
+  // (one long pass per query plane); returns each row's allowed count in counts.
+  void strip(int64_t b, const int64_t* ridx, int64_t rows, int64_t S, uint8_t* out, int64_t ld,
+             int64_t* counts) const {
+    float scratch[region::kBNB];
+    for (int64_t r = 0; r < rows; ++r) {
+      int64_t nr = 0;
+      for (int64_t j0 = 0; j0 < S; j0 += region::kBNB)
+        nr += row(b, ridx[r], j0, std::min(region::kBNB, S - j0), scratch, out + r * ld + j0);
+      counts[r] = nr;
+    }
+  }
   int64_t tile(int64_t b, const int64_t* ridx, int64_t rows, int64_t j0, int64_t cols, uint8_t* out, int64_t ld,
                int64_t* counts) const {
     float scratch[region::kBNB];

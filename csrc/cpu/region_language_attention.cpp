@@ -21,6 +21,18 @@ struct PaddingDecider {
   bool masked() const { return padded != nullptr; }
   bool empty(int64_t b) const { return padded != nullptr && empty_[b]; }
   bool open_rule() const { return false; }
+  void strip(int64_t b, const int64_t*, int64_t rows, int64_t S_, uint8_t* out, int64_t ld, int64_t* counts) const {
+    const uint8_t* p = padded + b * S;
+    int64_t n = 0;
+    for (int64_t j = 0; j < S_; ++j) {
+      out[j] = !p[j];
+      n += out[j];
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      if (r > 0) std::copy(out, out + S_, out + r * ld);
+      counts[r] = n;
+    }
+  }
   int64_t tile(int64_t b, const int64_t*, int64_t rows, int64_t j0, int64_t cols, uint8_t* out, int64_t ld,
                int64_t* counts) const {
     const uint8_t* p = padded + b * S + j0;
