@@ -420,3 +420,86 @@ def test_cpu_kernel_skips_blocked_tiles_without_changing_results():
         assert rel_err(got, want) < 1e-5
         if poison:
             assert got[0, 1, :, 3].isnan().all() and not got[0, 0].isnan().any()
+
+
+# ------------------------------------------------------------------ the other decision plans
+def _plan(mode, Q, region_size, key_size):
+    from rexfast.ops.region_attention import DecisionPlan, sigmoid_threshold
+
+    return DecisionPlan(mode, True, 0, sigmoid_threshold(torch.device("cpu")))
+
+
+@pytest.mark.parametrize("backend", [b for b in RIA_CPU if b in ("cpu", "triton")])
+def test_map_plan_reads_torchs_resampled_values(backend, monkeypatch):
+    """RESAMPLE_MAP (a CPU whose resampler the kernels do not reproduce): the kernels read
+    F.interpolate's values; decisions still exact."""
+    require_backend(RIA_SPEC, backend, "cpu")
+    from rexfast.ops import region_attention
+    from rexfast.ops.region_attention import RESAMPLE_MAP
+
+    kh, kw, mh, mw, Q = 5, 7, 13, 9, 17
+    logits = _decision_logits(2, Q, mh, mw, seed=21)
+    monkeypatch.setattr(region_attention, "decision_plan",
+                        lambda device, Q, region_size, key_size, **kw: _plan(RESAMPLE_MAP, Q, region_size, key_size))
+    import importlib
+
+    rat = importlib.import_module("rexfast.ops.region_attention_triton") if backend == "triton" else None
+    native = importlib.import_module("rexfast.ops.region_image_attention.native")
+    if rat is not None:
+        monkeypatch.setattr(rat, "decision_plan", region_attention.decision_plan)
+    monkeypatch.setattr(native, "decision_plan", region_attention.decision_plan)
+    q, k, v = decision_probe(logits, (kh, kw))
+    out = region_image_attention(q, k, v, logits, (kh, kw), backend=backend)[:, 0]
+    allowed = ~official_region_blocked(logits, (kh, kw))
+    assert ((out > 0) != allowed).sum().item() == 0
+
+
+def _cuda_formula_emulation(logits, kh, kw):
+    """torch's CUDA bilinear (as region_attention.py describes it) in float64-emulated fp32."""
+    from rexfast.ops.region_attention import RESAMPLE_CUDA, resample_axis
+
+    plan = _plan(RESAMPLE_CUDA, logits.shape[1], logits.shape[2:], (kh, kw))
+    y0, y1, ly0, ly1 = (t.long() if t.dtype == torch.int32 else t for t in resample_axis(logits.shape[2], kh, plan))
+    x0, x1, lx0, lx1 = (t.long() if t.dtype == torch.int32 else t for t in resample_axis(logits.shape[3], kw, plan))
+    R = logits.float()
+    a, b = R[..., y0[:, None], x0[None, :]], R[..., y0[:, None], x1[None, :]]
+    c, d = R[..., y1[:, None], x0[None, :]], R[..., y1[:, None], x1[None, :]]
+    fma = lambda p, q, r: (p.double() * q.double() + r.double()).float()  # noqa: E731  one rounding
+    LX0, LX1, LY0, LY1 = lx0[None, :], lx1[None, :], ly0[:, None], ly1[:, None]
+    t0 = fma(LX1, b, a * LX0)
+    t1 = fma(LX0, c, LX1 * d)
+    return fma(LY0, t0, LY1 * t1).flatten(2)
+
+
+@pytest.mark.parametrize("size", [(120, 120, 60, 60), (13, 9, 5, 7), (5, 5, 9, 3), (4, 9, 4, 9)],
+                         ids=lambda s: "{}x{}->{}x{}".format(*s))
+def test_cuda_resampler_emulations_agree(size):
+    """The CUDA plan's arithmetic, written three times (Python here, the C++ Resampler's
+    CUDA mode, the Triton kernel's under the interpreter), gives the same values and so
+    the same decisions (the CUDA kernel's fourth copy is only compiled here)."""
+    require_backend(RIA_SPEC, "cpu", "cpu")
+    from rexfast.ops.region_attention import RESAMPLE_CUDA
+
+    mh, mw, kh, kw = size
+    logits = _decision_logits(2, 11, mh, mw, seed=mh + kw)
+    want = _cuda_formula_emulation(logits, kh, kw)
+    got = torch.ops.rexfast_C.region_resample(logits, kh, kw, RESAMPLE_CUDA, True, 0)
+    assert torch.equal(got, want)
+    if "triton" in RIA_CPU and registry_triton_ok() and kh * kw <= 256:  # the probe has d = S
+        import rexfast.ops.region_attention_triton as rat
+
+        plan = _plan(RESAMPLE_CUDA, 11, (mh, mw), (kh, kw))
+        orig = rat.decision_plan
+        try:
+            rat.decision_plan = lambda *a, **k: plan
+            q, k, v = decision_probe(logits, (kh, kw))
+            out = region_image_attention(q, k, v, logits, (kh, kw), backend="triton")[:, 0]
+        finally:
+            rat.decision_plan = orig
+        blocked = want <= plan.threshold
+        blocked = blocked & ~blocked.all(-1, keepdim=True)
+        assert torch.equal(out > 0, ~blocked)
+
+
+def registry_triton_ok():
+    return "triton" in RIA_BACKENDS.available("cpu")
