@@ -165,8 +165,11 @@ def decision_plan(device: torch.device, Q: int, region_size, key_size, *, verifi
     (mh, mw), (kh, kw) = region_size, key_size
     threshold = sigmoid_threshold(device)
     if device.type == "cuda":
-        mode = RESAMPLE_COPY if (mh, mw) == (kh, kw) else RESAMPLE_CUDA
-        return DecisionPlan(mode, True, 0, threshold)
+        if (mh, mw) == (kh, kw):
+            return DecisionPlan(RESAMPLE_COPY, True, 0, threshold)
+        if verified and not cuda_resampler_verified(device):
+            return DecisionPlan(RESAMPLE_MAP, False, 0, threshold)
+        return DecisionPlan(RESAMPLE_CUDA, True, 0, threshold)
     capability = _cpu_capability()
     if capability not in _CPU_CAPABILITIES or (verified and not cpu_resampler_verified()):
         return DecisionPlan(RESAMPLE_MAP, False, 0, threshold)
@@ -204,6 +207,49 @@ def resample_axis(in_size: int, out_size: int, plan: DecisionPlan, device=None):
     return tuple(t.to(device) for t in out) if device is not None else out
 
 
+def emulate_cuda_resample(logits: Tensor, key_size) -> Tensor:
+    """RESAMPLE_CUDA's arithmetic (what the Triton and CUDA kernels compute) with torch
+    ops: (B, Q, S) float32. A fused multiply-add is one rounding of the exact float64
+    value (a product of two floats is exact in float64)."""
+    kh, kw = key_size
+    plan = DecisionPlan(RESAMPLE_CUDA, True, 0, 0.0)
+    y0, y1, ly0, ly1 = resample_axis(logits.shape[2], kh, plan, logits.device)
+    x0, x1, lx0, lx1 = resample_axis(logits.shape[3], kw, plan, logits.device)
+    y0, y1, x0, x1 = (t.long() for t in (y0, y1, x0, x1))
+    R = logits.to(torch.float32)
+    a, b = R[..., y0[:, None], x0[None, :]], R[..., y0[:, None], x1[None, :]]
+    c, d = R[..., y1[:, None], x0[None, :]], R[..., y1[:, None], x1[None, :]]
+
+    def fma(p, q, r):
+        return (p.double() * q.double() + r.double()).to(torch.float32)
+
+    LX0, LX1, LY0, LY1 = lx0[None, :], lx1[None, :], ly0[:, None], ly1[:, None]
+    t0 = fma(LX1, b, a * LX0)
+    t1 = fma(LX0, c, LX1 * d)
+    return fma(LY0, t0, LY1 * t1).flatten(2)
+
+
+def cuda_resampler_verified(device: torch.device) -> bool:
+    """Once per GPU: does RESAMPLE_CUDA's arithmetic equal torch's CUDA F.interpolate bit
+    for bit there? (It is read from torch's source and nvcc's PTX, and cannot be run
+    where it was written.) If not, fused kernels read F.interpolate's values instead."""
+    key = ("cuda",) + _device_key(device)
+    if key in _RESAMPLER_STATE:
+        return _RESAMPLER_STATE[key]
+    g = torch.Generator().manual_seed(0)
+    ok = True
+    for (mh, mw, kh, kw, Q) in ((13, 9, 5, 7, 21), (120, 120, 60, 60, 4), (33, 47, 61, 67, 5), (7, 3, 7, 9, 3)):
+        logits = (torch.randn(2, Q, mh, mw, generator=g) * 3).to(device)
+        logits[:, ::3] *= 1e-7
+        want = F.interpolate(logits, size=(kh, kw), mode="bilinear", align_corners=False).flatten(2)
+        ok = ok and torch.equal(emulate_cuda_resample(logits, (kh, kw)), want)
+    if not ok:
+        log.warning("region_image_attention: torch's CUDA resampler on %s differs from the arithmetic the fused "
+                    "kernels repeat; their decisions read F.interpolate's output instead", device)
+    _RESAMPLER_STATE[key] = ok
+    return ok
+
+
 _RESAMPLER_STATE: dict = {}
 
 
@@ -211,8 +257,8 @@ def cpu_resampler_verified() -> bool:
     """Once per process: does the C++ kernel's resampler (the arithmetic its attention
     kernel inlines) equal torch's F.interpolate bit for bit on this CPU? Probes the
     vector and tail channels of the channels-last kernel and the generic kernel."""
-    if "ok" in _RESAMPLER_STATE:
-        return _RESAMPLER_STATE["ok"]
+    if "cpu" in _RESAMPLER_STATE:
+        return _RESAMPLER_STATE["cpu"]
     ok = False
     try:
         has = torch._C._dispatch_has_kernel_for_dispatch_key("rexfast_C::region_resample", "CPU")
@@ -236,7 +282,7 @@ def cpu_resampler_verified() -> bool:
     if not ok:
         log.warning("region_image_attention: the C++ kernel does not reproduce torch's CPU resampler on this "
                     "machine (capability %s); its decisions read F.interpolate's output instead", _cpu_capability())
-    _RESAMPLER_STATE["ok"] = ok
+    _RESAMPLER_STATE["cpu"] = ok
     return ok
 
 
@@ -314,6 +360,7 @@ def inner_contiguous(t: Tensor) -> Tensor:
 
 __all__ = [
     "DecisionPlan", "decision_plan", "sigmoid_threshold", "resample_axis", "cpu_resampler_verified",
+    "cuda_resampler_verified", "emulate_cuda_resample",
     "RESAMPLE_CL", "RESAMPLE_GENERIC", "RESAMPLE_CUDA", "RESAMPLE_COPY", "RESAMPLE_MAP", "FLOAT_DTYPES", "official_region_blocked", "default_scale", "masked_scores", "masked_attention",
     "masked_attention_lse", "compute_dtype", "check_qkv", "check_scale", "inner_contiguous",
 ]

@@ -455,28 +455,18 @@ def test_map_plan_reads_torchs_resampled_values(backend, monkeypatch):
 
 
 def _cuda_formula_emulation(logits, kh, kw):
-    """torch's CUDA bilinear (as region_attention.py describes it) in float64-emulated fp32."""
-    from rexfast.ops.region_attention import RESAMPLE_CUDA, resample_axis
+    from rexfast.ops.region_attention import emulate_cuda_resample
 
-    plan = _plan(RESAMPLE_CUDA, logits.shape[1], logits.shape[2:], (kh, kw))
-    y0, y1, ly0, ly1 = (t.long() if t.dtype == torch.int32 else t for t in resample_axis(logits.shape[2], kh, plan))
-    x0, x1, lx0, lx1 = (t.long() if t.dtype == torch.int32 else t for t in resample_axis(logits.shape[3], kw, plan))
-    R = logits.float()
-    a, b = R[..., y0[:, None], x0[None, :]], R[..., y0[:, None], x1[None, :]]
-    c, d = R[..., y1[:, None], x0[None, :]], R[..., y1[:, None], x1[None, :]]
-    fma = lambda p, q, r: (p.double() * q.double() + r.double()).float()  # noqa: E731  one rounding
-    LX0, LX1, LY0, LY1 = lx0[None, :], lx1[None, :], ly0[:, None], ly1[:, None]
-    t0 = fma(LX1, b, a * LX0)
-    t1 = fma(LX0, c, LX1 * d)
-    return fma(LY0, t0, LY1 * t1).flatten(2)
+    return emulate_cuda_resample(logits, (kh, kw))
 
 
 @pytest.mark.parametrize("size", [(120, 120, 60, 60), (13, 9, 5, 7), (5, 5, 9, 3), (4, 9, 4, 9)],
                          ids=lambda s: "{}x{}->{}x{}".format(*s))
 def test_cuda_resampler_emulations_agree(size):
-    """The CUDA plan's arithmetic, written three times (Python here, the C++ Resampler's
-    CUDA mode, the Triton kernel's under the interpreter), gives the same values and so
-    the same decisions (the CUDA kernel's fourth copy is only compiled here)."""
+    """The CUDA plan's arithmetic, written three times (the torch emulation the once-per-GPU
+    check compares with F.interpolate, the C++ Resampler's CUDA mode, the Triton kernel's
+    under the interpreter), gives the same values and so the same decisions (the CUDA
+    kernel's fourth copy is only compiled here)."""
     require_backend(RIA_SPEC, "cpu", "cpu")
     from rexfast.ops.region_attention import RESAMPLE_CUDA
 

@@ -24,6 +24,17 @@ def _need(spec, backend):
     require_backend(spec, backend, "cuda")
 
 
+def test_cuda_resampler_arithmetic_is_torchs():
+    """The arithmetic the Triton/CUDA kernels repeat equals torch's CUDA F.interpolate here
+    (else the plan falls back to reading F.interpolate's values: still exact, but then
+    this test tells that the in-kernel path is not the one running)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from rexfast.ops.region_attention import cuda_resampler_verified
+
+    assert cuda_resampler_verified(torch.device("cuda"))
+
+
 def test_cuda_sigmoid_threshold_is_a_clean_threshold():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
