@@ -18,6 +18,10 @@ logits 120², fp32; RLA batch 2, 8 heads, 100 queries × 20 words, d = 32, fp32.
 logits are smooth per-query blobs (a few keys allowed per query, as a trained
 model's region masks look). CPU: fp32. CUDA (when present): fp32 and bf16.
 
+``REXFAST_BENCH_THREADS=n`` sets torch's thread count for the run (default: torch's);
+on a machine shared with other work, one thread shows the kernels without the
+cross-thread wake-ups that contention makes expensive for every variant.
+
 Each variant reports the median forward and forward+backward time (rounds
 interleaved across the variants, so machine load hits all of them alike; Python's
 garbage collector paused while timing, as timeit does) and its speed-up over eager
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import time
 
 import pytest
@@ -120,6 +125,8 @@ def _interleaved_medians(fns: dict, device: str, rounds: int = ROUNDS) -> dict:
 
 
 def _run(op: str, device: str, dtype: torch.dtype):
+    if os.environ.get("REXFAST_BENCH_THREADS"):
+        torch.set_num_threads(int(os.environ["REXFAST_BENCH_THREADS"]))
     if op == "ria":
         B, H, Q, kh, kw, d, mh, mw = RIA_SHAPE
         q, k, v = _qkv(B, H, Q, kh * kw, d, device, dtype)
@@ -158,6 +165,7 @@ def _run(op: str, device: str, dtype: torch.dtype):
             "op": op,
             "shape": shape,
             "dtype": str(dtype).replace("torch.", ""),
+            "threads": torch.get_num_threads() if device == "cpu" else None,
             "variant": name,
             "fwd_ms": fwd[name],
             "fwd_bwd_ms": fb[name],

@@ -707,53 +707,59 @@ void attention_backward(const at::Tensor& dout_t, const at::Tensor& q_t, const a
       }
     }
   });
-  const int64_t nkb = S_pad / kBNB, nqb = (s.Q + kBM - 1) / kBM;
+  const int64_t nkb = S_pad / kBNB;
   // dq partials per key block: (nkb, B, H, Q, d), each written by its own work item.
   acc_t* dq_part = workspace<acc_t>(kSlotDQ, static_cast<size_t>(nkb * s.B * s.H * s.Q * s.d));
   scalar_t* dk = dk_t.data_ptr<scalar_t>();  // (B, H, S, d) contiguous
   scalar_t* dv = dv_t.data_ptr<scalar_t>();
 
+  // A work item: one key block of one sample, every head. Its decisions for every
+  // query are made once (Q x kBNB bytes), then per head the rows that add something
+  // (an allowed key, or a non-finite q/k/dout/lse that makes 0 * x matter) are
+  // gathered, and p, ds of all of them are formed before the three products, so
+  // the products over rows (dv, dk) reduce over all those rows at once.
   at::parallel_for(0, s.B * nkb, 1, [&](int64_t begin, int64_t end) {
-    std::vector<uint8_t> allowed(kBM * kBNB);
-    std::vector<acc_t> p(kBM * kBNB), dp(kBM * kBNB), dk_acc(s.H * kBNB * s.d), dv_acc(s.H * kBNB * s.d),
-        cacc(kBM * s.d);
+    std::vector<uint8_t> allowed(s.Q * kBNB);
+    std::vector<int64_t> counts(s.Q), act(s.Q), qrow(s.Q), all_rows(s.Q);
+    for (int64_t i = 0; i < s.Q; ++i) all_rows[i] = i;
+    std::vector<acc_t> p(s.Q * kBNB), dp(s.Q * kBNB), dk_acc(kBNB * s.d), dv_acc(kBNB * s.d), cacc(s.Q * s.d);
+    std::vector<const acc_t*> qrows(s.Q), grows(s.Q);
+    const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+    const bool masked = decider.masked();
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / nkb, kb = item % nkb, j0 = kb * kBNB, cols = std::min(kBNB, s.S - j0);
       acc_t* dqp = dq_part + (kb * s.B + b) * s.H * s.Q * s.d;
       std::fill(dqp, dqp + s.H * s.Q * s.d, acc_t(0));
-      std::fill(dk_acc.begin(), dk_acc.end(), acc_t(0));
-      std::fill(dv_acc.begin(), dv_acc.end(), acc_t(0));
-      if (cols > 0 && !decider.empty(b)) {
-        const bool masked = decider.masked();
-        for (int64_t qb = 0; qb < nqb; ++qb) {
-          const int64_t i0 = qb * kBM, rows = std::min(kBM, s.Q - i0);
-          int64_t ridx[kBM];
-          for (int64_t r = 0; r < rows; ++r) ridx[r] = i0 + r;
-          int64_t counts[kBM] = {};
-          if (masked) decider.tile(b, ridx, rows, j0, cols, allowed.data(), kBNB, counts);
-          for (int64_t h = 0; h < s.H; ++h) {
-            const int64_t bh = b * s.H + h;
-            // Rows that add exactly nothing to this tile (no allowed key, finite lse,
-            // and finite q, k, dout: p = 0, ds = 0) are left out.
-            const bool safe = qf[bh] && kf[bh] && gf[bh];
-            int64_t act[kBM], qrow[kBM], nr = 0;
-            for (int64_t r = 0; r < rows; ++r)
-              if (!masked || counts[r] > 0 || !safe || !lse_ok[bh * s.Q + i0 + r]) act[nr] = r, qrow[nr++] = i0 + r;
-            if (nr == 0) continue;
-            const int64_t tile = (bh * nkb + kb) * s.d * kBNB;
-            scores_tile<acc_t, kBNB>(q, b, h, qrow, nr, kT + tile, kBNB, 0, s.d, p.data());
-            scores_tile<acc_t, kBNB>(dout, b, h, qrow, nr, vT + tile, kBNB, 0, s.d, dp.data());
-            for (int64_t t = 0; t < nr; ++t) {
-              const int64_t r = act[t];
-              acc_t* pr = p.data() + t * kBNB;
-              acc_t* dpr = dp.data() + t * kBNB;
-              const uint8_t* ar = allowed.data() + r * kBNB;
-              const acc_t lr = lse[bh * s.Q + i0 + r], dr = delta[bh * s.Q + i0 + r];
-              if constexpr (std::is_same_v<acc_t, float>) {
-                grad_row_f32<kBNB>(pr, dpr, ar, cols, masked, scale, lr, dr);
-                continue;
-              }
-              const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+      const bool empty = decider.empty(b);  // nothing flows back from an all-padded sample
+      if (!empty && masked) {
+        std::fill(counts.begin(), counts.end(), int64_t(0));
+        decider.tile(b, all_rows.data(), s.Q, j0, cols, allowed.data(), kBNB, counts.data());
+      }
+      for (int64_t h = 0; h < s.H; ++h) {
+        const int64_t bh = b * s.H + h;
+        std::fill(dk_acc.begin(), dk_acc.end(), acc_t(0));
+        std::fill(dv_acc.begin(), dv_acc.end(), acc_t(0));
+        int64_t nr = 0;
+        if (!empty) {
+          // Rows that add exactly nothing to this key block (no allowed key, finite lse,
+          // and finite q, k, dout: p = 0, ds = 0) are left out.
+          const bool safe = qf[bh] && kf[bh] && gf[bh];
+          for (int64_t i = 0; i < s.Q; ++i)
+            if (!masked || counts[i] > 0 || !safe || !lse_ok[bh * s.Q + i]) act[nr++] = i;
+        }
+        if (nr > 0) {
+          const int64_t tile = (bh * nkb + kb) * s.d * kBNB;
+          scores_tile<acc_t, kBNB>(q, b, h, act.data(), nr, kT + tile, kBNB, 0, s.d, p.data());
+          scores_tile<acc_t, kBNB>(dout, b, h, act.data(), nr, vT + tile, kBNB, 0, s.d, dp.data());
+          for (int64_t t = 0; t < nr; ++t) {
+            const int64_t i = act[t];
+            acc_t* pr = p.data() + t * kBNB;
+            acc_t* dpr = dp.data() + t * kBNB;
+            const uint8_t* ar = allowed.data() + i * kBNB;
+            const acc_t lr = lse[bh * s.Q + i], dr = delta[bh * s.Q + i];
+            if constexpr (std::is_same_v<acc_t, float>) {
+              grad_row_f32<kBNB>(pr, dpr, ar, cols, masked, scale, lr, dr);
+            } else {
               for (int64_t c = 0; c < kBNB; ++c) {
                 const bool keep = c < cols && (!masked || ar[c]);
                 const acc_t x = keep ? pr[c] * scale : neg_inf;
@@ -763,34 +769,28 @@ void attention_backward(const at::Tensor& dout_t, const at::Tensor& q_t, const a
                 dpr[c] = keep ? g * scale : acc_t(0);  // now ds
               }
             }
-            const acc_t* qrows[kBM];
-            const acc_t* grows[kBM];
-            for (int64_t t = 0; t < nr; ++t) {
-              qrows[t] = q.row(b, h, qrow[t]);
-              grows[t] = dout.row(b, h, qrow[t]);
-            }
-            keys_times_rows<acc_t, kBNB>(p.data(), nr, cols, grows, s.d, dv_acc.data() + h * kBNB * s.d);
-            keys_times_rows<acc_t, kBNB>(dp.data(), nr, cols, qrows, s.d, dk_acc.data() + h * kBNB * s.d);
-            // this key block's dq partial of the computed rows (the others stay 0)
-            acc_t* dq_rows = dqp + (h * s.Q + i0) * s.d;
-            for (int64_t t = 0; t < nr; ++t)
-              std::copy(dq_rows + act[t] * s.d, dq_rows + (act[t] + 1) * s.d, cacc.data() + t * s.d);
-            rows_times_keys<acc_t, kBNB>(dp.data(), nr, cols, k, b, h, j0, s.d, cacc.data());
-            for (int64_t t = 0; t < nr; ++t)
-              std::copy(cacc.data() + t * s.d, cacc.data() + (t + 1) * s.d, dq_rows + act[t] * s.d);
+            qrows[t] = q.row(b, h, i);
+            grows[t] = dout.row(b, h, i);
           }
+          keys_times_rows<acc_t, kBNB>(p.data(), nr, cols, grows.data(), s.d, dv_acc.data());
+          keys_times_rows<acc_t, kBNB>(dp.data(), nr, cols, qrows.data(), s.d, dk_acc.data());
+          // this key block's dq partial of the computed rows (the others stay 0)
+          std::fill(cacc.begin(), cacc.begin() + nr * s.d, acc_t(0));
+          rows_times_keys<acc_t, kBNB>(dp.data(), nr, cols, k, b, h, j0, s.d, cacc.data());
+          acc_t* dq_rows = dqp + h * s.Q * s.d;
+          for (int64_t t = 0; t < nr; ++t)
+            std::copy(cacc.data() + t * s.d, cacc.data() + (t + 1) * s.d, dq_rows + act[t] * s.d);
         }
-      }
-      for (int64_t h = 0; h < s.H; ++h)
         for (int64_t c = 0; c < cols; ++c) {
-          const int64_t row = ((b * s.H + h) * s.S + j0 + c) * s.d;
-          const acc_t* ka = dk_acc.data() + (h * kBNB + c) * s.d;
-          const acc_t* va = dv_acc.data() + (h * kBNB + c) * s.d;
+          const int64_t row = (bh * s.S + j0 + c) * s.d;
+          const acc_t* ka = dk_acc.data() + c * s.d;
+          const acc_t* va = dv_acc.data() + c * s.d;
           for (int64_t t = 0; t < s.d; ++t) {
             dk[row + t] = static_cast<scalar_t>(ka[t]);
             dv[row + t] = static_cast<scalar_t>(va[t]);
           }
         }
+      }
     }
   });
 
