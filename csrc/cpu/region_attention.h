@@ -199,6 +199,16 @@ inline vi vmask(const uint8_t* p) {  // 16 allowed-bytes -> lane mask (-1 / 0)
   return __builtin_convertvector(m, vi) != 0;
 }
 inline vf vnanmax(vf a, vf b) { return (a != a) | (a > b) ? a : b; }
+// Whether every lane of x is -inf (then exp(x - m) is exactly 0 for a finite m).
+inline bool all_neg_inf(vf x) {
+#if defined(__AVX512F__)
+  return _mm512_cmp_ps_mask((__m512)x, _mm512_set1_ps(-std::numeric_limits<float>::infinity()), _CMP_EQ_OQ) == 0xFFFF;
+#else
+  bool all = true;
+  for (int i = 0; i < kV; ++i) all = all && x[i] == -std::numeric_limits<float>::infinity();
+  return all;
+#endif
+}
 
 // exp_f32 on 16 lanes (the same algorithm; see exp_f32).
 inline vf vexp(vf x) {
@@ -338,8 +348,14 @@ inline void softmax_row_f32(float* sr, const uint8_t* ar, int64_t cols, bool mas
   const float m_use = m_new == neg_inf ? 0.0f : m_new;
   alpha = exp_f32(m - m_use);
   vf sum{};  // lane t sums columns c with c % 16 == t, in order: the kLanes order of row_sum
+  const bool m_finite = std::isfinite(m_use);
   for (int64_t c = 0; c < W; c += kV) {
-    const vf p = vexp(vload(sr + c) - m_use);
+    const vf x = vload(sr + c);
+    if (m_finite && all_neg_inf(x)) {  // 16 blocked keys: p = exp(-inf) = 0 exactly
+      vstore(sr + c, vf{});
+      continue;
+    }
+    const vf p = vexp(x - m_use);
     vstore(sr + c, p);
     sum += p;
   }
@@ -355,10 +371,16 @@ template <int64_t W>
 inline void grad_row_f32(float* pr, float* dpr, const uint8_t* ar, int64_t cols, bool masked, float scale, float lse,
                          float delta) {
   const float neg_inf = -std::numeric_limits<float>::infinity();
+  const bool lse_finite = std::isfinite(lse);
   for (int64_t c = 0; c < W; c += kV) {
     const vi in_range = (vi{} + static_cast<int32_t>(c)) + vi{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15} < static_cast<int32_t>(cols);
     const vi keep = masked ? in_range & vmask(ar + c) : in_range;
     const vf x = keep ? vload(pr + c) * scale : vsplat(neg_inf);
+    if (lse_finite && all_neg_inf(x)) {  // 16 blocked keys (or -inf scores): p = 0, ds = 0 exactly
+      vstore(pr + c, vf{});
+      vstore(dpr + c, vf{});
+      continue;
+    }
     const vf p = vexp(x - lse);
     vstore(pr + c, in_range ? p : vsplat(0.0f));
     const vf g = p * (vload(dpr + c) - delta);
