@@ -23,3 +23,21 @@ for cu in kernels/*.cu; do
   "$real_nvcc" -std=c++17 -arch=sm_90 -O3 -Ikernels -Xcompiler -Wall -c "$cu" -o "$build/$(basename "$cu").o"
   echo "compiled $cu for sm_90"
 done
+# The torch glue in csrc/cuda/ against the installed torch's headers, when they are
+# there (a CPU torch ships the c10/cuda headers but not the generated
+# cuda_cmake_macros.h, which holds one macro): compile only, nothing is linked.
+torch_inc=$(python3 -c "import torch.utils.cpp_extension as c; print(' '.join(c.include_paths()))" 2>/dev/null || true)
+py_inc=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['include'])" 2>/dev/null || true)
+if [ -n "$torch_inc" ]; then
+  mkdir -p "$build/inc/c10/cuda/impl"
+  printf '#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n' > "$build/inc/c10/cuda/impl/cuda_cmake_macros.h"
+  inc_flags="-Ikernels -Icsrc/cuda -isystem $py_inc"
+  for d in $torch_inc; do inc_flags="$inc_flags -isystem $d"; done
+  for cu in csrc/cuda/*.cu; do
+    "$real_nvcc" -std=c++17 -arch=sm_90 -O1 -DREXFAST_WITH_CUDA --expt-relaxed-constexpr -Xcompiler -fPIC \
+      $inc_flags -I"$build/inc" -c "$cu" -o "$build/$(basename "$cu").glue.o"
+    echo "compiled $cu (torch glue) for sm_90"
+  done
+else
+  echo "torch not importable: skipped the csrc/cuda glue"
+fi

@@ -26,7 +26,10 @@ the semantics above hold for every backend.
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -34,10 +37,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+log = logging.getLogger("rexfast")
 
 
 # ----------------------------------------------------------------------------- the official RIA mask
-def official_region_blocked(region_logits: Tensor, key_size: Sequence[int]) -> Tensor:
+def official_region_blocked(region_logits: Tensor, key_size: Sequence[int], *, with_open_rows: bool = False):
     """The RIA mask as the authors' decoder builds it, (B, Q, kh·kw) bool, True = blocked.
 
     ``forward_prediction_heads``: ``F.interpolate(all_mask, key_size, "bilinear",
@@ -46,16 +50,240 @@ def official_region_blocked(region_logits: Tensor, key_size: Sequence[int]) -> T
     logits are taken in float32 (as the authors' fp32 inference computes them;
     fp16/bf16 logits convert exactly) and contiguous (an (B, Q, mh, mw) tensor as
     their einsum makes it), and the decision is made on the tensors' device by
-    PyTorch's own kernels. No gradient flows into the logits.
+    PyTorch's own kernels. No gradient flows into the logits. With
+    ``with_open_rows`` also returns the (B, Q) rows that were unblocked.
     """
     kh, kw = int(key_size[0]), int(key_size[1])
     logits = region_logits.detach().to(torch.float32).contiguous()
     if logits.shape[0] == 0 or logits.shape[1] == 0:  # torch's resampler refuses empty inputs
-        return torch.zeros(logits.shape[0], logits.shape[1], kh * kw, dtype=torch.bool, device=logits.device)
+        blocked = torch.zeros(logits.shape[0], logits.shape[1], kh * kw, dtype=torch.bool, device=logits.device)
+        return (blocked, blocked[..., 0]) if with_open_rows else blocked
     resampled = F.interpolate(logits, size=(kh, kw), mode="bilinear", align_corners=False)
     blocked = resampled.sigmoid().flatten(2) < 0.5
     # attn_mask[torch.where(attn_mask.sum(-1) == attn_mask.shape[-1])] = False
-    return blocked & ~blocked.all(dim=-1, keepdim=True)
+    open_rows = blocked.all(dim=-1)
+    blocked = blocked & ~open_rows[..., None]
+    return (blocked, open_rows) if with_open_rows else blocked
+
+
+# ----------------------------------------------------------------------------- in-kernel decisions
+# Fused RIA kernels never build the mask: each (query, key) decision is made in the
+# kernel from four texels of the region logits. To be *identical* to the official
+# fp32 decision, the kernel repeats the arithmetic of the resampler torch runs on
+# that device, rounding for rounding, then compares with the sigmoid threshold.
+#
+# torch's CPU upsample_bilinear2d (float, NCHW contiguous input), read from its
+# source and verified bit for bit here (torch 2.13, AVX512, AVX2 and DEFAULT):
+#   per axis  scale = float(in)/out, real = max(scale·(i+0.5) − 0.5, 0) (one fma in
+#             the FMA builds), i0 = min(floor(real), in−1), i1 = i0 + (i0 < in−1),
+#             λ1 = clamp(real − i0, 0, 1), λ0 = 1 − λ1 (in == out: i0 = i1 = i, λ = 1, 0)
+#   oh + ow ≤ 128 (or one thread and 3 channels): the "channels-last" kernel over
+#             the Q channels; w_yx = λy·λx; channels in the vector part
+#             (q < Q − Q mod 8) get fma(a,w00, fma(b,w01, fma(d,w11, c·w10))),
+#             the scalar tail fma(d,w11, fma(c,w10, fma(a,w00, b·w01)))
+#   otherwise the generic kernel: fma(fma(a,λx0, b·λx1), λy0, fma(c,λx0, d·λx1)·λy1)
+#   (a, b, c, d = texels (y0,x0), (y0,x1), (y1,x0), (y1,x1); DEFAULT builds: no fma).
+# torch's CUDA kernel (upsample_bilinear2d_out_frame; identical sizes are a copy):
+#   real = fma(i+0.5, scale, −0.5) clamped at 0, i0 = (int)real, λ1 = real − i0,
+#   t0 = fma(λx1, b, a·λx0), t1 = fma(λx0, c, λx1·d), v = fma(λy0, t0, λy1·t1)
+#   (nvcc's contraction of torch's expression, from its PTX; not run on a GPU here).
+# A capability or build whose resampler the CPU kernel does not reproduce (checked
+# once per process against F.interpolate) falls back to RESAMPLE_MAP: the wrapper
+# resamples with F.interpolate itself (B·Q·S fp32, 1/H of a per-head mask) and the
+# kernel reads those values.
+#
+# The sigmoid: sigmoid(x) < 0.5 ⇔ 1 + exp(−x) > 2 in fp32, i.e. x ≤ T for one float
+# T; T is measured per device from torch.sigmoid itself (bisection over the float
+# bit patterns, then an exhaustive check of the neighbourhood), so NaN (never
+# blocked) and every rounding agree with the reference.
+RESAMPLE_CL, RESAMPLE_GENERIC, RESAMPLE_CUDA, RESAMPLE_COPY, RESAMPLE_MAP = 0, 1, 2, 3, 4
+# (fma, lanes) per ATen CPU capability. The resampler is dispatched up to AVX2 only (no
+# AVX512 kernel), so its vector part is 8 floats wide on AVX512 machines too (measured).
+_CPU_CAPABILITIES = {"AVX512": (True, 8), "AVX2": (True, 8), "DEFAULT": (False, 8)}
+
+
+@dataclass(frozen=True)
+class DecisionPlan:
+    mode: int  # RESAMPLE_*
+    fma: bool  # CPU modes: the FMA build's roundings
+    q_vec: int  # RESAMPLE_CL: queries [0, q_vec) take the vector-lane formula
+    threshold: float  # blocked iff resampled logit <= threshold
+
+
+def _device_key(device: torch.device):
+    return (device.type, device.index if device.index is not None else
+            (torch.cuda.current_device() if device.type == "cuda" else 0))
+
+
+@functools.lru_cache(maxsize=None)
+def _sigmoid_threshold(device_key) -> float:
+    device = torch.device(device_key[0], device_key[1]) if device_key[0] == "cuda" else torch.device("cpu")
+
+    def blocked(bits: Tensor) -> Tensor:  # bits: int32 patterns of positive floats → decision at −x
+        x = -bits.to(device).view(torch.float32)
+        many = x.repeat_interleave(4) if x.numel() < 64 else x  # vectorised path, as big tensors take it
+        return (torch.sigmoid(many) < 0.5).view(x.numel(), -1).all(-1).cpu()
+
+    lo = int(torch.tensor([2.0 ** -28]).view(torch.int32))  # sigmoid(−2⁻²⁸) = 0.5: allowed
+    hi = int(torch.tensor([2.0 ** -18]).view(torch.int32))  # sigmoid(−2⁻¹⁸) < 0.5: blocked
+    if blocked(torch.tensor([lo], dtype=torch.int32)).item() or not blocked(torch.tensor([hi], dtype=torch.int32)).item():
+        raise RuntimeError("region_image_attention: torch.sigmoid's 0.5 crossing is outside [-2^-18, -2^-28]")
+    while hi - lo > 1:  # invariant: lo allowed, hi blocked
+        mid = (lo + hi) // 2
+        if blocked(torch.tensor([mid], dtype=torch.int32)).item():
+            hi = mid
+        else:
+            lo = mid
+    window = torch.arange(hi - 2**16, hi + 2**16, dtype=torch.int32)
+    got = blocked(window)
+    if not torch.equal(got, window >= hi):
+        raise RuntimeError("region_image_attention: torch.sigmoid(x) < 0.5 is not a threshold in x on "
+                           f"{device}; fused kernels cannot reproduce it")
+    if device.type == "cpu":  # the scalar tail of torch's CPU loop (libm exp) must agree too
+        x = -window[2**16 - 64: 2**16 + 64].view(torch.float32)
+        scalar = torch.cat([torch.sigmoid(x[i:i + 7]) < 0.5 for i in range(0, x.numel(), 7)])
+        if not torch.equal(scalar, window[2**16 - 64: 2**16 + 64] >= hi):
+            raise RuntimeError("region_image_attention: torch's scalar and vector CPU sigmoid disagree")
+    return float(-torch.tensor([hi], dtype=torch.int32).view(torch.float32))
+
+
+def sigmoid_threshold(device: torch.device) -> float:
+    """The largest fp32 logit x with torch.sigmoid(x) < 0.5 on ``device`` (−1.7881392e-07 on
+    x86 CPUs with correctly rounded exp)."""
+    return _sigmoid_threshold(_device_key(device))
+
+
+def _cpu_capability() -> str:
+    try:
+        return torch.backends.cpu.get_cpu_capability()
+    except Exception:  # pragma: no cover - very old torch
+        return "unknown"
+
+
+def decision_plan(device: torch.device, Q: int, region_size, key_size, *, verified: bool = True) -> DecisionPlan:
+    """How a fused kernel reproduces the official decision for these sizes on ``device``."""
+    (mh, mw), (kh, kw) = region_size, key_size
+    threshold = sigmoid_threshold(device)
+    if device.type == "cuda":
+        if (mh, mw) == (kh, kw):
+            return DecisionPlan(RESAMPLE_COPY, True, 0, threshold)
+        if verified and not cuda_resampler_verified(device):
+            return DecisionPlan(RESAMPLE_MAP, False, 0, threshold)
+        return DecisionPlan(RESAMPLE_CUDA, True, 0, threshold)
+    capability = _cpu_capability()
+    if capability not in _CPU_CAPABILITIES or (verified and not cpu_resampler_verified()):
+        return DecisionPlan(RESAMPLE_MAP, False, 0, threshold)
+    fma, lanes = _CPU_CAPABILITIES[capability]
+    channels_last = kh + kw <= 128 or (torch.get_num_threads() == 1 and Q == 3)
+    if channels_last:
+        return DecisionPlan(RESAMPLE_CL, fma, Q - Q % lanes, threshold)
+    return DecisionPlan(RESAMPLE_GENERIC, fma, 0, threshold)
+
+
+def resample_axis(in_size: int, out_size: int, plan: DecisionPlan, device=None):
+    """Per-output-index taps and weights of one axis, as the plan's resampler computes
+    them: (i0, i1) int32 and (λ0, λ1) float32, each of length ``out_size``."""
+    i = torch.arange(out_size, dtype=torch.float64)
+    scale = torch.tensor(float(in_size), dtype=torch.float32) / out_size  # float(in) / out, in fp32
+    # scale·(i+0.5) − 0.5: the product is exact in fp64 (24-bit × ≤ 25-bit), so one
+    # rounding to fp32 is the fused multiply-add; without fma, two fp32 roundings.
+    if plan.fma:
+        real = (scale.double() * (i + 0.5) - 0.5).to(torch.float32)
+    else:
+        real = (scale * (i + 0.5).to(torch.float32)) - 0.5
+    real = torch.clamp(real, min=0.0)
+    if plan.mode == RESAMPLE_CUDA:
+        i0 = real.to(torch.int64)  # truncation, no guard (real < in - 1 + 1 for align_corners=False)
+        lam1 = real - i0.to(torch.float32)
+    else:
+        i0 = torch.clamp(torch.floor(real).to(torch.int64), max=in_size - 1)
+        lam1 = torch.clamp(real - i0.to(torch.float32), 0.0, 1.0)
+    lam0 = 1.0 - lam1
+    i1 = torch.where(i0 < in_size - 1, i0 + 1, i0)
+    if in_size == out_size and plan.mode != RESAMPLE_CUDA:
+        i0 = i1 = torch.arange(out_size)
+        lam0, lam1 = torch.ones(out_size), torch.zeros(out_size)
+    out = (i0.to(torch.int32), i1.to(torch.int32), lam0.to(torch.float32), lam1.to(torch.float32))
+    return tuple(t.to(device) for t in out) if device is not None else out
+
+
+def emulate_cuda_resample(logits: Tensor, key_size) -> Tensor:
+    """RESAMPLE_CUDA's arithmetic (what the Triton and CUDA kernels compute) with torch
+    ops: (B, Q, S) float32. A fused multiply-add is one rounding of the exact float64
+    value (a product of two floats is exact in float64)."""
+    kh, kw = key_size
+    plan = DecisionPlan(RESAMPLE_CUDA, True, 0, 0.0)
+    y0, y1, ly0, ly1 = resample_axis(logits.shape[2], kh, plan, logits.device)
+    x0, x1, lx0, lx1 = resample_axis(logits.shape[3], kw, plan, logits.device)
+    y0, y1, x0, x1 = (t.long() for t in (y0, y1, x0, x1))
+    R = logits.to(torch.float32)
+    a, b = R[..., y0[:, None], x0[None, :]], R[..., y0[:, None], x1[None, :]]
+    c, d = R[..., y1[:, None], x0[None, :]], R[..., y1[:, None], x1[None, :]]
+
+    def fma(p, q, r):
+        return (p.double() * q.double() + r.double()).to(torch.float32)
+
+    LX0, LX1, LY0, LY1 = lx0[None, :], lx1[None, :], ly0[:, None], ly1[:, None]
+    t0 = fma(LX1, b, a * LX0)
+    t1 = fma(LX0, c, LX1 * d)
+    return fma(LY0, t0, LY1 * t1).flatten(2)
+
+
+def cuda_resampler_verified(device: torch.device) -> bool:
+    """Once per GPU: does RESAMPLE_CUDA's arithmetic equal torch's CUDA F.interpolate bit
+    for bit there? (It is read from torch's source and nvcc's PTX, and cannot be run
+    where it was written.) If not, fused kernels read F.interpolate's values instead."""
+    key = ("cuda",) + _device_key(device)
+    if key in _RESAMPLER_STATE:
+        return _RESAMPLER_STATE[key]
+    g = torch.Generator().manual_seed(0)
+    ok = True
+    for (mh, mw, kh, kw, Q) in ((13, 9, 5, 7, 21), (120, 120, 60, 60, 4), (33, 47, 61, 67, 5), (7, 3, 7, 9, 3)):
+        logits = (torch.randn(2, Q, mh, mw, generator=g) * 3).to(device)
+        logits[:, ::3] *= 1e-7
+        want = F.interpolate(logits, size=(kh, kw), mode="bilinear", align_corners=False).flatten(2)
+        ok = ok and torch.equal(emulate_cuda_resample(logits, (kh, kw)), want)
+    if not ok:
+        log.warning("region_image_attention: torch's CUDA resampler on %s differs from the arithmetic the fused "
+                    "kernels repeat; their decisions read F.interpolate's output instead", device)
+    _RESAMPLER_STATE[key] = ok
+    return ok
+
+
+_RESAMPLER_STATE: dict = {}
+
+
+def cpu_resampler_verified() -> bool:
+    """Once per process: does the C++ kernel's resampler (the arithmetic its attention
+    kernel inlines) equal torch's F.interpolate bit for bit on this CPU? Probes the
+    vector and tail channels of the channels-last kernel and the generic kernel."""
+    if "cpu" in _RESAMPLER_STATE:
+        return _RESAMPLER_STATE["cpu"]
+    ok = False
+    try:
+        has = torch._C._dispatch_has_kernel_for_dispatch_key("rexfast_C::region_resample", "CPU")
+    except RuntimeError:
+        has = False
+    if has:
+        g = torch.Generator().manual_seed(0)
+        ok = True
+        for (mh, mw, kh, kw, Q) in ((13, 9, 5, 7, 21), (5, 5, 9, 3, 9), (2, 5, 7, 3, 13), (33, 47, 61, 67, 5),
+                                     (12, 12, 6, 6, 3), (9, 9, 9, 9, 18)):
+            logits = torch.randn(2, Q, mh, mw, generator=g) * 3
+            logits[0, 0, 0, :3] = torch.tensor([float("inf"), float("nan"), float("-inf")])
+            plan = decision_plan(torch.device("cpu"), Q, (mh, mw), (kh, kw), verified=False)
+            if plan.mode == RESAMPLE_MAP:
+                ok = False
+                break
+            want = F.interpolate(logits, size=(kh, kw), mode="bilinear", align_corners=False).flatten(2)
+            got = torch.ops.rexfast_C.region_resample(logits, kh, kw, plan.mode, plan.fma, plan.q_vec)
+            same = torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
+            ok = ok and same
+    if not ok:
+        log.warning("region_image_attention: the C++ kernel does not reproduce torch's CPU resampler on this "
+                    "machine (capability %s); its decisions read F.interpolate's output instead", _cpu_capability())
+    _RESAMPLER_STATE["cpu"] = ok
+    return ok
 
 
 # ----------------------------------------------------------------------------- the attention core
@@ -131,6 +359,8 @@ def inner_contiguous(t: Tensor) -> Tensor:
 
 
 __all__ = [
-    "FLOAT_DTYPES", "official_region_blocked", "default_scale", "masked_scores", "masked_attention",
+    "DecisionPlan", "decision_plan", "sigmoid_threshold", "resample_axis", "cpu_resampler_verified",
+    "cuda_resampler_verified", "emulate_cuda_resample",
+    "RESAMPLE_CL", "RESAMPLE_GENERIC", "RESAMPLE_CUDA", "RESAMPLE_COPY", "RESAMPLE_MAP", "FLOAT_DTYPES", "official_region_blocked", "default_scale", "masked_scores", "masked_attention",
     "masked_attention_lse", "compute_dtype", "check_qkv", "check_scale", "inner_contiguous",
 ]

@@ -63,6 +63,6 @@ class CompileConfig:
 
 
 POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.int32: "*i32",
-                 torch.int64: "*i64", torch.uint8: "*u8"}
+                 torch.int64: "*i64", torch.uint8: "*u8", torch.int8: "*i8"}
 
 __all__ = ["mix32", "gumbel_from_key", "key_as_int32", "CompileConfig", "POINTER_TYPES"]

@@ -344,3 +344,152 @@ def test_backend_env_override(monkeypatch):
     monkeypatch.setenv("REXFAST_BACKEND", "nope")
     with pytest.raises(ValueError, match="unknown backend"):
         RIA_BACKENDS.choose(torch.device("cpu"), None)
+
+
+# ------------------------------------------------------------------ the C++ kernel specifics
+RESAMPLE_SIZES = [  # (mh, mw, kh, kw, Q): both torch CPU resampling kernels, the 8-lane split, equal sizes
+    (120, 120, 60, 60, 100), (120, 120, 15, 15, 20), (13, 9, 5, 7, 21), (5, 5, 9, 3, 9), (2, 5, 7, 3, 13),
+    (33, 47, 61, 67, 5), (12, 12, 6, 6, 3), (9, 9, 9, 9, 18), (7, 3, 7, 3, 8), (40, 30, 70, 61, 2),
+]
+
+
+@pytest.mark.parametrize("size", RESAMPLE_SIZES, ids=lambda s: "{}x{}->{}x{}-Q{}".format(*s))
+def test_cpu_resampler_is_torchs_bit_for_bit(size):
+    """The resampled logits the C++ kernel compares with the threshold equal F.interpolate's
+    bit for bit (NaN and inf texels included), for the plan this machine gets."""
+    require_backend(RIA_SPEC, "cpu", "cpu")
+    from rexfast.ops.region_attention import RESAMPLE_MAP, decision_plan
+
+    mh, mw, kh, kw, Q = size
+    g = torch.Generator().manual_seed(mh * 1000 + kw)
+    logits = torch.randn(2, Q, mh, mw, generator=g) * 3
+    logits[:, ::4] *= 1e-7
+    logits[0, 0, 0, :3] = torch.tensor([float("inf"), float("nan"), float("-inf")])
+    plan = decision_plan(torch.device("cpu"), Q, (mh, mw), (kh, kw))
+    if plan.mode == RESAMPLE_MAP:
+        pytest.skip("this CPU's resampler is not reproduced (the kernel reads F.interpolate's values)")
+    want = F.interpolate(logits, size=(kh, kw), mode="bilinear", align_corners=False).flatten(2)
+    got = torch.ops.rexfast_C.region_resample(logits, kh, kw, plan.mode, plan.fma, plan.q_vec)
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got.nan_to_num(), want.nan_to_num()), f"{(got != want).sum().item()} values differ"
+
+
+@pytest.mark.parametrize("op", ["ria", "rla"])
+def test_cpu_results_do_not_depend_on_the_thread_count(op):
+    spec = RIA_SPEC if op == "ria" else RLA_SPEC
+    require_backend(spec, "cpu", "cpu")
+    if op == "ria":
+        case = ria_case((2, 3, 37, 15, 15, 32, 120, 120), seed=12)
+        fn = region_image_attention
+    else:
+        case = rla_case((3, 2, 41, 150, 16), mask="with_empty", seed=12)
+        fn = region_language_attention
+    previous = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            leaves = [t.detach().clone().requires_grad_(True) for t in case.args[:3]]
+            out = fn(*leaves, *case.args[3:], backend="cpu")
+            grads = torch.autograd.grad(out, leaves, torch.linspace(-1, 1, out.numel()).reshape(out.shape))
+            results.append((out, *grads))
+    finally:
+        torch.set_num_threads(previous)
+    for a, b in zip(*results):
+        assert torch.equal(a, b), "the CPU kernel must be bitwise independent of the thread count"
+
+
+def test_cpu_kernel_skips_blocked_tiles_without_changing_results():
+    """Sparse masks (a small blob per query, so most key tiles are blocked for a whole
+    query block) against the reference backend; and the same with a NaN in v, where the
+    kernel must not skip (0·NaN reaches every row)."""
+    require_backend(RIA_SPEC, "cpu", "cpu")
+    g = torch.Generator().manual_seed(13)
+    B, H, Q, kh, kw, d = 1, 2, 32, 30, 30, 16
+    q, k, v = torch.randn(B, H, Q, d, generator=g), torch.randn(B, H, kh * kw, d, generator=g), \
+        torch.randn(B, H, kh * kw, d, generator=g)
+    logits = torch.full((B, Q, 60, 60), -4.0)
+    logits[:, :, :6, :6] = 4.0  # every query allows only the top-left corner
+    for poison in (False, True):
+        vv = v.clone()
+        if poison:
+            vv[0, 1, kh * kw - 1, 3] = float("nan")  # a key every query blocks
+        want = region_image_attention(q, k, vv, logits, (kh, kw), backend="reference")
+        got = region_image_attention(q, k, vv, logits, (kh, kw), backend="cpu")
+        assert torch.equal(got.isnan(), want.isnan())
+        assert rel_err(got, want) < 1e-5
+        if poison:
+            assert got[0, 1, :, 3].isnan().all() and not got[0, 0].isnan().any()
+
+
+# ------------------------------------------------------------------ the other decision plans
+def _plan(mode, Q, region_size, key_size):
+    from rexfast.ops.region_attention import DecisionPlan, sigmoid_threshold
+
+    return DecisionPlan(mode, True, 0, sigmoid_threshold(torch.device("cpu")))
+
+
+@pytest.mark.parametrize("backend", [b for b in RIA_CPU if b in ("cpu", "triton")])
+def test_map_plan_reads_torchs_resampled_values(backend, monkeypatch):
+    """RESAMPLE_MAP (a CPU whose resampler the kernels do not reproduce): the kernels read
+    F.interpolate's values; decisions still exact."""
+    require_backend(RIA_SPEC, backend, "cpu")
+    from rexfast.ops import region_attention
+    from rexfast.ops.region_attention import RESAMPLE_MAP
+
+    kh, kw, mh, mw, Q = 5, 7, 13, 9, 17
+    logits = _decision_logits(2, Q, mh, mw, seed=21)
+    monkeypatch.setattr(region_attention, "decision_plan",
+                        lambda device, Q, region_size, key_size, **kw: _plan(RESAMPLE_MAP, Q, region_size, key_size))
+    import importlib
+
+    rat = importlib.import_module("rexfast.ops.region_attention_triton") if backend == "triton" else None
+    native = importlib.import_module("rexfast.ops.region_image_attention.native")
+    if rat is not None:
+        monkeypatch.setattr(rat, "decision_plan", region_attention.decision_plan)
+    monkeypatch.setattr(native, "decision_plan", region_attention.decision_plan)
+    q, k, v = decision_probe(logits, (kh, kw))
+    out = region_image_attention(q, k, v, logits, (kh, kw), backend=backend)[:, 0]
+    allowed = ~official_region_blocked(logits, (kh, kw))
+    assert ((out > 0) != allowed).sum().item() == 0
+
+
+def _cuda_formula_emulation(logits, kh, kw):
+    from rexfast.ops.region_attention import emulate_cuda_resample
+
+    return emulate_cuda_resample(logits, (kh, kw))
+
+
+@pytest.mark.parametrize("size", [(120, 120, 60, 60), (13, 9, 5, 7), (5, 5, 9, 3), (4, 9, 4, 9)],
+                         ids=lambda s: "{}x{}->{}x{}".format(*s))
+def test_cuda_resampler_emulations_agree(size):
+    """The CUDA plan's arithmetic, written three times (the torch emulation the once-per-GPU
+    check compares with F.interpolate, the C++ Resampler's CUDA mode, the Triton kernel's
+    under the interpreter), gives the same values and so the same decisions (the CUDA
+    kernel's fourth copy is only compiled here)."""
+    require_backend(RIA_SPEC, "cpu", "cpu")
+    from rexfast.ops.region_attention import RESAMPLE_CUDA
+
+    mh, mw, kh, kw = size
+    logits = _decision_logits(2, 11, mh, mw, seed=mh + kw)
+    want = _cuda_formula_emulation(logits, kh, kw)
+    got = torch.ops.rexfast_C.region_resample(logits, kh, kw, RESAMPLE_CUDA, True, 0)
+    assert torch.equal(got, want)
+    if "triton" in RIA_CPU and registry_triton_ok() and kh * kw <= 256:  # the probe has d = S
+        import rexfast.ops.region_attention_triton as rat
+
+        plan = _plan(RESAMPLE_CUDA, 11, (mh, mw), (kh, kw))
+        orig = rat.decision_plan
+        try:
+            rat.decision_plan = lambda *a, **k: plan
+            q, k, v = decision_probe(logits, (kh, kw))
+            out = region_image_attention(q, k, v, logits, (kh, kw), backend="triton")[:, 0]
+        finally:
+            rat.decision_plan = orig
+        blocked = want <= plan.threshold
+        blocked = blocked & ~blocked.all(-1, keepdim=True)
+        assert torch.equal(out > 0, ~blocked)
+
+
+def registry_triton_ok():
+    return "triton" in RIA_BACKENDS.available("cpu")

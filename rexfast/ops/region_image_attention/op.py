@@ -11,7 +11,8 @@ region logits R (Q, mh, mw)):
     blocked_qj = sigmoid(bilinear(R_q → kh×kw)_j) < 0.5   (fp32, as torch computes it)
     blocked_q· = False where blocked_q· is all True        (the all-blocked-row rule)
     s = where(blocked, −∞, scale·q kᵀ),  p = softmax_j(s),  out = p v
-The mask is shared by all heads. Gradients (lse = log Σ_j exp s_j):
+The mask is shared by all heads. The registered op also returns lse = log Σ_j exp s_j
+(B, H, Q) and the all-blocked rows (B, Q), which the backward takes back. Gradients:
     p = exp(s − lse), dv = pᵀ dout, dp = dout vᵀ, Δ_i = dout_i·out_i,
     ds = where(blocked, 0, p ⊙ (dp − Δ))·scale, dq = ds k, dk = dsᵀ q.
 No gradient reaches the region logits (a mask input).
@@ -66,8 +67,35 @@ def _check_inputs(q, k, v, region_logits, key_size):
 
 
 # ----------------------------------------------------------------------------- backends
-BACKENDS = registry.OpBackends(OP)
+def _ext_forward(q, k, v, region_logits, kh, kw, scale):
+    from . import native
+
+    return native.forward(q, k, v, region_logits, kh, kw, scale)
+
+
+def _ext_backward(dout, q, k, v, region_logits, kh, kw, scale, out, lse, open_rows):
+    from . import native
+
+    return native.backward(dout, q, k, v, region_logits, kh, kw, scale, out, lse, open_rows)
+
+
+def _triton_forward(q, k, v, region_logits, kh, kw, scale):
+    from . import triton_kernels
+
+    return triton_kernels.forward(q, k, v, region_logits, kh, kw, scale)
+
+
+def _triton_backward(dout, q, k, v, region_logits, kh, kw, scale, out, lse, open_rows):
+    from . import triton_kernels
+
+    return triton_kernels.backward(dout, q, k, v, region_logits, kh, kw, scale, out, lse, open_rows)
+
+
+BACKENDS = registry.OpBackends(OP, triton_module=f"{__package__}.triton_kernels")
 BACKENDS.register(registry.reference_backend(reference_forward, reference_backward))
+BACKENDS.register(registry.cpu_backend(_ext_forward, _ext_backward, "region_image_attention_fwd"))
+BACKENDS.register(registry.cuda_backend(_ext_forward, _ext_backward, "region_image_attention_fwd"))
+BACKENDS.register(registry.triton_backend(_triton_forward, _triton_backward))
 
 
 # ----------------------------------------------------------------------------- registration
@@ -77,50 +105,53 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @torch.library.custom_op("rexfast::region_image_attention", mutates_args=())
 def _ria_op(q: Tensor, k: Tensor, v: Tensor, region_logits: Tensor, kh: int, kw: int, scale: float,
-            backend: str) -> tuple[Tensor, Tensor]:
+            backend: str) -> tuple[Tensor, Tensor, Tensor]:
     B, H, Q, _ = q.shape
     if B == 0 or H == 0 or Q == 0:  # nothing for a kernel to do
-        return q.new_empty(B, H, Q, v.shape[3]), q.new_empty(B, H, Q, dtype=_lse_dtype(q.dtype))
+        return (q.new_empty(B, H, Q, v.shape[3]), q.new_empty(B, H, Q, dtype=_lse_dtype(q.dtype)),
+                q.new_empty(B, Q, dtype=torch.bool))
     q, k, v = (inner_contiguous(t) for t in (q, k, v))
-    out, lse = BACKENDS[backend].forward(q, k, v, region_logits.contiguous(), kh, kw, scale)
-    return out, lse.to(_lse_dtype(q.dtype))
+    out, lse, open_rows = BACKENDS[backend].forward(q, k, v, region_logits.contiguous(), kh, kw, scale)
+    return out, lse.to(_lse_dtype(q.dtype)), open_rows
 
 
 @_ria_op.register_fake
 def _(q, k, v, region_logits, kh, kw, scale, backend):
     B, H, Q, _ = q.shape
-    return q.new_empty(B, H, Q, v.shape[3]), q.new_empty(B, H, Q, dtype=_lse_dtype(q.dtype))
+    return (q.new_empty(B, H, Q, v.shape[3]), q.new_empty(B, H, Q, dtype=_lse_dtype(q.dtype)),
+            q.new_empty(B, Q, dtype=torch.bool))
 
 
 @torch.library.custom_op("rexfast::region_image_attention_backward", mutates_args=())
 def _ria_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, region_logits: Tensor, kh: int, kw: int,
-                     scale: float, out: Tensor, lse: Tensor, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+                     scale: float, out: Tensor, lse: Tensor, open_rows: Tensor,
+                     backend: str) -> tuple[Tensor, Tensor, Tensor]:
     B, H, Q, _ = q.shape
     if B == 0 or H == 0 or Q == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     q, k, v = (inner_contiguous(t) for t in (q, k, v))
     dq, dk, dv = BACKENDS[backend].backward(dout.contiguous(), q, k, v, region_logits.contiguous(), kh, kw, scale,
-                                            out.contiguous(), lse.contiguous())
+                                            out.contiguous(), lse.contiguous(), open_rows.contiguous())
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 @_ria_backward_op.register_fake
-def _(dout, q, k, v, region_logits, kh, kw, scale, out, lse, backend):
+def _(dout, q, k, v, region_logits, kh, kw, scale, out, lse, open_rows, backend):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, region_logits, kh, kw, scale, backend = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, region_logits, out, lse)
+    out, lse, open_rows = output
+    ctx.save_for_backward(q, k, v, region_logits, out, lse, open_rows)
     ctx.args = (kh, kw, scale, backend)
     ctx.set_materialize_grads(True)
 
 
-def _backward(ctx, dout, dlse):
-    q, k, v, region_logits, out, lse = ctx.saved_tensors
+def _backward(ctx, dout, dlse, dopen):
+    q, k, v, region_logits, out, lse, open_rows = ctx.saved_tensors
     kh, kw, scale, backend = ctx.args
-    dq, dk, dv = _ria_backward_op(dout, q, k, v, region_logits, kh, kw, scale, out, lse, backend)
+    dq, dk, dv = _ria_backward_op(dout, q, k, v, region_logits, kh, kw, scale, out, lse, open_rows, backend)
     return dq, dk, dv, None, None, None, None, None
 
 
@@ -150,7 +181,7 @@ def region_image_attention(q: Tensor, k: Tensor, v: Tensor, region_logits: Tenso
     kh, kw = _check_inputs(q, k, v, region_logits, key_size)
     scale = check_scale(OP, scale, q.shape[3])
     name = BACKENDS.choose(q.device, backend)
-    out, _ = _ria_op(q, k, v, region_logits, kh, kw, scale, name)
+    out, _, _ = _ria_op(q, k, v, region_logits, kh, kw, scale, name)
     return out
 
 

@@ -35,10 +35,11 @@ def region_image_attention_reference(q: Tensor, k: Tensor, v: Tensor, region_log
 
 
 def reference_forward(q, k, v, region_logits, kh, kw, scale):
+    """(out, lse, open): open (B, Q) bool marks the rows that block every key (they attend to all)."""
     compute = compute_dtype(q.dtype)
-    blocked = official_region_blocked(region_logits, (kh, kw))[:, None]
-    out, lse = masked_attention_lse(q.to(compute), k.to(compute), v.to(compute), blocked, scale)
-    return out.to(q.dtype), lse
+    blocked, open_rows = official_region_blocked(region_logits, (kh, kw), with_open_rows=True)
+    out, lse = masked_attention_lse(q.to(compute), k.to(compute), v.to(compute), blocked[:, None], scale)
+    return out.to(q.dtype), lse, open_rows
 
 
 def masked_attention_backward(dout, q, k, v, blocked, scale):
@@ -55,7 +56,7 @@ def masked_attention_backward(dout, q, k, v, blocked, scale):
     return torch.matmul(ds, k), torch.matmul(ds.transpose(-1, -2), q), dv
 
 
-def reference_backward(dout, q, k, v, region_logits, kh, kw, scale, out, lse):
+def reference_backward(dout, q, k, v, region_logits, kh, kw, scale, out, lse, open_rows):
     blocked = official_region_blocked(region_logits, (kh, kw))[:, None]
     return masked_attention_backward(dout, q, k, v, blocked, scale)
 

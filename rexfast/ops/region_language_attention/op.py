@@ -40,8 +40,35 @@ def _check_inputs(q, k, v, key_padding_mask):
 
 
 # ----------------------------------------------------------------------------- backends
-BACKENDS = registry.OpBackends(OP)
+def _ext_forward(q, k, v, key_padding_mask, scale):
+    from . import native
+
+    return native.forward(q, k, v, key_padding_mask, scale)
+
+
+def _ext_backward(dout, q, k, v, key_padding_mask, scale, out, lse):
+    from . import native
+
+    return native.backward(dout, q, k, v, key_padding_mask, scale, out, lse)
+
+
+def _triton_forward(q, k, v, key_padding_mask, scale):
+    from . import triton_kernels
+
+    return triton_kernels.forward(q, k, v, key_padding_mask, scale)
+
+
+def _triton_backward(dout, q, k, v, key_padding_mask, scale, out, lse):
+    from . import triton_kernels
+
+    return triton_kernels.backward(dout, q, k, v, key_padding_mask, scale, out, lse)
+
+
+BACKENDS = registry.OpBackends(OP, triton_module=f"{__package__}.triton_kernels")
 BACKENDS.register(registry.reference_backend(reference_forward, reference_backward))
+BACKENDS.register(registry.cpu_backend(_ext_forward, _ext_backward, "region_language_attention_fwd"))
+BACKENDS.register(registry.cuda_backend(_ext_forward, _ext_backward, "region_language_attention_fwd"))
+BACKENDS.register(registry.triton_backend(_triton_forward, _triton_backward))
 
 
 # ----------------------------------------------------------------------------- registration
