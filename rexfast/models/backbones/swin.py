@@ -49,10 +49,16 @@ class SwinConfig:
     fusion_drop: float = 0.0
     patch_size: int = 4
     layout: str = "cgformer"  # cgformer | rela: module names, last-stage gate, initialisation (module docstring)
+    # The rela layout's gates start at exactly 0, and a two-layer gate whose both weights are 0 gets no
+    # gradient, so they never train (as in the released ReLA). "random" starts them at trunc-normal(0.02),
+    # as LAVT's init_weights does, so that training from scratch can use them.
+    gate_init: str = "layout"  # layout | random
 
     def __post_init__(self):
         if self.layout not in LAYOUTS:
             raise ValueError(f"SwinConfig.layout must be one of {sorted(LAYOUTS)}, got {self.layout!r}")
+        if self.gate_init not in ("layout", "random"):
+            raise ValueError(f"SwinConfig.gate_init must be layout or random, got {self.gate_init!r}")
 
     @property
     def num_features(self) -> list[int]:
@@ -276,7 +282,7 @@ class MMBasicLayer(nn.Module):
 
     def __init__(self, dim: int, depth: int, num_heads: int, window_size: int, mlp_ratio: float,
                  drop_path: Sequence[float], text_dim: int, pwam_heads: int, fusion_drop: float, downsample: bool,
-                 layout: str = "cgformer"):
+                 layout: str = "cgformer", gate_init: str = "layout"):
         super().__init__()
         self.window_size = window_size
         self.shift_size = window_size // 2
@@ -292,9 +298,11 @@ class MMBasicLayer(nn.Module):
         if self._gate_name:
             gate = nn.Sequential(nn.Linear(dim, dim, bias=False), nn.ReLU(), nn.Linear(dim, dim, bias=False),
                                  nn.Tanh())
-            if layout == "rela":  # "initialize the gate to 0"
-                nn.init.zeros_(gate[0].weight)
-                nn.init.zeros_(gate[2].weight)
+            for linear in (gate[0], gate[2]):
+                if gate_init == "random":
+                    nn.init.trunc_normal_(linear.weight, std=0.02)
+                elif layout == "rela":  # "initialize the gate to 0"
+                    nn.init.zeros_(linear.weight)
             self.add_module(gate_name, gate)
         self.downsample = PatchMerging(dim) if downsample else None
         self._mask_cache: dict = {}
@@ -349,7 +357,7 @@ class MultiModalSwinTransformer(nn.Module):
             self.layers.append(MMBasicLayer(
                 self.num_features[i], config.depths[i], config.num_heads[i], config.window_size, config.mlp_ratio,
                 rates[start:start + config.depths[i]], text_dim, config.pwam_heads[i], config.fusion_drop,
-                downsample=i < n - 1, layout=config.layout))
+                downsample=i < n - 1, layout=config.layout, gate_init=config.gate_init))
         for i in range(n):
             self.add_module(f"norm{i}", nn.LayerNorm(self.num_features[i]))
         if config.layout == "cgformer":
