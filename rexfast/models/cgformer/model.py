@@ -368,7 +368,9 @@ class CGFormer(ReferringModel):
         return losses
 
     def forward(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor, targets: Optional[Tensor] = None,
-                *, gumbel_noise: Optional[Sequence[Tensor]] = None):
+                gumbel_noise: Optional[Sequence[Tensor]] = None):
+        # No keyword-only parameters: torch.onnx's legacy (TorchScript) exporter
+        # passes every default positionally.
         out = self.forward_features(images, input_ids, attention_mask, gumbel_noise=gumbel_noise)
         if targets is None:
             return out["logits"]
