@@ -378,6 +378,12 @@ class CGFormer(ReferringModel):
             raise ValueError(f"targets {tuple(targets.shape)} must be (B, H, W) matching images {tuple(images.shape)}")
         return out["logits"], self.losses(out, targets)
 
+    def inference_outputs(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> dict[str, Tensor]:
+        """What an inference engine returns (``rexfast export``): ``logits`` (B, 1, H, W) and,
+        with the no-target head, ``nt_logits`` (B, 2: target, no target)."""
+        out = self.forward_features(images, input_ids, attention_mask)
+        return {name: out[name] for name in ("logits", "nt_logits") if name in out}
+
     def predict(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Prediction:
         """The mask probability (B, H, W) = sigmoid of the logits, as the released
         evaluation computes it. Without the no-target head (the released model)
