@@ -16,10 +16,14 @@ anywhere in (b, h) reaches every query's output column; a row with a NaN or
 gives sigmoid NaN, ``NaN < 0.5`` is false: that key is not blocked.
 
 The onnxscript function in :mod:`rexfast.export.onnx_functions` is this
-computation operation for operation (ONNX Resize ``linear``/``half_pixel``,
-Sigmoid, Less); its decisions equal these up to the rounding of the resampling
-weights and of the sigmoid in the runtime that runs it (tested: identical on
-random logits and on logits next to 0).
+computation operation for operation (ONNX Resize ``linear``/``half_pixel``), with
+the sigmoid test written as the comparison it is in PyTorch's float32:
+``sigmoid(x) < 0.5`` exactly when ``x <= -1.7881392e-07`` (checked for every
+float32 in [-1e-3, 0]), because runtimes' Sigmoid kernels round differently
+next to 0. Its masks equal these whenever the region map needs no resampling
+(ReLA's default, ``region_masks_at_key_resolution``); a resampled map can round
+its bilinear weights differently in another runtime, which moves decisions only
+for logits within ~1e-6 of that threshold.
 """
 
 from __future__ import annotations
