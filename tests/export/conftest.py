@@ -31,10 +31,13 @@ def exported(tmp_path_factory):
 
     def get(name: str, mode: str):
         if (name, mode) not in cache:
-            model = tiny_model(name)
+            model = tiny_model(name).train()  # exported from training mode: it must come back as it was
+            before = {k: v.clone() for k, v in model.state_dict().items()}
             path = tmp_path_factory.mktemp(f"{name}-{mode}") / "model.onnx"
             result = export_onnx(model, path, image_size=IMAGE, mode=mode)
-            cache[name, mode] = (model, result, path.read_bytes())
-        return cache[name, mode]
+            untouched = model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+            cache[name, mode] = (model.eval(), result, path.read_bytes(), untouched)
+        return cache[name, mode][:3]
 
+    get.untouched = lambda name, mode: cache[name, mode][3]
     return get

@@ -137,14 +137,11 @@ def test_one_file_holds_one_image_size(exported):
         onnxruntime_outputs(data, example_inputs(model, (96, 96)))
 
 
-def test_export_leaves_the_model_as_it_was(tmp_path):
-    from rexfast.export import export_onnx
-
-    model = tiny_model("cgformer").train()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    export_onnx(model, tmp_path / "m.onnx", image_size=64, verify=False)
-    assert model.training
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", MODELS)
+def test_export_leaves_the_model_as_it_was(exported, name, mode):
+    exported(name, mode)  # exported from training mode (conftest)
+    assert exported.untouched(name, mode), "export changed the model's mode or weights"
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
