@@ -1,4 +1,4 @@
-"""The ``rexfast`` command line: info, train, eval, predict, demo, convert.
+"""The ``rexfast`` command line: info, train, eval, predict, demo, convert, export.
 
 Bad input (missing file, unreadable image, empty text, wrong checkpoint, bad
 config) ends with one ``rexfast: error: ...`` line on stderr and exit code 2
@@ -105,6 +105,46 @@ def _cmd_convert(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from .io import check_output_file
+
+    # cheap checks first: nothing is loaded for a path that cannot be written
+    out = check_output_file(args.out, "ONNX file")
+    from .engine.checkpoint import load_model
+
+    loaded = load_model(args.checkpoint, device="cpu", require_tokenizer=False)
+    model = loaded.model
+    size = args.image_size or getattr(model.config, "image_size", None) or loaded.config.data.image_size
+    try:
+        from .export import export_onnx
+
+        result = export_onnx(model, out, image_size=size, mode=args.mode, opset=args.opset,
+                             verify=not args.no_verify)
+    except ImportError as exc:  # the export extra is missing
+        raise ValueError(str(exc)) from None
+    print(json.dumps({
+        "onnx": str(result.path), "model": result.model_type, "mode": result.mode, "opset": result.opset,
+        "image_size": list(result.image_size), "inputs": list(result.input_names), "outputs": list(result.output_names),
+        "dynamic_axes": {k: {str(a): n for a, n in v.items()} for k, v in result.dynamic_axes.items()},
+        "rexfast_nodes": {op: n for (domain, op), n in sorted(result.op_counts.items()) if domain == "rexfast"},
+        "megabytes": round(result.bytes / 2**20, 2),
+        "onnxruntime_vs_torch_max_abs_error": result.max_abs_error or "not verified (--no-verify)",
+    }, indent=1))
+    return 0
+
+
+def _image_size(text: str):
+    """``480`` or ``480x640`` (height x width), positive multiples of 32."""
+    parts = text.lower().split("x")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected H or HxW, got {text!r}") from None
+    if len(values) not in (1, 2) or any(v <= 0 or v % 32 for v in values):
+        raise argparse.ArgumentTypeError(f"image size must be positive multiples of 32 (H or HxW), got {text!r}")
+    return values[0] if len(values) == 1 else (values[0], values[1])
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -177,6 +217,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the model folder to write (config.json + model.safetensors)")
     p.add_argument("--model", default="auto", help="cgformer | rela | auto (from the checkpoint's keys)")
     p.set_defaults(func=_cmd_convert)
+
+    from .export import MODES, OPSETS
+
+    p = sub.add_parser("export", help="export a checkpoint or model folder to ONNX (onnxruntime, TensorRT)")
+    p.add_argument("--checkpoint", required=True, help="a training checkpoint (best.pt) or a model folder")
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--mode", choices=MODES, default="decomposed",
+                   help="decomposed: standard ONNX operators only; hybrid: one rexfast::<op> node per op (a "
+                        "TensorRT plugin when registered) with a local function holding its decomposition")
+    p.add_argument("--image-size", type=_image_size, default=None, metavar="H[xW]",
+                   help="the one input size of the file, multiples of 32 (default: the model's training size)")
+    p.add_argument("--opset", type=int, choices=OPSETS, default=18)
+    p.add_argument("--no-verify", action="store_true", help="skip running the file with onnxruntime")
+    p.set_defaults(func=_cmd_export)
     return parser
 
 

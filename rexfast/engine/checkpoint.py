@@ -113,11 +113,12 @@ class Loaded:
 
 
 def load_model(path: str | os.PathLike, *, overrides=(), tokenizer_path: Optional[str] = None,
-               device="cpu") -> Loaded:
+               device="cpu", require_tokenizer: bool = True) -> Loaded:
     """The model of a training checkpoint (``best.pt``/``last.pt``) or of a
     ``save_pretrained`` folder, in eval mode on ``device``, with its run config
     and tokenizer. A folder holds no tokenizer and no data config: they come from
-    ``tokenizer_path`` / ``overrides`` (``data.*``)."""
+    ``tokenizer_path`` / ``overrides`` (``data.*``); with ``require_tokenizer=False``
+    (export, which feeds token ids) a folder loads without one (``tokenizer`` None)."""
     from . import builders
     from .config import Config, ModelSection, apply_overrides
 
@@ -133,11 +134,13 @@ def load_model(path: str | os.PathLike, *, overrides=(), tokenizer_path: Optiona
         cfg = Config.from_dict({k: v for k, v in raw.items() if k != "model"})
         cfg.model = ModelSection(name=name, preset=type(model_cfg).PRESETS[0], config=model_cfg)
         tokenizer_file = tokenizer_path or cfg.data.tokenizer
-        if not tokenizer_file:
+        if not tokenizer_file and require_tokenizer:
             raise CheckpointError(f"{path} is a model folder and holds no tokenizer: pass --tokenizer (a local "
                                   "vocab.txt or BERT folder), or use the training checkpoint, which carries its vocabulary")
-        cfg.data.tokenizer = str(tokenizer_file)
-        tokenizer = builders.build_tokenizer(cfg.data)
+        tokenizer = None
+        if tokenizer_file:
+            cfg.data.tokenizer = str(tokenizer_file)
+            tokenizer = builders.build_tokenizer(cfg.data)
         model = builders.model_class(cfg)(model_cfg)
         load_weights(model, state, path)
     else:

@@ -12,6 +12,9 @@ this protocol and the registry (:mod:`rexfast.models.registry`):
     the mask probability (B, H, W) at the input size and the no-target
     probability (B,) — ``None`` for a model without a no-target head (then an
     empty mask means "no target").
+``inference_outputs(images, input_ids, attention_mask)`` → dict of tensors
+    what an inference engine returns, by name (the outputs of an exported
+    graph, :mod:`rexfast.export`): the logits the model's ``predict`` is made from.
 ``param_groups(train_cfg)``
     optimizer parameter groups carrying the model's released per-group learning
     rates and weight decays, from ``train_cfg.lr`` and ``train_cfg.weight_decay``.

@@ -109,6 +109,24 @@ def c2_msra_fill(conv: nn.Conv2d) -> None:
         nn.init.zeros_(conv.bias)
 
 
+def merge_heads(out: Tensor) -> Tensor:
+    """(B, heads, n, d) attention output -> (B, n, heads·d).
+
+    While ``torch.export`` traces (``torch.onnx.export(dynamo=True)`` and the
+    TensorRT paths go through it), the merge is recorded as a *view* of the
+    layout that ``scaled_dot_product_attention`` had when traced; when the
+    attention takes grad-requiring inputs, the exporter's decomposition of that
+    call returns another layout and the view fails ("Cannot view a tensor with
+    shape [B, n, heads, d] and strides ..."). An explicit contiguous copy makes
+    the recorded graph layout-independent; eager and ``torch.compile`` keep the
+    plain reshape (a free view here)."""
+    b, h, n, d = out.shape
+    out = out.transpose(1, 2)
+    if torch.compiler.is_exporting():
+        return out.clone(memory_format=torch.contiguous_format).view(b, n, h * d)
+    return out.reshape(b, n, h * d)
+
+
 class FrozenBatchNorm2d(nn.Module):
     """Batch norm with fixed statistics and affine terms (all four are buffers,
     never trained): y = (x − mean) / sqrt(var + eps) · weight + bias, as one affine map."""
@@ -143,5 +161,5 @@ class ReluMLP(nn.Module):
         return x
 
 
-__all__ = ["DropPath", "Mlp", "CrossAttn", "conv_bn_relu", "ConvNormAct", "c2_xavier_fill", "c2_msra_fill",
-           "FrozenBatchNorm2d", "ReluMLP"]
+__all__ = ["DropPath", "Mlp", "CrossAttn", "merge_heads", "conv_bn_relu", "ConvNormAct", "c2_xavier_fill",
+           "c2_msra_fill", "FrozenBatchNorm2d", "ReluMLP"]

@@ -99,10 +99,12 @@ def test_cli_refuses_hostile_checkpoints_before_anything_runs(genuine, tmp_path,
          "model.preset=tiny", "--set", f"train.out_dir={tmp_path / 'run'}", "--set", "train.device=cpu",
          "--resume", resume),
         ("convert", "--official", path, "--out", tmp_path / "converted"),
+        ("export", "--checkpoint", path, "--out", tmp_path / "exported.onnx"),
     ):
         line = _one_error(_rexfast(*args))
         assert "refusing" in line and "posix.system" in line, line
     assert not (tmp_path / "out").exists() and not (tmp_path / "run").exists() and not (tmp_path / "converted").exists()
+    assert not (tmp_path / "exported.onnx").exists()
 
 
 def test_apis_refuse_hostile_checkpoints(genuine, tmp_path, marker):

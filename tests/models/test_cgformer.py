@@ -506,3 +506,19 @@ def test_from_official_accepts_exactly_the_released_key_set():
     kept = check_keys(model, state)
     assert set(kept) == set(state) == set(model.state_dict())
     assert sum(p.numel() for p in model.parameters()) == fixture["num_parameters"]
+
+
+def test_forward_takes_every_argument_positionally():
+    # torch.onnx's legacy (TorchScript) exporter passes forward's defaults positionally;
+    # a keyword-only parameter made it fail with "takes from 4 to 5 positional arguments".
+    import inspect
+
+    from rexfast.models.registry import MODELS
+
+    for entry in MODELS.values():
+        kinds = [p.kind for p in inspect.signature(entry.model_class.forward).parameters.values()]
+        assert inspect.Parameter.KEYWORD_ONLY not in kinds, entry.name
+    model = tiny_model().eval()
+    images, ids, mask, _ = make_batch()
+    with torch.no_grad():
+        assert torch.equal(model(images, ids, mask, None, None), model(images, ids, mask))

@@ -1,5 +1,6 @@
 """Multimodal Swin backbone: the channels-last rewrites equal the released
-(B, C, L) formulation, shifted-window masking, shapes, presets."""
+(B, C, L) formulation, shifted-window masking (equal to the released slice
+construction, traceable, no cache while tracing), shapes, presets."""
 
 from __future__ import annotations
 
@@ -54,6 +55,79 @@ def test_shifted_window_mask_blocks_only_across_regions():
     assert (mask[0] == 0).all()  # the top-left window never wraps around
     assert set(mask.unique().tolist()) == {0.0, -100.0}
     assert (mask.diagonal(dim1=1, dim2=2) == 0).all()
+
+
+def released_shift_mask(h, w, window, shift):
+    """The released construction: nine region ids written by slice assignment."""
+    hp, wp = -(-h // window) * window, -(-w // window) * window
+    region = torch.zeros(1, hp, wp, 1)
+    count = 0
+    bounds = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
+    for hs in bounds:
+        for wsl in bounds:
+            region[:, hs, wsl, :] = count
+            count += 1
+    ids = window_partition(region, window).squeeze(-1)
+    diff = ids.unsqueeze(1) - ids.unsqueeze(2)
+    return torch.zeros_like(diff).masked_fill(diff != 0, -100.0)
+
+
+@pytest.mark.parametrize("h,w,window,shift", [(8, 8, 4, 2), (3, 6, 3, 1), (2, 2, 4, 2), (4, 4, 4, 2), (5, 11, 4, 2),
+                                              (30, 30, 12, 6), (15, 15, 12, 6), (7, 9, 7, 3), (1, 1, 2, 1), (12, 7, 5, 4)])
+def test_shifted_window_mask_equals_the_released_slice_construction(h, w, window, shift):
+    mask = shifted_window_mask(h, w, window, shift)
+    ref = released_shift_mask(h, w, window, shift)
+    assert mask.dtype == ref.dtype == torch.float32
+    assert torch.equal(mask, ref)
+
+
+def test_shifted_window_mask_refuses_a_shift_it_cannot_make():
+    with pytest.raises(ValueError, match="shift"):
+        shifted_window_mask(8, 8, 4, 0)
+
+
+def _stage_one(window=4):
+    torch.manual_seed(0)
+    cfg = SwinConfig(embed_dim=8, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), window_size=window,
+                     pwam_heads=(1, 1, 2, 2))
+    net = MultiModalSwinTransformer(cfg, text_dim=12).eval()
+
+    class StageOne(torch.nn.Module):  # patch embedding + the first (shifted-window) stage
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, images, words):
+            x, h, w = self.net.patch_embed(images)
+            residual, *_ = self.net.layers[0](x, h, w, words, torch.ones(words.shape[:2]))
+            return residual
+
+    return StageOne().eval()
+
+
+def test_shift_mask_is_recomputed_while_tracing_not_taken_from_the_cache():
+    stage = _stage_one()
+    layer = stage.net.layers[0]
+    words = torch.randn(1, 5, 12)
+    with torch.no_grad():
+        stage(torch.randn(1, 3, 32, 32), words)  # caches the 8×8 mask
+        assert list(layer._mask_cache) == [(8, 8, "cpu")]
+        images = torch.randn(1, 3, 48, 48)  # a 12×12 map: the traced graph must make its own mask
+        traced = torch.jit.trace(stage, (images, words), check_trace=False)
+        assert list(layer._mask_cache) == [(8, 8, "cpu")], "tracing must not touch the cache"
+        torch.testing.assert_close(traced(images, words), stage(images, words), rtol=0, atol=0)
+
+
+def test_torch_export_with_symbolic_image_size_makes_the_mask_in_the_graph():
+    # The cache used to key a dict with the (symbolic) map size: unhashable under torch.export.
+    stage = _stage_one()
+    words = torch.randn(2, 5, 12)
+    side = torch.export.Dim("side32", min=2, max=8)
+    ep = torch.export.export(stage, (torch.randn(2, 3, 64, 64), words), dynamic_shapes=({2: 32 * side, 3: 32 * side},
+                                                                                         None))
+    images = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(images, words), stage(images, words), rtol=1e-5, atol=1e-6)
 
 
 def test_pwam_matches_conv1d_instance_norm_formulation():

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layers import DropPath, Mlp
+from ..layers import DropPath, Mlp, merge_heads
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ class WindowAttention(nn.Module):
         bias = bias.to(q.dtype)
         # one fused attention call (softmax(q kᵀ·scale + bias) v), same math as the released code
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
-        return self.proj(out.transpose(1, 2).reshape(bw, n, c))
+        return self.proj(merge_heads(out))
 
 
 def window_partition(x: Tensor, w: int) -> Tensor:
@@ -172,15 +172,23 @@ class SwinTransformerBlock(nn.Module):
 
 def shifted_window_mask(h: int, w: int, window: int, shift: int, device=None) -> Tensor:
     """Additive (nW, w², w²) mask keeping shifted-window attention inside the
-    regions that were contiguous before the cyclic shift (0 inside, -100 across)."""
+    regions that were contiguous before the cyclic shift (0 inside, -100 across).
+
+    The released code labels the padded (hp, wp) map with nine region ids by
+    slice assignment over ``(0, -window), (-window, -shift), (-shift, None)`` in
+    each axis (id = 3·row band + column band). The bands are computed here by
+    comparison instead, the same ids for ``shift >= 1`` (the only case a mask is
+    used for): no in-place slice writes, so the mask traces (torch.jit.trace,
+    torch.export) and works with symbolic sizes."""
+    if not 1 <= shift < window:
+        raise ValueError(f"shifted_window_mask: the shift must lie in [1, window), got shift {shift}, window {window}")
     hp, wp = -(-h // window) * window, -(-w // window) * window
-    region = torch.zeros(1, hp, wp, 1, device=device)
-    count = 0
-    bounds = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
-    for hs in bounds:
-        for wsl in bounds:
-            region[:, hs, wsl, :] = count
-            count += 1
+
+    def band(n):  # 0 before n - window, 1 in [n - window, n - shift), 2 from n - shift on
+        i = torch.arange(n, device=device)
+        return (i >= n - window).to(torch.float32) + (i >= n - shift).to(torch.float32)
+
+    region = (band(hp)[:, None] * 3 + band(wp)[None, :])[None, :, :, None]  # 1, hp, wp, 1
     ids = window_partition(region, window).squeeze(-1)  # nW, w²
     diff = ids.unsqueeze(1) - ids.unsqueeze(2)
     return torch.zeros_like(diff).masked_fill(diff != 0, -100.0)
@@ -316,14 +324,15 @@ class MMBasicLayer(nn.Module):
         return self._modules[self._gate_name] if self._gate_name else None
 
     def _shift_mask(self, h: int, w: int, device) -> Optional[Tensor]:
-        if len(self.blocks) < 2:
+        if len(self.blocks) < 2 or self.shift_size == 0:  # no block shifts: no mask
             return None
-        key = (h, w, str(device))
-        if key not in self._mask_cache or torch.compiler.is_compiling():
-            mask = shifted_window_mask(h, w, self.window_size, self.shift_size, device)
-            if torch.compiler.is_compiling():
-                return mask
-            self._mask_cache = {key: mask}
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            # Traced: the mask is part of the graph (and h, w may be symbolic, which
+            # cannot key a dict); a cached tensor would be baked in as a constant.
+            return shifted_window_mask(h, w, self.window_size, self.shift_size, device)
+        key = (int(h), int(w), str(device))
+        if key not in self._mask_cache:
+            self._mask_cache = {key: shifted_window_mask(h, w, self.window_size, self.shift_size, device)}
         return self._mask_cache[key]
 
     def forward(self, x: Tensor, h: int, w: int, words: Tensor, word_mask: Tensor):

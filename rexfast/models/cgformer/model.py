@@ -368,13 +368,21 @@ class CGFormer(ReferringModel):
         return losses
 
     def forward(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor, targets: Optional[Tensor] = None,
-                *, gumbel_noise: Optional[Sequence[Tensor]] = None):
+                gumbel_noise: Optional[Sequence[Tensor]] = None):
+        # No keyword-only parameters: torch.onnx's legacy (TorchScript) exporter
+        # passes every default positionally.
         out = self.forward_features(images, input_ids, attention_mask, gumbel_noise=gumbel_noise)
         if targets is None:
             return out["logits"]
         if targets.shape[0] != images.shape[0] or targets.shape[-2:] != images.shape[-2:]:
             raise ValueError(f"targets {tuple(targets.shape)} must be (B, H, W) matching images {tuple(images.shape)}")
         return out["logits"], self.losses(out, targets)
+
+    def inference_outputs(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> dict[str, Tensor]:
+        """What an inference engine returns (``rexfast export``): ``logits`` (B, 1, H, W) and,
+        with the no-target head, ``nt_logits`` (B, 2: target, no target)."""
+        out = self.forward_features(images, input_ids, attention_mask)
+        return {name: out[name] for name in ("logits", "nt_logits") if name in out}
 
     def predict(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Prediction:
         """The mask probability (B, H, W) = sigmoid of the logits, as the released

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...ops import region_image_attention, region_language_attention
-from ..layers import ReluMLP
+from ..layers import ReluMLP, merge_heads
 from .pixel_decoder import sine_position_embedding
 
 
@@ -69,8 +69,7 @@ class PackedAttention(nn.Module):
 
     def merge(self, out: Tensor) -> Tensor:
         """(B, heads, Q, d) -> out_proj of the concatenated heads (B, Q, E)."""
-        b, h, q, d = out.shape
-        return self.out_proj(out.transpose(1, 2).reshape(b, q, h * d))
+        return self.out_proj(merge_heads(out))
 
 
 class CrossAttentionLayer(nn.Module):

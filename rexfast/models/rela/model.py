@@ -120,6 +120,12 @@ class ReLA(ReferringModel):
             raise ValueError(f"targets {tuple(targets.shape)} must be (B, H, W) matching images {tuple(images.shape)}")
         return out, self.losses(out, targets)
 
+    def inference_outputs(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> dict[str, Tensor]:
+        """What an inference engine returns (``rexfast export``): ``mask_logits`` (B, 2, H/4, W/4),
+        ``nt_logits`` (B, 2) and ``minimap_logits`` (B, Q, 2), as :meth:`forward` without targets."""
+        out = self.forward_features(images, input_ids, attention_mask)
+        return {name: out[name] for name in ("mask_logits", "nt_logits", "minimap_logits")}
+
     def losses(self, outputs: Mapping[str, Tensor], targets: Tensor) -> dict[str, Tensor]:
         cfg = self.config
         return rela_losses(outputs["mask_logits"], outputs["minimap_logits"], outputs["nt_logits"], targets,
