@@ -123,8 +123,11 @@ def ms_deform_attn(value: FLOAT, spatial_shapes: INT64, level_start_index: INT64
 # ----------------------------------------------------------------------------- region attentions
 @onnxscript.script(REXFAST, default_opset=op)
 def region_image_attention(q: FLOAT, k: FLOAT, v: FLOAT, region_logits: FLOAT, kh: int, kw: int, scale: float,
-                           plugin_namespace: str = "rexfast", plugin_version: str = "1") -> Tuple[FLOAT, FLOAT]:
-    """q (B,H,Q,d), k/v (B,H,kh·kw,d), region_logits (B,Q,mh,mw) → (out (B,H,Q,d), lse (B,H,Q))."""
+                           plugin_namespace: str = "rexfast",
+                           plugin_version: str = "1") -> Tuple[FLOAT, FLOAT, BOOL]:
+    """q (B,H,Q,d), k/v (B,H,kh·kw,d), region_logits (B,Q,mh,mw) → (out (B,H,Q,d), lse (B,H,Q),
+    open_rows (B,Q): the rows whose region blocked every key, so they attend to all — the op's
+    third output, as in torch.ops.rexfast.region_image_attention)."""
     logits = op.Cast(region_logits, to=1)  # the decision is made in float32
     key_hw = op.Concat(op.Reshape(op.Constant(value_int=kh), [1]), op.Reshape(op.Constant(value_int=kw), [1]),
                        axis=0)
@@ -137,12 +140,12 @@ def region_image_attention(q: FLOAT, k: FLOAT, v: FLOAT, region_logits: FLOAT, k
     threshold = op.Constant(value_float=-1.7881392011531716e-07)
     half = op.Constant(value_float=0.5)
     blocked = op.Reshape(op.LessOrEqual(resampled, threshold), op.Concat(lead, [-1], axis=0))  # (B, Q, S)
-    every = op.Greater(op.ReduceMin(op.Cast(blocked, to=1), [-1], keepdims=1), half)
+    every = op.Greater(op.ReduceMin(op.Cast(blocked, to=1), [-1], keepdims=1), half)  # (B, Q, 1)
     blocked = op.Unsqueeze(op.And(blocked, op.Not(every)), [1])  # (B, 1, Q, S)
     scores = op.Mul(op.MatMul(q, op.Transpose(k, perm=[0, 1, 3, 2])), op.CastLike(op.Constant(value_float=scale), q))
     scores = op.Where(blocked, op.CastLike(op.Constant(value_float=float("-inf")), q), scores)
     out = op.MatMul(op.Softmax(scores, axis=-1), v)
-    return out, op.Cast(op.ReduceLogSumExp(scores, [-1], keepdims=0), to=1)
+    return out, op.Cast(op.ReduceLogSumExp(scores, [-1], keepdims=0), to=1), op.Squeeze(every, [-1])
 
 
 @onnxscript.script(REXFAST, default_opset=op)

@@ -7,8 +7,8 @@ them to :mod:`rexfast.export.onnx_functions`):
 ``output_shapes(*input_shapes, **attributes)``
     the output shapes from the input shapes; written only with indexing and ``*``,
     so it works on ints and on TensorRT's symbolic ``ShapeExpr`` alike;
-``output_dtypes(input_dtypes, float32)``
-    the output dtypes (``float32`` is the dtype object of the caller's framework);
+``output_dtypes(input_dtypes, float32, boolean)``
+    the output dtypes (``float32`` and ``boolean`` are the dtype objects of the caller's framework);
 ``run(*inputs, backend=None, **attributes)``
     the plugin's computation on torch tensors: the registered rexfast op, so CUDA
     tensors run its Triton/CUDA kernels (automatic choice, or ``backend=``) and CPU
@@ -63,7 +63,7 @@ def _run_group_assign(q, k, v, tau, *, backend=None):
 GROUP_ASSIGN = PluginSpec(
     op="group_assign", inputs=("q", "k", "v", "tau"), attributes=(), outputs=("out", "assign", "counts"),
     output_shapes=_group_assign_shapes,
-    output_dtypes=lambda dtypes, float32: (dtypes[0], dtypes[0], float32),
+    output_dtypes=lambda dtypes, float32, boolean: (dtypes[0], dtypes[0], float32),
     run=_run_group_assign,
     type_combination="FP32, FP32, FP32, FP32, FP32, FP32, FP32",
 )
@@ -71,7 +71,7 @@ GROUP_ASSIGN = PluginSpec(
 
 # ----------------------------------------------------------------------------- region_image_attention
 def _ria_shapes(q, k, v, region_logits, *, kh, kw, scale):
-    return (q[0], q[1], q[2], v[3]), (q[0], q[1], q[2])
+    return (q[0], q[1], q[2], v[3]), (q[0], q[1], q[2]), (q[0], q[2])
 
 
 def _run_ria(q, k, v, region_logits, *, kh, kw, scale, backend=None):
@@ -83,11 +83,11 @@ def _run_ria(q, k, v, region_logits, *, kh, kw, scale, backend=None):
 
 REGION_IMAGE_ATTENTION = PluginSpec(
     op="region_image_attention", inputs=("q", "k", "v", "region_logits"), attributes=("kh", "kw", "scale"),
-    outputs=("out", "lse"),
+    outputs=("out", "lse", "open_rows"),
     output_shapes=_ria_shapes,
-    output_dtypes=lambda dtypes, float32: (dtypes[0], float32),
+    output_dtypes=lambda dtypes, float32, boolean: (dtypes[0], float32, boolean),
     run=_run_ria,
-    type_combination="FP32, FP32, FP32, FP32, FP32, FP32",
+    type_combination="FP32, FP32, FP32, FP32, FP32, FP32, BOOL",
 )
 
 
@@ -109,7 +109,7 @@ MS_DEFORM_ATTN = PluginSpec(
     inputs=("value", "spatial_shapes", "level_start_index", "sampling_locations", "attention_weights"),
     attributes=(), outputs=("out",),
     output_shapes=_msda_shapes,
-    output_dtypes=lambda dtypes, float32: (dtypes[0],),
+    output_dtypes=lambda dtypes, float32, boolean: (dtypes[0],),
     run=_run_msda,
     type_combination="FP32, INT64, INT64, FP32, FP32, FP32",
 )

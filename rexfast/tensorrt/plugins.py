@@ -25,7 +25,7 @@ from .plugin_specs import GROUP_ASSIGN, MS_DEFORM_ATTN, REGION_IMAGE_ATTENTION
 
 def _descs(spec, descs, **attributes):
     shapes = spec.output_shapes(*[d.shape_expr for d in descs], **attributes)
-    dtypes = spec.output_dtypes([d.dtype for d in descs], trt.float32)
+    dtypes = spec.output_dtypes([d.dtype for d in descs], trt.float32, trt.bool)
     out = tuple(trtp.from_shape_expr(tuple(shape), dtype=dtype) for shape, dtype in zip(shapes, dtypes))
     return out if len(out) > 1 else out[0]
 
@@ -70,7 +70,7 @@ def _group_assign_impl(q: trtp.Tensor, k: trtp.Tensor, v: trtp.Tensor, tau: trtp
 # ----------------------------------------------------------------------------- region_image_attention
 @trtp.register("rexfast::region_image_attention")
 def _ria_desc(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, region_logits: trtp.TensorDesc, kh: int,
-              kw: int, scale: float) -> Tuple[trtp.TensorDesc, trtp.TensorDesc]:
+              kw: int, scale: float) -> Tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc]:
     return _descs(REGION_IMAGE_ATTENTION, (q, k, v, region_logits), kh=kh, kw=kw, scale=scale)
 
 

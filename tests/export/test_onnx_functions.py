@@ -36,7 +36,7 @@ FLOAT, INT64, BOOL = 1, 7, 9
 
 def op_model(op: str, inputs, out_ranks, mode: str, **attrs):
     """A one-node model: ``rexfast::<op>`` on inputs [(name, elem_type, rank)] with outputs of the given
-    ranks, finished as the export does."""
+    ranks (an int: a FLOAT output; a (rank, elem_type) pair otherwise), finished as the export does."""
     import onnx_ir as ir
     from onnx import helper
 
@@ -45,8 +45,9 @@ def op_model(op: str, inputs, out_ranks, mode: str, **attrs):
     outs = [f"out{i}" for i in range(len(out_ranks))]
     node = helper.make_node(op, [name for name, _, _ in inputs], outs, domain="rexfast", plugin_namespace="rexfast",
                             plugin_version="1", **attrs)
-    graph = helper.make_graph([node], op, values, [helper.make_tensor_value_info(o, FLOAT, [f"{o}_{i}" for i in range(r)])
-                                                   for o, r in zip(outs, out_ranks)])
+    out_types = [r if isinstance(r, tuple) else (r, FLOAT) for r in out_ranks]
+    graph = helper.make_graph([node], op, values, [helper.make_tensor_value_info(o, elem, [f"{o}_{i}" for i in range(r)])
+                                                   for o, (r, elem) in zip(outs, out_types)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("rexfast", 1)])
     return finalize(ir.serde.deserialize_model(model), mode, 18)
 
@@ -137,17 +138,19 @@ RIA_INPUTS = (("q", FLOAT, 4), ("k", FLOAT, 4), ("v", FLOAT, 4), ("region_logits
 
 
 def _ria_session(key_size, scale, mode):
-    return session("region_image_attention", RIA_INPUTS, (4, 3), mode,
+    return session("region_image_attention", RIA_INPUTS, (4, 3, (2, BOOL)), mode,
                    (("kh", key_size[0]), ("kw", key_size[1]), ("scale", float(scale))))
 
 
 def _check_ria(case, mode):
     q, k, v, logits, key_size = case.args
     scale = case.kwargs.get("scale", q.shape[-1] ** -0.5)
-    out, lse = run(_ria_session(key_size, scale, mode), q.contiguous(), k.contiguous(), v.contiguous(), logits)
-    want_out, want_lse = region_image_attention_decomposition(q, k, v, logits, *key_size, scale)
+    out, lse, open_rows = run(_ria_session(key_size, scale, mode), q.contiguous(), k.contiguous(), v.contiguous(),
+                              logits)
+    want_out, want_lse, want_open = region_image_attention_decomposition(q, k, v, logits, *key_size, scale)
     assert_close_nan(out, want_out, what="out")
     assert_close_nan(lse, want_lse, what="lse")
+    assert torch.equal(open_rows, want_open), "open_rows"
 
 
 RIA_NON_EMPTY = [n for n in ra_cases.RIA_EDGE_CASES if not n.startswith("empty")]
@@ -167,8 +170,8 @@ def test_region_image_attention_function_edge_cases(mode, name):
 
 def _ria_masks(logits, key_size, mode):
     q, k, v = ra_cases.decision_probe(logits, key_size)
-    out, _ = run(_ria_session(key_size, 1.0, mode), q, k, v, logits)
-    want, _ = region_image_attention_decomposition(q, k, v, logits, *key_size, 1.0)
+    out = run(_ria_session(key_size, 1.0, mode), q, k, v, logits)[0]
+    want = region_image_attention_decomposition(q, k, v, logits, *key_size, 1.0)[0]
     return out > 0, want > 0
 
 

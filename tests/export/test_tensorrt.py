@@ -100,14 +100,14 @@ def test_plugin_bodies_compute_the_op_and_their_shape_and_type_rules_hold(op, ba
         assert len(outputs) == len(spec.outputs)
         shapes = spec.output_shapes(*[tuple(t.shape) for t in inputs], **attributes)
         assert [tuple(o.shape) for o in outputs] == [tuple(s) for s in shapes]
-        assert [o.dtype for o in outputs] == list(spec.output_dtypes([t.dtype for t in inputs], torch.float32))
+        assert [o.dtype for o in outputs] == list(spec.output_dtypes([t.dtype for t in inputs], torch.float32, torch.bool))
         symbolic = spec.output_shapes(*[tuple(Sym(f"{name}{i}") for i in range(t.dim()))
                                         for name, t in zip(spec.inputs, inputs)], **attributes)
         assert all(isinstance(d, Sym) for s in symbolic for d in s)
         for got, want in zip(outputs, _reference(op, inputs, attributes)):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, equal_nan=True)
     tokens = [t.strip() for t in spec.type_combination.split(",")]
-    kinds = {torch.float32: "FP32", torch.int64: "INT64"}
+    kinds = {torch.float32: "FP32", torch.int64: "INT64", torch.bool: "BOOL"}
     assert tokens[:len(spec.inputs)] == [kinds[t.dtype] for t in inputs]
     assert tokens[len(spec.inputs):] == [kinds[o.dtype] for o in outputs]
 
@@ -137,7 +137,7 @@ def fake_tensorrt(monkeypatch):
     trtp.from_shape_expr = lambda shape, dtype: _Desc(shape, dtype)
     trtp.AutoTuneCombination = lambda types_, layout: (types_, layout)
     trt = types.ModuleType("tensorrt")
-    trt.float32, trt.plugin = "trt.float32", trtp
+    trt.float32, trt.bool, trt.plugin = "trt.float32", "trt.bool", trtp
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     monkeypatch.setitem(sys.modules, "tensorrt.plugin", trtp)
     monkeypatch.delitem(sys.modules, "rexfast.tensorrt.plugins", raising=False)
@@ -161,7 +161,7 @@ def test_the_plugin_glue_registers_describes_and_runs_each_op(fake_tensorrt):
         descs = descs if isinstance(descs, tuple) else (descs,)
         want = spec.output_shapes(*[tuple(t.shape) for t in inputs], **attributes)
         assert [d.shape_expr for d in descs] == [tuple(s) for s in want]
-        assert descs[-1].dtype == ("trt.float32" if op != "ms_deform_attn" else "in")
+        assert descs[-1].dtype == {"group_assign": "trt.float32", "region_image_attention": "trt.bool"}.get(op, "in")
         assert entry["autotune"](*[None] * len(inputs), *attributes.values(), None) == [(spec.type_combination,
                                                                                           "LINEAR")]
         expected = spec.run(*inputs, **attributes)

@@ -167,12 +167,14 @@ def test_region_image_attention_decomposition_equals_the_op(backend, shape):
     if ra_cases.RIA_SPEC.too_slow(backend, shape):
         pytest.skip("too slow for the Triton interpreter")
     case = ra_cases.ria_case(shape, seed=stable_seed("decomp", shape))
-    out, lse = _ria_decomposed(case)
+    out, lse, open_rows = _ria_decomposed(case)
     want = ra_cases.region_image_attention(*case.args, **case.kwargs, backend=backend)
     assert_same_nan_and_close(out, want, FP32_TOL, "out")
     q, k, v, logits, key_size = case.args
-    _, want_lse = torch.ops.rexfast.region_image_attention(q, k, v, logits, *key_size, q.shape[-1] ** -0.5, backend)
+    _, want_lse, want_open = torch.ops.rexfast.region_image_attention(q, k, v, logits, *key_size,
+                                                                      q.shape[-1] ** -0.5, backend)
     assert_same_nan_and_close(lse, want_lse, FP32_TOL, "lse")
+    assert_identical(open_rows, want_open, "open_rows")
 
 
 @pytest.mark.parametrize("name", list(ra_cases.RIA_EDGE_CASES))
@@ -180,7 +182,7 @@ def test_region_image_attention_decomposition_equals_the_op(backend, shape):
 def test_region_image_attention_decomposition_edge_cases(backend, name):
     require_backend(ra_cases.RIA_SPEC, backend, "cpu")
     case = ra_cases.RIA_EDGE_CASES[name](torch.float32, "cpu")
-    out, _ = _ria_decomposed(case)
+    out = _ria_decomposed(case)[0]
     assert_same_nan_and_close(out, ra_cases.region_image_attention(*case.args, **case.kwargs, backend=backend),
                               FP32_TOL, name)
 
@@ -191,8 +193,10 @@ def test_region_image_attention_decomposition_makes_the_ops_masks(backend, name)
     # q = k = 0, v = identity: the output row is allowed/count, so the mask reads back exactly.
     require_backend(ra_cases.RIA_SPEC, backend, "cpu")
     logits, key_size = ra_cases.RIA_EDGE_CASES[name](torch.float32, "cpu").args[3:5]
+    if backend == "triton" and key_size[0] * key_size[1] > 256:
+        pytest.skip("the probe's head dimension (one per key) is above the Triton kernels' 256")
     q, k, v = ra_cases.decision_probe(logits, key_size)
-    got, _ = region_image_attention_decomposition(q, k, v, logits, *key_size, 1.0)
+    got = region_image_attention_decomposition(q, k, v, logits, *key_size, 1.0)[0]
     want = ra_cases.region_image_attention(q, k, v, logits, key_size, scale=1.0, backend=backend)
     assert_identical(got > 0, want > 0, name)
 

@@ -3,11 +3,11 @@
 The reference is already plain PyTorch that every exporter takes (resampling,
 sigmoid, comparisons, ``where``, softmax, matmuls): the decomposition *is* the
 reference path of :mod:`.reference`, returning what the registered op returns
-— the output and the row log-sum-exp — so the decisions are the op's by
-construction:
+— the output, the row log-sum-exp and the open rows — so the decisions are the
+op's by construction:
 
     blocked = sigmoid(bilinear(R → kh×kw, align_corners=False)) < 0.5   (float32)
-    blocked rows that block every key are unblocked
+    blocked rows that block every key are unblocked (open_rows, B×Q, marks them)
     s = where(blocked, −∞, scale·q kᵀ),  out = softmax(s) v,  lse = logsumexp(s)
 
 NaN semantics: those of :mod:`rexfast.ops.region_attention` (a non-finite v
@@ -34,12 +34,14 @@ from ..region_attention import compute_dtype, masked_attention_lse, official_reg
 
 
 def region_image_attention_decomposition(q: Tensor, k: Tensor, v: Tensor, region_logits: Tensor, kh: int, kw: int,
-                                         scale: float) -> tuple[Tensor, Tensor]:
-    """q (B,H,Q,d), k/v (B,H,kh·kw,d), region_logits (B,Q,mh,mw) → (out (B,H,Q,d), lse (B,H,Q))."""
+                                         scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """q (B,H,Q,d), k/v (B,H,kh·kw,d), region_logits (B,Q,mh,mw) → (out (B,H,Q,d), lse (B,H,Q),
+    open_rows (B,Q) bool)."""
     compute = compute_dtype(q.dtype)
-    blocked = official_region_blocked(region_logits, (kh, kw)).to(q.device)[:, None]  # (B, 1, Q, S)
+    blocked, open_rows = official_region_blocked(region_logits, (kh, kw), with_open_rows=True)
+    blocked = blocked.to(q.device)[:, None]  # (B, 1, Q, S)
     out, lse = masked_attention_lse(q.to(compute), k.to(compute), v.to(compute), blocked, float(scale))
-    return out.to(q.dtype), lse
+    return out.to(q.dtype), lse, open_rows.to(q.device)
 
 
 def decompose_registered(q, k, v, region_logits, kh, kw, scale, backend=None):
