@@ -75,12 +75,16 @@ def test_exact_ties_go_to_the_first_token(backend, n_tokens):
     assert assign[:, 0].sum() > 0  # the tied pair wins somewhere, so the tie-break was exercised
 
 
+@pytest.mark.parametrize("noise", ["none", "explicit"])
 @pytest.mark.parametrize("shape", [(2, 8, 3600, 512, 512), (1, 9, 1000, 96, 40)], ids=["paper-size", "ragged"])
-def test_cpu_gemm_path_at_cgformer_sizes_float64(shape):
+def test_cpu_gemm_path_at_cgformer_sizes_float64(shape, noise):
     """N ≥ 8 runs per-chunk matrix products (256-pixel chunks): these cases cross
-    many chunks and end on a ragged one; CGFormer's paper variant is B=2, N=8, P=60²."""
+    many chunks and end on a ragged one; CGFormer's paper variant is B=2, N=8, P=60².
+    Without noise the winners are decided by the similarities alone: random 512-d
+    vectors have cosines of ~0.04, which Gumbel noise (std 1.3) would drown, so a
+    wrong product in one chunk row passed with noise only (tried by a temporary break)."""
     require_backend(SPEC, "cpu", "cpu")
-    case = make_case(shape, dtype=torch.float64, noise="explicit", seed=5)
+    case = make_case(shape, dtype=torch.float64, noise=noise, seed=5)
     check_against_reference(SPEC, case, "cpu", torch.float64, grad_seed=8)
 
 
