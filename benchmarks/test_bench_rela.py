@@ -9,6 +9,8 @@ CPU (always): a reduced configuration (Swin 32-wide, 2-2-2-2; tiny BERT;
 128-wide decoder, 6 layers; 25 queries) at B=2, 128², fp32. The CPU compile
 variant only runs with ``REXFAST_BENCH_CPU_COMPILE=1`` (minutes of C++
 compilation on a small CPU).
+CPU, the demo preset (ReLAConfig.demo(), B=16, 64²: what ``rexfast demo`` trains):
+target (the fused-kernels issue) training step ≥ 1.3× the reference-backend model.
 CUDA (when present): the released configuration (Swin-B, BERT-base) at B=8,
 480², bf16 autocast. Target (the ReLA issue): training step ≥ 2× the
 reference-backend model at ≤ 70% of its peak memory.
@@ -127,6 +129,19 @@ def test_rela_cpu(benchmark):
             p.grad = None
 
     benchmark.pedantic(step, rounds=3, iterations=1, warmup_rounds=1)
+
+
+def test_rela_cpu_demo_preset(benchmark):
+    """The demo's model and batch (ReLAConfig.demo(), B=16, 64², fp32): the fused kernels
+    issue's model-level CPU target is a training step ≥ 1.3× the reference-backend model."""
+    from rexfast.engine.demo import FULL
+
+    b, size = FULL["batch_size"], FULL["image_size"]
+    models = _variants(ReLAConfig.demo(), "cpu", os.environ.get("REXFAST_BENCH_CPU_COMPILE") == "1")
+    results = _measure(models, _batch(b, size, "cpu"), "cpu", None, rounds=7)
+    _record(results, "cpu", "demo preset (ReLAConfig.demo())", b, size, "float32")
+    benchmark.extra_info.update(results)
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
