@@ -16,8 +16,8 @@ Variants per model:
   provider; only with ``REXFAST_BENCH_ORT=1`` (or a list of model names: each export takes minutes
   and ~8 GB).
 
-Each row: median ms of ``REXFAST_BENCH_ROUNDS`` (default 3) rounds after one warm-up, the
-peak resident memory above the pre-call level during the timed calls (``/proc/self/statm``
+Each row: median ms of ``REXFAST_BENCH_ROUNDS`` (default 3) rounds after one warm-up, the rounds
+interleaved across the variants; the peak resident memory above the pre-call level during a timed call (``/proc/self/statm``
 sampled every 2 ms: tracemalloc does not see torch's allocations), speed-up vs the
 reference, and for bf16 the logits' relative error and the mask agreement with the
 ``rexfast_fp32`` output (% of pixels with the same decision).
@@ -43,7 +43,7 @@ import time
 import pytest
 import torch
 
-from bench_utils import SCRATCH_DIR, median_ms, record
+from bench_utils import SCRATCH_DIR, Timing, median_ms, record
 
 SUITE = "cpu_inference"
 SIZE, TOKENS = 480, 20
@@ -110,14 +110,6 @@ def _decisions(name, logits):
     return logits[:, 0] > 0 if logits.shape[1] == 1 else logits[:, 1] > logits[:, 0]
 
 
-def _time(fn, label):
-    # the caller has made the warm-up call (for compile: the compilation)
-    with PeakRSS() as peak:
-        timing = median_ms(fn, "cpu", rounds=ROUNDS, warmup=0)
-    print(f"  {label}: {float(timing):.0f} ms (peak +{peak.mib:.0f} MiB)", flush=True)
-    return timing, peak.mib
-
-
 def _profile_table(fn, path, title):
     from torch.profiler import profile
 
@@ -145,7 +137,10 @@ def test_cpu_inference_full_size(benchmark, tmp_path, name):
 
     images, ids, mask = _inputs()
     reference = _reference(name)
-    rows, outputs = {}, {}
+    profiling = os.environ.get("REXFAST_BENCH_PROFILE") == "1"
+    profile_path = SCRATCH_DIR / f"profile-{name}.txt"
+    if profiling and profile_path.exists():
+        profile_path.unlink()
 
     def run(model, autocast=False):
         def fn():
@@ -153,43 +148,20 @@ def test_cpu_inference_full_size(benchmark, tmp_path, name):
                 return model.inference_outputs(images, ids, mask)
         return fn
 
-    profile_path = SCRATCH_DIR / f"profile-{name}.txt"
-    profiling = os.environ.get("REXFAST_BENCH_PROFILE") == "1"
-    if profiling and profile_path.exists():
-        profile_path.unlink()
-
-    def measure(variant, fn, **extra):
-        print(f"[{name}] {variant}", flush=True)
-        started = time.perf_counter()
-        outputs[variant] = {k: v.float() for k, v in fn().items()}  # also the warm-up / compilation
-        warmup_s = time.perf_counter() - started
-        timing, peak = _time(fn, variant)
-        rows[variant] = {**timing.fields("fwd"), "peak_rss_MiB": peak, "warmup_s": warmup_s,
-                         "loadavg_1min": os.getloadavg()[0], **extra}
-        if profiling and variant in ("reference", "autocast_bf16", "rexfast_bf16"):
-            _profile_table(fn, profile_path, f"{name} {variant}")
-
-    measure("reference", run(reference))
-    measure("autocast_bf16", run(reference, autocast=True))
+    # Every variant is built and warmed up first; the timed rounds then interleave the
+    # variants, so that a second tenant on the shared cores slows them all alike.
+    fns, extra = {"reference": run(reference), "autocast_bf16": run(reference, autocast=True)}, {}
     fp32 = rexfast.optimize(reference, precision="fp32")
-    measure("rexfast_fp32", run(fp32), folded_batchnorms=fp32.optimization.folded_batchnorms)
-    del fp32
-    gc.collect()
-    if os.environ.get("REXFAST_BENCH_LAYOUTS") == "1":  # the NCHW variants: what channels-last buys
-        for tag, prec in (("fp32", "fp32"), ("bf16", "bf16")):
-            plain = rexfast.optimize(reference, precision=prec, channels_last=False)
-            measure(f"rexfast_{tag}_nchw", run(plain))
-            del plain
-            gc.collect()
+    fns["rexfast_fp32"] = run(fp32)
+    extra["rexfast_fp32"] = {"folded_batchnorms": fp32.optimization.folded_batchnorms}
     bf16 = rexfast.optimize(reference, precision="bf16")
-    measure("rexfast_bf16", run(bf16), fp32_modules=",".join(bf16.optimization.fp32_modules) or None)
-    del bf16
-    gc.collect()
+    fns["rexfast_bf16"] = run(bf16)
+    extra["rexfast_bf16"] = {"fp32_modules": ",".join(bf16.optimization.fp32_modules) or None}
+    if os.environ.get("REXFAST_BENCH_LAYOUTS") == "1":  # the NCHW variants: what channels-last buys
+        for prec in ("fp32", "bf16"):
+            fns[f"rexfast_{prec}_nchw"] = run(rexfast.optimize(reference, precision=prec, channels_last=False))
     if _enabled("REXFAST_BENCH_CPU_COMPILE", name):
-        compiled = rexfast.optimize(reference, precision="bf16", compile=True)
-        measure("rexfast_bf16_compile", run(compiled))
-        del compiled
-        gc.collect()
+        fns["rexfast_bf16_compile"] = run(rexfast.optimize(reference, precision="bf16", compile=True))
     if _enabled("REXFAST_BENCH_ORT", name):
         from rexfast.export import export_onnx
 
@@ -198,28 +170,48 @@ def test_cpu_inference_full_size(benchmark, tmp_path, name):
         path = tmp_path / f"{name}.onnx"
         started = time.perf_counter()
         export_onnx(reference, path, image_size=SIZE, mode="decomposed", verify=False)
-        export_s = time.perf_counter() - started
+        extra["onnxruntime"] = {"export_s": time.perf_counter() - started}
         options = ort.SessionOptions()
         options.log_severity_level = 3
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         names = [o.name for o in session.get_outputs()]
         feed = {"images": images.numpy(), "input_ids": ids.numpy(), "attention_mask": mask.numpy()}
-        measure("onnxruntime", lambda: dict(zip(names, (torch.from_numpy(a) for a in session.run(None, feed)))),
-                export_s=export_s)
-        del session
+        fns["onnxruntime"] = lambda: dict(zip(names, (torch.from_numpy(a) for a in session.run(None, feed))))
         gc.collect()
 
+    outputs, warmup_s, peaks, times = {}, {}, {}, {v: [] for v in fns}
+    for variant, fn in fns.items():
+        started = time.perf_counter()
+        outputs[variant] = {k: v.float() for k, v in fn().items()}  # the warm-up (for compile: the compilation)
+        warmup_s[variant] = time.perf_counter() - started
+        print(f"[{name}] {variant}: warm-up {warmup_s[variant]:.1f} s", flush=True)
+    loads = []
+    for r in range(ROUNDS):
+        for variant, fn in fns.items():
+            with PeakRSS() as peak:
+                started = time.perf_counter()
+                fn()
+                times[variant].append((time.perf_counter() - started) * 1e3)
+            peaks[variant] = max(peaks.get(variant, 0.0), peak.mib)
+            print(f"[{name}] round {r}: {variant} {times[variant][-1]:.0f} ms (+{peak.mib:.0f} MiB)", flush=True)
+        loads.append(os.getloadavg()[0])
+    if profiling:
+        for variant in ("reference", "autocast_bf16", "rexfast_bf16"):
+            _profile_table(fns[variant], profile_path, f"{name} {variant}")
+
     base = _logits(outputs["rexfast_fp32"])
-    ref_ms = rows["reference"]["fwd_ms"]
-    for variant, row in rows.items():
+    ref_ms = Timing(times["reference"])
+    for variant in fns:
+        timing = Timing(times[variant])
         got = _logits(outputs[variant])
         rel = float((got.double() - base.double()).norm() / base.double().norm())
         agree = float((_decisions(name, got) == _decisions(name, base)).float().mean())
         record(SUITE, {"device_type": "cpu", "model": name, "batch": 1, "image": SIZE, "variant": variant,
-                       **row, "speedup_vs_reference": ref_ms / row["fwd_ms"],
+                       **timing.fields("fwd"), "peak_rss_MiB": peaks[variant], "warmup_s": warmup_s[variant],
+                       **extra.get(variant, {}), "speedup_vs_reference": float(ref_ms) / float(timing),
                        "logits_rel_err_vs_rexfast_fp32": rel, "mask_agreement_vs_rexfast_fp32": agree,
-                       "torch_threads": torch.get_num_threads(), "loadavg_1min_after": os.getloadavg()[0]})
-    benchmark.extra_info.update({v: r["fwd_ms"] for v, r in rows.items()})
+                       "torch_threads": torch.get_num_threads(), "loadavg_1min_per_round": loads})
+    benchmark.extra_info.update({v: float(Timing(t)) for v, t in times.items()})
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
 
 
