@@ -22,6 +22,9 @@ this protocol and the registry (:mod:`rexfast.models.registry`):
     the authors' released checkpoint, architecture inferred from the weights.
 ``config``
     the model's config dataclass (``Config.preset(name)``, ``to_dict``/``from_dict``).
+``fold_batchnorm()``, ``use_fused_ops()``
+    what :func:`rexfast.optimize` does to its copy: BatchNorm folded into the
+    preceding convolutions; every op on its fused backend.
 ``fp32_modules()``
     names of submodules that must compute in float32 even when the rest of the
     model runs in bf16 (:func:`rexfast.optimize`); their forward casts its inputs
@@ -98,6 +101,13 @@ class ReferringModel(nn.Module):
     def fp32_modules(self) -> tuple[str, ...]:
         """Submodules that stay float32 under a bf16 model (see the module docstring)."""
         return ()
+
+    def fold_batchnorm(self) -> int:
+        """Fold every BatchNorm that follows a convolution into it, in place (inference
+        only: the running statistics); returns the number folded (``rexfast.optimize``)."""
+        from .layers import fold_batchnorm
+
+        return fold_batchnorm(self)
 
     def use_fused_ops(self) -> None:
         """Run every op on its automatically chosen (fused) backend and take the exact

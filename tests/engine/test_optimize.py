@@ -13,10 +13,10 @@ import torch
 
 import rexfast
 from rexfast.engine import precision as precision_mod
-from rexfast.engine.optimize import fold_batchnorm, optimize
+from rexfast.engine.optimize import optimize
 from rexfast.models import CGFormer, CGFormerConfig, ReLA, ReLAConfig
 from rexfast.models.backbones.resnet import ResNetConfig
-from rexfast.models.layers import ConvNormAct, FrozenBatchNorm2d
+from rexfast.models.layers import ConvNormAct, FrozenBatchNorm2d, fold_batchnorm
 
 
 def _inputs(b=2, size=64, seed=0):
