@@ -11,14 +11,19 @@ __version__ = "0.1.0"
 from . import ops  # noqa: E402
 
 _LAZY = {name: "rexfast.models" for name in ("CGFormer", "CGFormerConfig", "ReLA", "ReLAConfig")}
+_LAZY["optimize"] = "rexfast.engine.optimize"  # imports torch only (the models load when it runs)
 
 
 def info() -> dict:
     """Versions, built extensions and the backends each op can run per device type."""
     from .ops.registry import info as _info
 
+    from .engine.precision import cpu_bf16_support, describe
+
     out = {"rexfast": __version__}
     out.update(_info())
+    out["cpu_native_bf16"] = cpu_bf16_support() or "none"
+    out["cpu_precision_auto"] = describe("auto", "cpu")  # what --precision auto runs on this CPU
     return out
 
 

@@ -57,6 +57,8 @@ def _cmd_train(args) -> int:
     overrides = list(args.set or [])
     if args.out:
         overrides.append(f"train.out_dir={args.out}")
+    if args.precision:
+        overrides.append(f"train.precision={args.precision}")
     cfg = load_config(args.config, overrides)
     summary = train(cfg, resume=args.resume, progress=not args.no_progress)
     if _rank() == 0:
@@ -70,7 +72,8 @@ def _cmd_eval(args) -> int:
 
     metrics = evaluate_checkpoint(
         args.checkpoint, split=args.split, overrides=args.set or [], out=args.out, batch_size=args.batch_size,
-        device=args.device, max_samples=args.max_samples, tokenizer=args.tokenizer,
+        device=args.device, max_samples=args.max_samples, tokenizer=args.tokenizer, precision=args.precision,
+        compile=args.compile,
     )
     print(format_table(metrics))
     return 0
@@ -80,7 +83,8 @@ def _cmd_predict(args) -> int:
     from .engine.predictor import predict_to_files
 
     written, pred = predict_to_files(args.checkpoint, args.image, args.text, out_dir=args.out_dir,
-                                     threshold=args.threshold, device=args.device, tokenizer=args.tokenizer)
+                                     threshold=args.threshold, device=args.device, tokenizer=args.tokenizer,
+                                     precision=args.precision, compile=args.compile)
     if pred.no_target:
         prob = "" if pred.no_target_prob is None else f" (no-target probability {pred.no_target_prob:.2f})"
         print(f"no target: nothing in the image matches the sentence{prob}; the mask is empty")
@@ -93,7 +97,7 @@ def _cmd_demo(args) -> int:
     from .engine.demo import run_demo
 
     run_demo(out_dir=args.out, quick=args.quick, minutes=args.minutes, seed=args.seed, progress=not args.no_progress,
-             model=args.model)
+             model=args.model, precision=args.precision, compile=args.compile)
     return 0
 
 
@@ -164,6 +168,19 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+PRECISION_HELP = ("fp32 | bf16 | auto (bf16 where the CPU has native bf16: AMX or AVX512-BF16; fp32 elsewhere; "
+                  "on a GPU auto keeps fp32 weights)")
+
+
+def _precision_flags(p, default, compile_too=True):
+    from .engine.precision import PRECISIONS
+
+    p.add_argument("--precision", choices=PRECISIONS, default=default, help=f"{PRECISION_HELP}; default {default}")
+    if compile_too:
+        p.add_argument("--compile", action="store_true",
+                       help="torch.compile the inference graph (the first call compiles: minutes on a small CPU)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="rexfast", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log which backend each op runs, and more")
@@ -179,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (train.out_dir)")
     p.add_argument("--resume", metavar="CKPT", help="continue exactly from a training checkpoint (last.pt)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default=None,
+                   help=f"CPU training precision (train.precision; bf16 is autocast): {PRECISION_HELP}")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on a split; prints and writes the metric table")
@@ -190,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--max-samples", type=_positive_int, default=None)
     p.add_argument("--tokenizer", help="vocab.txt or BERT folder (needed with a model folder)")
+    _precision_flags(p, "fp32")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("predict", help="segment what a sentence names in one image")
@@ -200,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--device", default="auto")
     p.add_argument("--tokenizer", help="vocab.txt or BERT folder (needed with a model folder)")
+    _precision_flags(p, "auto")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("demo", help="synthetic GRES data → train a small ReLA or CGFormer → evaluate → overlays")
@@ -210,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, default=15.0, help="training time budget (full mode)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
+    _precision_flags(p, "fp32")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("convert", help="turn the authors' released .pth into a model folder (safetensors)")

@@ -60,7 +60,10 @@ class TrainConfig:
     lr_steps: Optional[list] = None  # schedule "step": the optimizer steps at which the lr is multiplied by lr_gamma
     lr_gamma: float = 0.1
     clip_grad: Optional[float] = None  # max L2 norm over every trained parameter (ReLA: 0.01)
-    amp: str = "auto"  # auto (bf16 on GPU, off on CPU) | bf16 | fp16 | off
+    amp: str = "auto"  # auto (bf16 on GPU; on CPU `precision` decides) | bf16 | fp16 | off
+    # CPU training precision (fp32 | bf16 | auto: bf16 where the CPU has native bf16): bf16 is autocast
+    # over float32 master weights. fp32 by default: bf16 changes the numbers of a training run.
+    precision: str = "fp32"
     seed: int = 0
     log_every: int = 10
     ckpt_every: int = 0  # optimizer steps between checkpoints; 0: at each epoch end only

@@ -30,7 +30,8 @@ SHOWN_METRICS = ("gIoU", "cIoU", "N-acc", "T-acc", "Pr@0.7", "Pr@0.8", "Pr@0.9")
 DEMO_MODELS = {"rela": dict(lr=1e-3), "cgformer": dict(lr=1e-3)}
 
 
-def demo_config(out: Path, quick: bool, minutes: float, seed: int, model: str = "rela") -> Config:
+def demo_config(out: Path, quick: bool, minutes: float, seed: int, model: str = "rela",
+                precision: str = "fp32") -> Config:
     p = {**(QUICK if quick else FULL), **DEMO_MODELS[model]}
     data = DataConfig(dataset="synthetic", root=str(out / "data"), image_size=p["image_size"], max_tokens=20,
                       train_split="train", val_split="val")
@@ -40,7 +41,8 @@ def demo_config(out: Path, quick: bool, minutes: float, seed: int, model: str = 
         train=TrainConfig(
             epochs=2 if quick else 1000, max_steps=6 if quick else None,
             time_budget_min=None if quick else minutes, batch_size=p["batch_size"], lr=p["lr"],
-            weight_decay=1e-4, warmup_steps=0 if quick else 50, schedule="poly", clip_grad=1.0, amp="off",
+            weight_decay=1e-4, warmup_steps=0 if quick else 50, schedule="poly", clip_grad=1.0, amp="auto",
+            precision=precision,
             seed=seed, log_every=1 if quick else 10, eval_every=1 if quick else 5, out_dir=str(out / "train"),
             device="cpu", metric="gIoU", eval_every_min=None if quick else 2.0, eval_subset=None if quick else 250,
         ),
@@ -83,16 +85,22 @@ def _overlays(model, dataset, out_dir: Path, count: int, device) -> list[str]:
     return written
 
 
-def run_demo(out_dir="runs/demo", quick=False, minutes=15.0, seed=0, progress=True, model="rela") -> dict:
+def run_demo(out_dir="runs/demo", quick=False, minutes=15.0, seed=0, progress=True, model="rela",
+             precision="fp32", compile=False) -> dict:
+    """``precision`` (fp32 | bf16 | auto) is the training precision (bf16: autocast) and the
+    evaluations' (:func:`rexfast.optimize`); ``compile`` compiles the evaluated models."""
+    from .optimize import optimize
+    from .precision import check_precision, describe
     from .trainer import train
 
+    check_precision(precision, "--precision")
     if model not in DEMO_MODELS:
         raise ValueError(f"--model must be one of {list(DEMO_MODELS)}, got {model!r}")
     if not minutes > 0:
         raise ValueError(f"--minutes must be > 0, got {minutes}")
     out = check_output_dir(out_dir, "--out")
     out.mkdir(parents=True, exist_ok=True)
-    cfg = demo_config(out, quick, minutes, seed, model)
+    cfg = demo_config(out, quick, minutes, seed, model, precision)
     p = QUICK if quick else FULL
     started = time.perf_counter()
     print(f"[demo] generating synthetic GRES data in {cfg.data.root}")
@@ -104,19 +112,20 @@ def run_demo(out_dir="runs/demo", quick=False, minutes=15.0, seed=0, progress=Tr
     torch.manual_seed(seed)  # the same initial weights the trainer will start from
     untrained = builders.build_model(cfg, tokenizer)
     print(f"[demo] evaluating the untrained {model} on {len(test_set)} held-out expressions")
-    before = evaluate(untrained, test_set, task="gres", batch_size=32, device="cpu")
+    print(f"[demo] precision: {describe(precision, 'cpu')}")
+    before = evaluate(optimize(untrained, precision=precision, compile=compile), test_set, task="gres", batch_size=32, device="cpu")
 
     print(f"[demo] training ({'quick' if quick else f'{minutes:g} min budget'})")
     summary = train(cfg, progress=progress)
 
-    trained = load_model(summary["best_checkpoint"]).model
+    trained = optimize(load_model(summary["best_checkpoint"]).model, precision=precision, compile=compile)
     after = evaluate(trained, test_set, task="gres", batch_size=32, device="cpu")
 
     table = _table(before, after)
     print("\n[demo] held-out synthetic test split (GRES metrics, %):\n" + table)
     overlays = _overlays(trained, test_set, out / "overlays", 4 if quick else 12, torch.device("cpu"))
     result = {
-        "model": model, "untrained": before, "trained": after, "train": summary, "overlays": overlays,
+        "model": model, "precision": trained.optimization.precision, "untrained": before, "trained": after, "train": summary, "overlays": overlays,
         "training_curve": summary["training_curve"], "seconds": time.perf_counter() - started,
     }
     atomic_write_json(out / "demo_metrics.json", result)

@@ -54,8 +54,14 @@ def evaluate(model, dataset, *, task: str, batch_size: int = 8, device="cpu", am
 
 
 def evaluate_checkpoint(path, *, split=None, overrides=(), out=None, batch_size=8, device="auto",
-                        max_samples=None, tokenizer=None) -> dict:
-    """Evaluate a training checkpoint or a model folder; optionally write the metrics as JSON."""
+                        max_samples=None, tokenizer=None, precision="fp32", compile=False) -> dict:
+    """Evaluate a training checkpoint or a model folder, run as :func:`rexfast.optimize`
+    prepares it (``precision``: fp32 | bf16 | auto; fp32 by default, so that the table is the
+    model's reference numbers); optionally write the metrics as JSON."""
+    from .optimize import optimize
+    from .precision import check_precision
+
+    check_precision(precision, "--precision")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"--batch-size must be a positive integer, got {batch_size}")
     if max_samples is not None and max_samples < 1:
@@ -72,10 +78,11 @@ def evaluate_checkpoint(path, *, split=None, overrides=(), out=None, batch_size=
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"{exc} (data.root is {cfg.data.root}; point it elsewhere with "
                                 "--set data.root=PATH)") from None
-    metrics = evaluate(loaded.model, dataset, task=builders.task_of(cfg.data), batch_size=batch_size, device=device,
+    model = optimize(loaded.model, precision=precision, compile=compile)
+    metrics = evaluate(model, dataset, task=builders.task_of(cfg.data), batch_size=batch_size, device=device,
                        max_samples=max_samples, progress=True)
     metrics = {"checkpoint": str(path), "model": cfg.model.name, "dataset": cfg.data.dataset, "split": split,
-               **metrics}
+               "precision": model.optimization.precision, **metrics}
     if out:
         atomic_write_json(out, metrics)
     return metrics

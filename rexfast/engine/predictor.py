@@ -11,6 +11,8 @@ from ..io import atomic_write_png, check_output_dir, load_image
 from . import builders
 from .checkpoint import load_model
 from .inference import SamplePrediction, predict_batch
+from .optimize import optimize
+from .precision import check_precision
 
 OVERLAY_COLOUR = np.array([255, 0, 255], dtype=np.float32)  # magenta: unlike any scene colour
 
@@ -18,13 +20,18 @@ OVERLAY_COLOUR = np.array([255, 0, 255], dtype=np.float32)  # magenta: unlike an
 class Predictor:
     """Loads a training checkpoint or a model folder once; call it with
     (PIL image, sentence) → :class:`~rexfast.engine.inference.SamplePrediction`
-    at the image's resolution."""
+    at the image's resolution. The model runs as :func:`rexfast.optimize` prepares it
+    (``precision``: fp32 | bf16 | auto; ``compile``: torch.compile, the first call compiles)."""
 
-    def __init__(self, checkpoint_path, device="auto", *, tokenizer=None, overrides=()):
+    def __init__(self, checkpoint_path, device="auto", *, tokenizer=None, overrides=(), precision="auto",
+                 compile=False):
+        check_precision(precision, "--precision")
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
                                    else ("cpu" if device == "auto" else device))
         loaded = load_model(checkpoint_path, overrides=overrides, tokenizer_path=tokenizer, device=self.device)
-        self.model, self.cfg, self.tokenizer = loaded.model, loaded.config, loaded.tokenizer
+        self.model = optimize(loaded.model, precision=precision, compile=compile)
+        self.cfg, self.tokenizer = loaded.config, loaded.tokenizer
+        self.precision = self.model.optimization.precision
 
     @torch.no_grad()
     def __call__(self, image, text: str, threshold: float = 0.5) -> SamplePrediction:
@@ -41,15 +48,17 @@ def overlay(image, mask: np.ndarray, alpha: float = 0.6) -> np.ndarray:
 
 
 def predict_to_files(checkpoint_path, image_path, text, *, out_dir=".", threshold=0.5, device="auto",
-                     tokenizer=None) -> tuple[list[str], SamplePrediction]:
+                     tokenizer=None, precision="auto", compile=False) -> tuple[list[str], SamplePrediction]:
     """Write the mask and overlay PNGs (the mask is empty when the model says "no target")."""
+    check_precision(precision, "--precision")
     if not isinstance(text, str) or not text.strip():
         raise ValueError("the text is empty: say what to segment, e.g. --text \"the red circle\"")
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"--threshold must lie strictly between 0 and 1, got {threshold}")
     out = check_output_dir(out_dir, "--out-dir")
     image = load_image(image_path)  # fail fast, before loading the model
-    pred = Predictor(checkpoint_path, device=device, tokenizer=tokenizer)(image, text, threshold)
+    pred = Predictor(checkpoint_path, device=device, tokenizer=tokenizer, precision=precision,
+                     compile=compile)(image, text, threshold)
     mask = pred.shown_mask.cpu().numpy()
     out.mkdir(parents=True, exist_ok=True)
     stem = Path(image_path).stem

@@ -33,15 +33,22 @@ from ..io import check_output_dir
 from . import builders, checkpoint, distributed, sampling
 from .config import Config, save_config
 from .evaluator import evaluate
+from .precision import check_precision
 
 log = logging.getLogger("rexfast")
 
 CRASH_ENV = "REXFAST_TEST_CRASH_AFTER_STEP"  # tests: die abruptly after this optimizer step
 
 
-def amp_dtype_of(mode: str, device: torch.device):
+def amp_dtype_of(mode: str, device: torch.device, precision: str = "fp32"):
+    """The autocast dtype of a training run. On a GPU ``train.amp`` decides (auto: bf16);
+    on a CPU an explicit ``train.amp`` wins, and ``auto`` hands over to ``train.precision``."""
+    from .precision import resolve_precision
+
     if mode == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
+        if device.type == "cuda":
+            return torch.bfloat16
+        return torch.bfloat16 if resolve_precision(precision, device, name="train.precision") == "bf16" else None
     if mode == "off":
         return None
     if mode in ("bf16", "fp16"):
@@ -78,7 +85,8 @@ def validate_train_config(cfg: Config) -> None:
                                       and all(isinstance(m, int) and m > 0 for m in tc.lr_steps)):
         raise ValueError(f"train.schedule step needs train.lr_steps, a list of positive step numbers, "
                          f"got {tc.lr_steps!r}")
-    amp_dtype_of(tc.amp, torch.device("cpu"))
+    check_precision(tc.precision, "train.precision")
+    amp_dtype_of(tc.amp, torch.device("cpu"), tc.precision)
     for name in ("epochs", "batch_size", "grad_accum", "log_every", "eval_every"):
         if getattr(tc, name) < 1:
             raise ValueError(f"train.{name} must be >= 1, got {getattr(tc, name)}")
@@ -163,7 +171,14 @@ def _train(cfg: Config, info: distributed.DistInfo, *, resume: str | None, progr
     total_steps = tc.epochs * steps_epoch if tc.max_steps is None else min(tc.max_steps, tc.epochs * steps_epoch)
     clock: dict = {}
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, total_steps, clock))
-    amp_dtype = amp_dtype_of(tc.amp, info.device)
+    amp_dtype = amp_dtype_of(tc.amp, info.device, tc.precision)
+    if info.is_main:
+        from .precision import describe
+
+        mode = (f"autocast {str(amp_dtype).replace('torch.', '')}" if amp_dtype is not None else "fp32")
+        why = f"train.amp={tc.amp}" if info.device.type != "cpu" or tc.amp != "auto" else \
+            f"train.precision {describe(tc.precision, info.device)}"
+        log.info("training precision on %s: %s (%s)", info.device.type, mode, why)
     scaler = torch.amp.GradScaler(info.device.type, enabled=amp_dtype == torch.float16)
 
     state = {"epoch": 0, "step_in_epoch": 0, "step": 0, "best": None, "best_step": None, "train_seconds": 0.0}

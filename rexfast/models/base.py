@@ -22,6 +22,14 @@ this protocol and the registry (:mod:`rexfast.models.registry`):
     the authors' released checkpoint, architecture inferred from the weights.
 ``config``
     the model's config dataclass (``Config.preset(name)``, ``to_dict``/``from_dict``).
+``fold_batchnorm()``, ``use_fused_ops()``
+    what :func:`rexfast.optimize` does to its copy: BatchNorm folded into the
+    preceding convolutions; every op on its fused backend.
+``fp32_modules()``
+    names of submodules that must compute in float32 even when the rest of the
+    model runs in bf16 (:func:`rexfast.optimize`); their forward casts its inputs
+    up itself. ``prepare_images`` (called first thing in ``forward_features``)
+    casts the images to ``input_dtype`` / ``input_memory_format`` when those are set.
 """
 
 from __future__ import annotations
@@ -85,6 +93,37 @@ class ReferringModel(nn.Module):
     model_type: ClassVar[str]  # the registry name, written into model folders
     config_class: ClassVar[type]
     input_multiple: ClassVar[int] = 32  # image height and width must be multiples of this
+    # Set on an optimized copy (rexfast.optimize): the dtype / memory format its
+    # weights expect, so that callers keep passing float32 NCHW images.
+    input_dtype: Optional[torch.dtype] = None
+    input_memory_format: Optional[torch.memory_format] = None
+
+    def fp32_modules(self) -> tuple[str, ...]:
+        """Submodules that stay float32 under a bf16 model (see the module docstring)."""
+        return ()
+
+    def fold_batchnorm(self) -> int:
+        """Fold every BatchNorm that follows a convolution into it, in place (inference
+        only: the running statistics); returns the number folded (``rexfast.optimize``)."""
+        from .layers import fold_batchnorm
+
+        return fold_batchnorm(self)
+
+    def use_fused_ops(self) -> None:
+        """Run every op on its automatically chosen (fused) backend and take the exact
+        fused formulations, whatever the config pinned (``rexfast.optimize`` calls this
+        on its copy). Models whose submodules hold these choices extend it."""
+        fields = set(self.config_class.field_names())
+        fused = {k: v for k, v in (("ops_backend", None), ("fused", True)) if k in fields}
+        self.config = dataclasses.replace(self.config, **fused)
+
+    def prepare_images(self, images: Tensor) -> Tensor:
+        """The images in the dtype and memory format the (optimized) weights expect."""
+        if self.input_dtype is not None and images.dtype != self.input_dtype:
+            images = images.to(self.input_dtype)
+        if self.input_memory_format is not None:
+            images = images.contiguous(memory_format=self.input_memory_format)
+        return images
 
     def save_pretrained(self, directory):
         """Write ``config.json`` + ``model.safetensors`` to ``directory`` (see :mod:`rexfast.models.pretrained`)."""

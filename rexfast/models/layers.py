@@ -145,6 +145,54 @@ class FrozenBatchNorm2d(nn.Module):
         return x * scale.to(x.dtype).view(1, -1, 1, 1) + shift.to(x.dtype).view(1, -1, 1, 1)
 
 
+def _fold_into(conv: nn.Conv2d, bn: nn.Module) -> None:
+    """conv ← bn ∘ conv, in float64, stored in the conv weight's dtype."""
+    mean = bn.running_mean.detach().double()
+    var = bn.running_var.detach().double()
+    gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(mean)
+    beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(mean)
+    scale = gamma * (var + bn.eps).rsqrt()
+    weight = conv.weight.detach()
+    bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros_like(mean)
+    shape = (-1,) + (1,) * (weight.dim() - 1)
+    conv.weight = nn.Parameter((weight.double() * scale.view(shape)).to(weight.dtype), requires_grad=False)
+    conv.bias = nn.Parameter(((bias - mean) * scale + beta).to(weight.dtype), requires_grad=False)
+
+
+def _is_foldable_norm(module: nn.Module) -> bool:
+    if isinstance(module, FrozenBatchNorm2d):
+        return True
+    return isinstance(module, nn.BatchNorm2d) and module.running_mean is not None
+
+
+def _is_plain_conv(module: nn.Module) -> bool:
+    return type(module) is nn.Conv2d and not module.transposed
+
+
+def fold_batchnorm(model: nn.Module) -> int:
+    """Fold every BatchNorm that directly follows a convolution into it (in place, eval
+    semantics: the running statistics). Two places qualify: consecutive children of an
+    ``nn.Sequential`` (conv, norm), and a :class:`~rexfast.models.layers.ConvNormAct`'s
+    ``norm``. Returns the number folded."""
+    count = 0
+    for module in list(model.modules()):
+        if isinstance(module, ConvNormAct) and module.norm is not None and _is_foldable_norm(module.norm):
+            if module.norm.num_features != module.out_channels:
+                continue
+            _fold_into(module, module.norm)
+            module.norm = None
+            count += 1
+        elif isinstance(module, nn.Sequential):
+            names = list(module._modules)
+            for first, second in zip(names[:-1], names[1:]):
+                conv, norm = module._modules[first], module._modules[second]
+                if _is_plain_conv(conv) and _is_foldable_norm(norm) and norm.num_features == conv.out_channels:
+                    _fold_into(conv, norm)
+                    module._modules[second] = nn.Identity()
+                    count += 1
+    return count
+
+
 class ReluMLP(nn.Module):
     """``num_layers`` linear layers with ReLU between them (keys ``layers.{i}``)."""
 
@@ -162,4 +210,4 @@ class ReluMLP(nn.Module):
 
 
 __all__ = ["DropPath", "Mlp", "CrossAttn", "merge_heads", "conv_bn_relu", "ConvNormAct", "c2_xavier_fill",
-           "c2_msra_fill", "FrozenBatchNorm2d", "ReluMLP"]
+           "c2_msra_fill", "FrozenBatchNorm2d", "ReluMLP", "fold_batchnorm"]

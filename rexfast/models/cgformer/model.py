@@ -328,6 +328,7 @@ class CGFormer(ReferringModel):
         (three (B,N,h,w) assignments, coarse to fine), ``tokens`` (B,N,C),
         ``words`` (B,L,768) and ``sentence`` (paper variant)."""
         self.check_inputs(images, input_ids, attention_mask)
+        images = self.prepare_images(images)
         cfg = self.config
         words = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         word_mask = attention_mask.to(words.dtype)

@@ -94,6 +94,19 @@ class ReLA(ReferringModel):
             region_masks_at_key_resolution=config.region_masks_at_key_resolution, backend=config.ops_backend)
         self.sem_seg_head = ReferringHead(pixel_decoder, predictor)
 
+    def fp32_modules(self) -> tuple[str, ...]:
+        # the authors run the deformable pixel decoder in float32 under any autocast
+        # ("deformable detr does not support half precision"); it casts its inputs up itself
+        return ("sem_seg_head.pixel_decoder",)
+
+    def use_fused_ops(self) -> None:
+        self.config = dataclasses.replace(self.config, ops_backend=None, region_masks_at_key_resolution=True)
+        predictor = self.sem_seg_head.predictor
+        predictor.region_masks_at_key_resolution = True
+        for module in self.modules():  # the decoder and every MSDeformAttn hold their backend
+            if hasattr(module, "backend"):
+                module.backend = None
+
     # -- forward ----------------------------------------------------------------
     def check_inputs(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> None:
         super().check_inputs(images, input_ids, attention_mask)
@@ -105,6 +118,7 @@ class ReLA(ReferringModel):
 
     def forward_features(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> dict:
         self.check_inputs(images, input_ids, attention_mask)
+        images = self.prepare_images(images)
         words = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         features = self.backbone(images, words, attention_mask.to(words.dtype))
         mask_features, maps = self.sem_seg_head.pixel_decoder(features)

@@ -1,0 +1,53 @@
+"""bf16 against fp32 with trained weights: the GRES metrics of ``rexfast.optimize(model,
+precision=...)`` for both precisions on a checkpoint's held-out split, the share of pixels
+whose decision agrees, and the no-target decisions that agree.
+
+    python benchmarks/bf16_agreement.py runs/demo/train/best.pt [--split test]
+
+(``rexfast demo`` writes such a checkpoint; its config names the synthetic data.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+import rexfast
+from rexfast.engine import builders
+from rexfast.engine.checkpoint import load_model
+from rexfast.engine.evaluator import evaluate
+from rexfast.engine.inference import predict_batch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args()
+    loaded = load_model(args.checkpoint)
+    dataset = builders.build_dataset(loaded.config.data, args.split, train=False, tokenizer=loaded.tokenizer)
+    task = builders.task_of(loaded.config.data)
+    models = {p: rexfast.optimize(loaded.model, precision=p) for p in ("fp32", "bf16")}
+    out = {p: evaluate(m, dataset, task=task, batch_size=args.batch_size, device="cpu") for p, m in models.items()}
+    same = total = nt_same = n = 0
+    with torch.no_grad():
+        for start in range(0, len(dataset), args.batch_size):
+            items = [dataset.get(i, None) for i in range(start, min(start + args.batch_size, len(dataset)))]
+            batch = builders.collate(items, "cpu")
+            sizes = [tuple(builders.eval_mask(item).shape[-2:]) for item in items]
+            for a, b in zip(predict_batch(models["fp32"], batch, sizes), predict_batch(models["bf16"], batch, sizes)):
+                same += int((a.mask == b.mask).sum())
+                total += a.mask.numel()
+                nt_same += int(a.no_target == b.no_target)
+                n += 1
+    out.update(pixel_agreement=same / total, no_target_decisions_equal=f"{nt_same}/{n}", samples=n,
+               metric_delta_bf16_minus_fp32={k: out["bf16"][k] - out["fp32"][k] for k in out["fp32"]
+                                             if isinstance(out["fp32"][k], float)})
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

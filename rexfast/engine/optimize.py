@@ -1,0 +1,147 @@
+"""``rexfast.optimize(model)``: a copy of a model prepared for inference.
+
+What it does to the copy (the given model is not touched: same weights, same mode):
+
+1. ``eval()`` and ``requires_grad_(False)``: an inference copy.
+2. BatchNorm (``nn.BatchNorm2d`` with running statistics, and
+   :class:`~rexfast.models.layers.FrozenBatchNorm2d`) folded into the convolution
+   before it — W' = W·s, b' = (b − μ)·s + β with s = γ/√(σ² + ε), computed in float64 —
+   and replaced by ``nn.Identity``: exact up to rounding, one pass over the
+   activations fewer per conv.
+3. Every op on its automatically chosen (fused) backend and the models' exact fused
+   formulations (``model.use_fused_ops()``), whatever the config pinned.
+4. Convolution weights and the image input channels-last (NHWC), the layout oneDNN's
+   CPU convolutions compute in, so no conv reorders its input and output.
+5. The precision (:mod:`rexfast.engine.precision`): ``bf16`` casts the weights and the
+   input images to bf16 — activations then stay bf16 from end to end instead of being
+   cast at every layer, as ``torch.autocast`` does — except the submodules the model
+   lists in ``fp32_modules()`` (ReLA's deformable pixel decoder, which the authors run
+   in float32 under any autocast), whose outputs are cast back to bf16 at their boundary.
+   Norm layers, softmax and the rexfast ops accumulate in float32 internally on bf16
+   data.
+6. ``compile=True``: ``torch.compile`` of ``forward_features`` (what ``forward``,
+   ``predict`` and ``inference_outputs`` run); the first call compiles.
+
+The copy carries ``optimization`` (an :class:`Optimization`) describing what was done.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .precision import check_precision, describe, resolve_precision
+
+log = logging.getLogger("rexfast")
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimization:
+    precision: str  # the resolved mode: fp32 | bf16
+    requested: str  # what was asked for: fp32 | bf16 | auto
+    folded_batchnorms: int
+    channels_last: bool
+    fp32_modules: tuple[str, ...]
+    compiled: bool
+    description: str  # the log line
+
+
+def _cast_floating(value, dtype):
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() and value.dtype != dtype else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cast_floating(v, dtype) for v in value)
+    if isinstance(value, dict):  # transformers' ModelOutput is a dict subclass: keep its type
+        cast = {k: _cast_floating(v, dtype) for k, v in value.items()}
+        return type(value)(**cast) if all(isinstance(k, str) for k in cast) else cast
+    return value
+
+
+class _CastInputs:
+    """Forward pre-hook: a float32 island's floating inputs in float32."""
+
+    def __call__(self, module, args, kwargs):
+        return _cast_floating(args, torch.float32), _cast_floating(kwargs, torch.float32)
+
+
+class _CastOutputs:
+    """Forward hook: a float32 island's floating outputs back in the model's dtype."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+
+    def __call__(self, module, args, output):
+        return _cast_floating(output, self.dtype)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def optimize(model: nn.Module, *, precision: str = "auto", compile: bool = False,
+             channels_last: bool = True) -> nn.Module:
+    """A copy of ``model`` prepared for inference (see the module docstring): BatchNorm
+    folded, ops on their fused backends, channels-last convolutions, ``precision``
+    (``fp32 | bf16 | auto``; ``auto``: bf16 where the CPU has native bf16), and with
+    ``compile=True`` its forward compiled. ``model`` itself is left unchanged."""
+    from ..models.base import ReferringModel
+
+    if not isinstance(model, ReferringModel):
+        raise TypeError(f"model must be a rexfast model (CGFormer, ReLA, ...), got {type(model).__name__}")
+    check_precision(precision)
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile must be True or False, got {compile!r}")
+    if not isinstance(channels_last, bool):
+        raise TypeError(f"channels_last must be True or False, got {channels_last!r}")
+    device = _device_of(model)
+    resolved = resolve_precision(precision, device)
+    dtype = torch.bfloat16 if resolved == "bf16" else torch.float32
+
+    opt = copy.deepcopy(model)
+    opt.eval()
+    opt.requires_grad_(False)
+    folded = opt.fold_batchnorm()
+    opt.use_fused_ops()
+    if channels_last:
+        opt.to(memory_format=torch.channels_last)
+        opt.input_memory_format = torch.channels_last
+        if "channels_last" in opt.config_class.field_names():  # the model keeps its feature maps NHWC too
+            opt.config = dataclasses.replace(opt.config, channels_last=True)
+    islands: tuple[str, ...] = ()
+    if dtype != torch.float32:
+        opt.to(dtype)
+        opt.input_dtype = dtype
+        islands = tuple(opt.fp32_modules())
+        for name in islands:
+            island = opt.get_submodule(name)
+            island.float()
+            island.register_forward_pre_hook(_CastInputs(), with_kwargs=True)
+            island.register_forward_hook(_CastOutputs(dtype))
+    if compile:
+        opt.forward_features = torch.compile(opt.forward_features)
+    line = (f"rexfast.optimize: {type(model).__name__} on {device.type}, precision {describe(precision, device)}, "
+            f"{folded} batch norms folded, {'channels-last' if channels_last else 'contiguous'}"
+            f"{', float32: ' + ', '.join(islands) if islands else ''}{', compiled' if compile else ''}")
+    log.info(line)
+    opt.optimization = Optimization(precision=resolved, requested=precision, folded_batchnorms=folded,
+                                    channels_last=channels_last, fp32_modules=islands, compiled=compile,
+                                    description=line)
+    return opt
+
+
+def model_dtype(model: nn.Module) -> Optional[torch.dtype]:
+    """The dtype of the model's first floating parameter."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return None
+
+
+__all__ = ["Optimization", "model_dtype", "optimize"]
