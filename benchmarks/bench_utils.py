@@ -112,7 +112,7 @@ def record(suite: str, row: dict) -> None:
     _ROWS[suite].append(row)
 
 
-def _environment(device: str) -> dict:
+def _environment(device: str, commit: str) -> dict:
     try:
         import triton
 
@@ -126,7 +126,7 @@ def _environment(device: str) -> dict:
         "torch": torch.__version__,
         "triton": triton_version,
         "python": platform.python_version(),
-        "git_commit": git_commit(),
+        "git_commit": commit,
         "torch_threads": torch.get_num_threads(),
         "rexfast_backends": rexfast.info().get(f"backends_{device}"),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -148,11 +148,14 @@ def write_results():
     if not _ROWS:
         return
     target = results_dir()
+    # The commit is read once, before the first file is written: writing one suite's
+    # file into the tracked folder would make the tree look dirty for the next suite.
+    commit = git_commit()
     target.mkdir(parents=True, exist_ok=True)
     for suite, rows in _ROWS.items():
         device = rows[0].get("device_type", "cpu")
         slug = re.sub(r"[^A-Za-z0-9]+", "-", "cuda-" + device_name("cuda") if device == "cuda" else "cpu").strip("-")
-        payload = {"suite": suite, "environment": _environment(device), "ceilings": _CEILINGS.get(device), "rows": rows}
+        payload = {"suite": suite, "environment": _environment(device, commit), "ceilings": _CEILINGS.get(device), "rows": rows}
         path = target / f"{suite}-{slug.lower()}.json"
         path.write_text(json.dumps(payload, indent=2) + "\n")
         print(f"\n[{suite}] results written to {path}")
