@@ -144,6 +144,58 @@ def results_dir() -> Path:
     return RESULTS_DIR
 
 
+# ----------------------------------------------------------------------------- whole models
+def measure_models(models, batch, device, amp_dtype, rounds):
+    """Forward (eval, no grad) and training-step medians of each model variant on one batch
+    ``(images, input_ids, attention_mask, targets)``; on CUDA also peak memory."""
+    images, ids, mask, targets = batch
+    autocast = lambda: torch.autocast(device, dtype=amp_dtype, enabled=amp_dtype is not None)  # noqa: E731
+    results = {}
+    for name, model in models.items():
+        def forward():
+            with torch.no_grad(), autocast():
+                return model(images, ids, mask)
+
+        def train_step():
+            with autocast():
+                _, losses = model(images, ids, mask, targets=targets)
+            sum(losses.values()).backward()
+            for p in model.parameters():
+                p.grad = None
+
+        row = {}
+        for mode, fn in (("fwd", forward), ("train", train_step)):
+            model.train(mode == "train")
+            if device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+                fn()  # also the compile warm-up
+                torch.cuda.synchronize()
+                row[f"{mode}_peak_MiB"] = torch.cuda.max_memory_allocated() / 2**20
+                row.update(median_ms(fn, device).fields(mode))
+            else:
+                row.update(median_ms(fn, device, rounds=rounds, warmup=1).fields(mode))
+                row[f"{mode}_peak_MiB"] = None  # no allocator statistics on CPU
+        results[name] = row
+    return results
+
+
+def record_model_rows(suite, results, device, label, batch_size, size, dtype):
+    """One row per variant, with its speed-ups over the "reference" (and "compile") variant."""
+    for name, row in results.items():
+        out = {"device_type": device, "config": label, "batch": batch_size, "image": size, "dtype": dtype,
+               "variant": name, **row}
+        for mode in ("fwd", "train"):
+            out[f"{mode}_speedup_vs_reference"] = results["reference"][f"{mode}_ms"] / row[f"{mode}_ms"]
+            if "compile" in results:
+                out[f"{mode}_speedup_vs_compile"] = results["compile"][f"{mode}_ms"] / row[f"{mode}_ms"]
+            peak, ref_peak = row.get(f"{mode}_peak_MiB"), results["reference"].get(f"{mode}_peak_MiB")
+            if peak is not None and ref_peak:
+                out[f"{mode}_peak_vs_reference"] = peak / ref_peak
+        record(suite, out)
+
+
 def write_results():
     if not _ROWS:
         return

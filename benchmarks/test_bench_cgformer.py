@@ -20,7 +20,7 @@ import os
 import pytest
 import torch
 
-from bench_utils import median_ms, record
+from bench_utils import measure_models, record_model_rows
 from rexfast.models import CGFormer, CGFormerConfig
 from rexfast.models.backbones.swin import SwinConfig
 
@@ -56,51 +56,6 @@ def _variants(config: CGFormerConfig, device: str, with_compile: bool, channels_
     return out
 
 
-def _measure(models, batch, device, amp_dtype, rounds):
-    images, ids, mask, targets = batch
-    autocast = lambda: torch.autocast(device, dtype=amp_dtype, enabled=amp_dtype is not None)  # noqa: E731
-    results = {}
-    for name, model in models.items():
-        def forward():
-            with torch.no_grad(), autocast():
-                return model(images, ids, mask)
-
-        def train_step():
-            with autocast():
-                _, losses = model(images, ids, mask, targets=targets)
-            sum(losses.values()).backward()
-            for p in model.parameters():
-                p.grad = None
-
-        row = {}
-        for mode, fn in (("fwd", forward), ("train", train_step)):
-            model.train(mode == "train")
-            if device == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-                fn()  # also the compile warm-up
-                torch.cuda.synchronize()
-                row[f"{mode}_peak_MiB"] = torch.cuda.max_memory_allocated() / 2**20
-                row.update(median_ms(fn, device).fields(mode))
-            else:
-                row.update(median_ms(fn, device, rounds=rounds, warmup=1).fields(mode))
-                row[f"{mode}_peak_MiB"] = None  # no allocator statistics on CPU
-        results[name] = row
-    return results
-
-
-def _record(results, device, label, batch_size, size, dtype):
-    for name, row in results.items():
-        out = {"device_type": device, "config": label, "batch": batch_size, "image": size, "dtype": dtype,
-               "variant": name, **row}
-        for mode in ("fwd", "train"):
-            out[f"{mode}_speedup_vs_reference"] = results["reference"][f"{mode}_ms"] / row[f"{mode}_ms"]
-            if "compile" in results:
-                out[f"{mode}_speedup_vs_compile"] = results["compile"][f"{mode}_ms"] / row[f"{mode}_ms"]
-        record(SUITE, out)
-
-
 def _pedantic(benchmark, model, batch, device, amp_dtype):
     images, ids, mask, targets = batch
     model.train()
@@ -122,8 +77,8 @@ def test_cgformer_cpu(benchmark):
     config, size, b = reduced_config(), 128, 2
     models = _variants(config, "cpu", with_compile, channels_last=False)
     batch = _batch(b, size, "cpu")
-    results = _measure(models, batch, "cpu", None, rounds=3)
-    _record(results, "cpu", "reduced (Swin 32, 2-2-2-2; tiny BERT; tokens 128)", b, size, "float32")
+    results = measure_models(models, batch, "cpu", None, rounds=3)
+    record_model_rows(SUITE, results, "cpu", "reduced (Swin 32, 2-2-2-2; tiny BERT; tokens 128)", b, size, "float32")
     benchmark.extra_info.update(results)
     _pedantic(benchmark, models["rexfast"], batch, "cpu", None)
 
@@ -133,7 +88,7 @@ def test_cgformer_cuda_released_b8_480_bf16(benchmark):
     config, size, b = CGFormerConfig.released(), 480, 8
     models = _variants(config, "cuda", with_compile=True, channels_last=True)
     batch = _batch(b, size, "cuda")
-    results = _measure(models, batch, "cuda", torch.bfloat16, rounds=None)
-    _record(results, "cuda", "released (Swin-B w12, BERT-base, 2 tokens)", b, size, "bfloat16 autocast")
+    results = measure_models(models, batch, "cuda", torch.bfloat16, rounds=None)
+    record_model_rows(SUITE, results, "cuda", "released (Swin-B w12, BERT-base, 2 tokens)", b, size, "bfloat16 autocast")
     benchmark.extra_info.update(results)
     _pedantic(benchmark, models["rexfast"], batch, "cuda", torch.bfloat16)

@@ -23,7 +23,7 @@ import os
 import pytest
 import torch
 
-from bench_utils import median_ms, record
+from bench_utils import measure_models, record_model_rows
 from rexfast.models import ReLA, ReLAConfig
 from rexfast.models.backbones.swin import SwinConfig
 
@@ -62,61 +62,13 @@ def _variants(config: ReLAConfig, device: str, with_compile: bool):
     return out
 
 
-def _measure(models, batch, device, amp_dtype, rounds):
-    images, ids, mask, targets = batch
-    autocast = lambda: torch.autocast(device, dtype=amp_dtype, enabled=amp_dtype is not None)  # noqa: E731
-    results = {}
-    for name, model in models.items():
-        def forward():
-            with torch.no_grad(), autocast():
-                return model(images, ids, mask)
-
-        def train_step():
-            with autocast():
-                _, losses = model(images, ids, mask, targets=targets)
-            sum(losses.values()).backward()
-            for p in model.parameters():
-                p.grad = None
-
-        row = {}
-        for mode, fn in (("fwd", forward), ("train", train_step)):
-            model.train(mode == "train")
-            if device == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-                fn()  # also the compile warm-up
-                torch.cuda.synchronize()
-                row[f"{mode}_peak_MiB"] = torch.cuda.max_memory_allocated() / 2**20
-                row.update(median_ms(fn, device).fields(mode))
-            else:
-                row.update(median_ms(fn, device, rounds=rounds, warmup=1).fields(mode))
-                row[f"{mode}_peak_MiB"] = None  # no allocator statistics on CPU
-        results[name] = row
-    return results
-
-
-def _record(results, device, label, batch_size, size, dtype):
-    for name, row in results.items():
-        out = {"device_type": device, "config": label, "batch": batch_size, "image": size, "dtype": dtype,
-               "variant": name, **row}
-        for mode in ("fwd", "train"):
-            out[f"{mode}_speedup_vs_reference"] = results["reference"][f"{mode}_ms"] / row[f"{mode}_ms"]
-            if "compile" in results:
-                out[f"{mode}_speedup_vs_compile"] = results["compile"][f"{mode}_ms"] / row[f"{mode}_ms"]
-            peak, ref_peak = row.get(f"{mode}_peak_MiB"), results["reference"].get(f"{mode}_peak_MiB")
-            if peak is not None and ref_peak:
-                out[f"{mode}_peak_vs_reference"] = peak / ref_peak
-        record(SUITE, out)
-
-
 def test_rela_cpu(benchmark):
     with_compile = os.environ.get("REXFAST_BENCH_CPU_COMPILE") == "1"
     config, size, b = reduced_config(), 128, 2
     models = _variants(config, "cpu", with_compile)
     batch = _batch(b, size, "cpu")
-    results = _measure(models, batch, "cpu", None, rounds=5)
-    _record(results, "cpu", "reduced (Swin 32, 2-2-2-2; tiny BERT; 128-wide decoder, 6 layers, 25 queries)", b,
+    results = measure_models(models, batch, "cpu", None, rounds=5)
+    record_model_rows(SUITE, results, "cpu", "reduced (Swin 32, 2-2-2-2; tiny BERT; 128-wide decoder, 6 layers, 25 queries)", b,
             size, "float32")
     benchmark.extra_info.update(results)
     images, ids, mask, targets = batch
@@ -138,8 +90,8 @@ def test_rela_cpu_demo_preset(benchmark):
 
     b, size = FULL["batch_size"], FULL["image_size"]
     models = _variants(ReLAConfig.demo(), "cpu", os.environ.get("REXFAST_BENCH_CPU_COMPILE") == "1")
-    results = _measure(models, _batch(b, size, "cpu"), "cpu", None, rounds=7)
-    _record(results, "cpu", "demo preset (ReLAConfig.demo())", b, size, "float32")
+    results = measure_models(models, _batch(b, size, "cpu"), "cpu", None, rounds=7)
+    record_model_rows(SUITE, results, "cpu", "demo preset (ReLAConfig.demo())", b, size, "float32")
     benchmark.extra_info.update(results)
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
 
@@ -149,8 +101,8 @@ def test_rela_cuda_released_b8_480_bf16(benchmark):
     config, size, b = ReLAConfig.released(), 480, 8
     models = _variants(config, "cuda", with_compile=True)
     batch = _batch(b, size, "cuda")
-    results = _measure(models, batch, "cuda", torch.bfloat16, rounds=None)
-    _record(results, "cuda", "released (Swin-B w12, BERT-base, 100 queries)", b, size, "bfloat16 autocast")
+    results = measure_models(models, batch, "cuda", torch.bfloat16, rounds=None)
+    record_model_rows(SUITE, results, "cuda", "released (Swin-B w12, BERT-base, 100 queries)", b, size, "bfloat16 autocast")
     benchmark.extra_info.update(results)
     images, ids, mask, targets = batch
     model = models["rexfast"].train()
