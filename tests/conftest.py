@@ -46,3 +46,22 @@ def _no_backend_override(monkeypatch):
 
 def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@pytest.fixture(scope="session")
+def tiny_cgformer_run(tmp_path_factory):
+    """A tiny CGFormer trained one step on 32² synthetic data, shared read-only by the CLI
+    tests: the data root, the run folder, best.pt, last.pt, the best/ model folder and an image."""
+    from rexfast.engine import builders
+    from rexfast.engine.config import Config, DataConfig, TrainConfig, model_section
+    from rexfast.engine.trainer import train
+
+    root = tmp_path_factory.mktemp("data")
+    data = DataConfig(dataset="synthetic", root=str(root), image_size=32)
+    builders.generate_synthetic_data(data, n_train=8, n_val=4, n_test=4, seed=1)
+    out = tmp_path_factory.mktemp("run")
+    cfg = Config(data=data, model=model_section({"name": "cgformer", "preset": "tiny"}, data),
+                 train=TrainConfig(max_steps=1, epochs=1, batch_size=4, amp="off", device="cpu", out_dir=str(out)))
+    train(cfg, progress=False)
+    return {"root": root, "out": out, "best": out / "best.pt", "last": out / "last.pt", "folder": out / "best",
+            "image": next((root / "synthetic" / "images").glob("*.png"))}

@@ -52,22 +52,10 @@ def _one_error(proc) -> str:
     return lines[0]
 
 
-@pytest.fixture(scope="module")
-def genuine(tmp_path_factory):
-    """A genuine training checkpoint of a tiny CGFormer on synthetic data."""
-    from rexfast.engine import builders
-    from rexfast.engine.config import Config, DataConfig, TrainConfig, model_section
-    from rexfast.engine.trainer import train
-
-    root = tmp_path_factory.mktemp("data")
-    data = DataConfig(dataset="synthetic", root=str(root), image_size=32)
-    builders.generate_synthetic_data(data, n_train=8, n_val=4, n_test=4, seed=1)
-    out = tmp_path_factory.mktemp("run")
-    cfg = Config(data=data, model=model_section({"name": "cgformer", "preset": "tiny"}, data),
-                 train=TrainConfig(max_steps=1, epochs=1, batch_size=4, amp="off", device="cpu", out_dir=str(out)))
-    train(cfg, progress=False)
-    return {"root": root, "best": out / "best.pt", "last": out / "last.pt", "folder": out / "best",
-            "image": next((root / "synthetic" / "images").glob("*.png"))}
+@pytest.fixture
+def genuine(tiny_cgformer_run):
+    """A genuine training checkpoint of a tiny CGFormer on synthetic data (shared, read-only)."""
+    return tiny_cgformer_run
 
 
 def _hostile_checkpoint(tmp_path, marker) -> Path:

@@ -31,21 +31,10 @@ def _one_error(proc) -> str:
     return lines[0]
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A tiny CGFormer trained one step on 32² synthetic data: best.pt and the best/ model folder."""
-    from rexfast.engine import builders
-    from rexfast.engine.config import Config, DataConfig, TrainConfig, model_section
-    from rexfast.engine.trainer import train
-
-    root = tmp_path_factory.mktemp("data")
-    data = DataConfig(dataset="synthetic", root=str(root), image_size=32)
-    builders.generate_synthetic_data(data, n_train=8, n_val=4, n_test=4, seed=1)
-    out = tmp_path_factory.mktemp("run")
-    cfg = Config(data=data, model=model_section({"name": "cgformer", "preset": "tiny"}, data),
-                 train=TrainConfig(max_steps=1, epochs=1, batch_size=4, amp="off", device="cpu", out_dir=str(out)))
-    train(cfg, progress=False)
-    return out
+@pytest.fixture
+def run(tiny_cgformer_run):
+    """The shared tiny training run's folder (best.pt, best/)."""
+    return tiny_cgformer_run["out"]
 
 
 def test_export_a_training_checkpoint_at_its_training_size(run, tmp_path):
