@@ -171,6 +171,8 @@ class ReferringModel(nn.Module):
                 f"attention_mask {tuple(attention_mask.shape)} must have the shape of input_ids {tuple(input_ids.shape)}")
         if input_ids.shape[0] != images.shape[0]:
             raise ValueError(f"batch sizes differ: images {images.shape[0]}, input_ids {input_ids.shape[0]}")
+        if images.shape[0] == 0:  # the text encoder cannot even reshape an empty batch
+            raise ValueError("images is an empty batch (B = 0): give at least one image")
         if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
             raise TypeError(f"input_ids must be integer token ids, got {input_ids.dtype}")
         vocab, positions = self.text_limits()

@@ -185,6 +185,8 @@ def test_bad_inputs_raise_clear_errors():
         model(images[:, :1], ids, mask)
     with pytest.raises(ValueError, match="batch sizes differ"):
         model(images[:1], ids, mask)
+    with pytest.raises(ValueError, match="empty batch"):
+        model.predict(images[:0], ids[:0], mask[:0])
     with pytest.raises(ValueError, match="targets"):
         model.train()(images, ids, mask, targets=targets[..., :32])
 

@@ -231,6 +231,8 @@ def test_bad_inputs_raise_clear_errors():
         model(images[..., :48], ids, mask)
     with pytest.raises(ValueError, match="at most 64"):
         model(images, torch.randint(1000, 2000, (2, 65)), torch.ones(2, 65, dtype=torch.long))
+    with pytest.raises(ValueError, match="empty batch"):
+        model.predict(images[:0], ids[:0], mask[:0])
     with pytest.raises(ValueError, match="targets"):
         model.train()(images, ids, mask, targets=targets[..., :32])
     with pytest.raises(ValueError, match="too small for this ReLA"):
