@@ -63,6 +63,56 @@ def test_shapes_losses_and_predict():
     out, losses = model(images, ids, mask, targets=targets)
     assert set(losses) == {"mask_ce", "minimap_ce", "nt_ce"} and all(torch.isfinite(v) for v in losses.values())
 
+def test_dice_term_is_off_as_released_and_exact_when_on():
+    """The demo preset's Dice term: absent by default (the released losses), and
+    mask_weight · dice_weight · mean_b(1 − (2Σpg + 1)/(Σp + Σg + 1)) when on, with p the
+    target softmax of the upsampled target mask, written out here by hand."""
+    import torch.nn.functional as F
+
+    from rexfast.models.rela.losses import rela_losses
+
+    g = torch.Generator().manual_seed(3)
+    mask_logits = torch.randn(3, 2, 8, 8, generator=g, requires_grad=True)
+    minimap, nt = torch.randn(3, 16, 2, generator=g), torch.randn(3, 2, generator=g)
+    targets = (torch.rand(3, 32, 32, generator=g) > 0.8).float()
+    targets[2] = 0  # no target: the Dice term pushes the whole mask to background
+    released = rela_losses(mask_logits, minimap, nt, targets, minimap_size=4)
+    assert set(released) == {"mask_ce", "minimap_ce", "nt_ce"}
+    with_dice = rela_losses(mask_logits, minimap, nt, targets, minimap_size=4, dice_weight=0.7)
+    for name in released:
+        assert torch.equal(with_dice[name], released[name])
+    p = F.interpolate(mask_logits, size=(32, 32), mode="bilinear", align_corners=False).softmax(1)[:, 1]
+    expected = [1 - (2 * (p[b] * targets[b]).sum() + 1) / (p[b].sum() + targets[b].sum() + 1) for b in range(3)]
+    torch.testing.assert_close(with_dice["mask_dice"], 5.0 * 0.7 * torch.stack(expected).mean())
+    with_dice["mask_dice"].backward()
+    assert mask_logits.grad[2, 1].gt(0).all()  # no-target sample: every target logit pushed down
+    assert ReLAConfig.released().dice_weight == 0 and ReLAConfig.demo().dice_weight > 0
+
+
+def test_decision_released_ties_where_sigmoids_saturate_and_logits_does_not():
+    """The released evaluator compares sigmoid(target) > sigmoid(background) in fp32: where both
+    logits are above ~17 both sigmoids are 1.0 and the pixel goes to background, whatever the
+    difference. ``decision="logits"`` (the demo preset) decides target − background > 0."""
+    from rexfast.models.base import Prediction
+
+    model = tiny().eval()
+    # mask logits (B=1, 2, 2, 2): background / target per pixel; nt logits (target, no target)
+    mask_logits = torch.tensor([[[[20.0, 0.0], [1.0, 3.0]], [[30.0, 1.0], [1.0, -3.0]]]])
+    nt_logits = torch.tensor([[25.0, 40.0]])
+    model.forward_features = lambda *a, **k: {"mask_logits": mask_logits, "nt_logits": nt_logits}
+    images = torch.zeros(1, 3, 2, 2)
+    released = model.predict(images, None, None)
+    assert isinstance(released, Prediction)
+    assert (released.mask > 0.5).tolist() == [[[False, True], [False, False]]]  # 30 vs 20: a tie, background
+    assert not bool(released.no_target[0] > 0.5)  # 40 vs 25: a tie, "target"
+    model.config.decision = "logits"
+    by_logits = model.predict(images, None, None)
+    assert (by_logits.mask > 0.5).tolist() == [[[True, True], [False, False]]]  # equal logits: background
+    assert bool(by_logits.no_target[0] > 0.5)
+    with pytest.raises(ValueError, match="decision"):
+        ReLAConfig.tiny(decision="argmax")
+    assert ReLAConfig.released().decision == "released" and ReLAConfig.demo().decision == "logits"
+
 
 # Parameters the released initialisation gives no gradient at the first step
 # (they are zero-initialised in the authors' code: a two-layer gate whose both

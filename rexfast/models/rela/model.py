@@ -144,22 +144,31 @@ class ReLA(ReferringModel):
         cfg = self.config
         return rela_losses(outputs["mask_logits"], outputs["minimap_logits"], outputs["nt_logits"], targets,
                            class_weights=cfg.class_weights, minimap_size=cfg.minimap_size,
-                           minimap_weight=cfg.minimap_weight, nt_weight=cfg.nt_weight, mask_weight=cfg.mask_weight)
+                           minimap_weight=cfg.minimap_weight, nt_weight=cfg.nt_weight, mask_weight=cfg.mask_weight,
+                           dice_weight=cfg.dice_weight)
 
     def predict(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Prediction:
         """As the released inference and evaluator: the target-mask logits resized
         (bilinear, align_corners=False) to the input size; a pixel is the target
         where sigmoid(target) > sigmoid(background), the sentence names nothing
-        where sigmoid(no target) > sigmoid(target). Returned as probabilities
-        (softmax of the two logits) that exceed 0.5 exactly where those argmaxes pick."""
+        where sigmoid(no target) > sigmoid(target) (``config.decision="released"``; with
+        ``"logits"``: where target − background > 0, no target − target > 0). Returned as
+        probabilities (softmax of the two logits) that exceed 0.5 exactly where those
+        decisions pick."""
         out = self.forward_features(images, input_ids, attention_mask)
         logits = F.interpolate(out["mask_logits"].float(), size=images.shape[-2:], mode="bilinear",
                                align_corners=False)
-        mask = _strictly_above_half(torch.sigmoid(logits[:, 1] - logits[:, 0]),
-                                    torch.sigmoid(logits[:, 1]) > torch.sigmoid(logits[:, 0]))
         nt = out["nt_logits"].float()
-        no_target = _strictly_above_half(torch.sigmoid(nt[:, 1] - nt[:, 0]), torch.sigmoid(nt[:, 1]) > torch.sigmoid(nt[:, 0]))
+        decide = self._decide
+        mask = _strictly_above_half(torch.sigmoid(logits[:, 1] - logits[:, 0]), decide(logits[:, 1], logits[:, 0]))
+        no_target = _strictly_above_half(torch.sigmoid(nt[:, 1] - nt[:, 0]), decide(nt[:, 1], nt[:, 0]))
         return Prediction(mask=mask, no_target=no_target)
+
+    def _decide(self, a: Tensor, b: Tensor) -> Tensor:
+        """Where class ``a`` wins over ``b`` (ties to ``b``, as an argmax over (b, a) picks)."""
+        if self.config.decision == "logits":
+            return a - b > 0
+        return torch.sigmoid(a) > torch.sigmoid(b)
 
     # -- training ------------------------------------------------------------------
     def param_groups(self, train_cfg) -> list[dict]:
