@@ -463,8 +463,9 @@ def test_save_pretrained_from_pretrained_bit_identical(tmp_path, preset):
     assert loaded.config == cfg
     size = cfg.image_size if preset in ("tiny", "demo") else 96
     images, ids, mask, _ = make_batch(b=1, h=size, w=size)
-    with torch.no_grad():
-        assert torch.equal(model(images, ids, mask), loaded(images, ids, mask))
+    with torch.no_grad():  # (the demo preset draws Gumbel noise at eval: the same seed for both)
+        assert torch.equal(torch.manual_seed(0) and model(images, ids, mask),
+                           torch.manual_seed(0) and loaded(images, ids, mask))
 
 
 def test_convert_official_to_a_model_folder(tmp_path):

@@ -90,12 +90,17 @@ class CGFormerConfig(ConfigBase):
         """A small model that trains on CPU in minutes (synthetic GRES data). No
         dropout or drop-path: a demo run sees each sample about once; one
         learning rate for every part (everything trains from scratch); the
-        no-target head on."""
+        no-target head on. Evaluated as it trains (and as the released code
+        evaluates), with Gumbel noise (``eval_noise=True``): trained from scratch
+        it learns to rely on the noise, and noise-free hard assignments then score
+        far lower (a 5-minute demo checkpoint: held-out gIoU 43.0 with noise, 28.9
+        without). Its predictions are therefore drawn from torch's RNG (seed it),
+        and it exports only with ``eval_noise=False``."""
         base = dict(
             swin=SwinConfig(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), window_size=4,
                             drop_path_rate=0.0, pwam_heads=(1, 1, 2, 2)),
             bert="small", token_dim=64, image_size=128, decoder_dropout=0.0, lr_backbone_scale=1.0,
-            lr_text_scale=1.0, no_target_head=True)
+            lr_text_scale=1.0, no_target_head=True, eval_noise=True)
         return cls(**{**base, **overrides})
 
 
