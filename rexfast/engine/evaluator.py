@@ -79,6 +79,7 @@ def evaluate_checkpoint(path, *, split=None, overrides=(), out=None, batch_size=
         raise FileNotFoundError(f"{exc} (data.root is {cfg.data.root}; point it elsewhere with "
                                 "--set data.root=PATH)") from None
     model = optimize(loaded.model, precision=precision, compile=compile)
+    torch.manual_seed(0)  # a model that draws noise at inference (CGFormer eval_noise) scores the same every run
     metrics = evaluate(model, dataset, task=builders.task_of(cfg.data), batch_size=batch_size, device=device,
                        max_samples=max_samples, progress=True)
     metrics = {"checkpoint": str(path), "model": cfg.model.name, "dataset": cfg.data.dataset, "split": split,

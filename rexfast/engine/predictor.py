@@ -57,8 +57,9 @@ def predict_to_files(checkpoint_path, image_path, text, *, out_dir=".", threshol
         raise ValueError(f"--threshold must lie strictly between 0 and 1, got {threshold}")
     out = check_output_dir(out_dir, "--out-dir")
     image = load_image(image_path)  # fail fast, before loading the model
-    pred = Predictor(checkpoint_path, device=device, tokenizer=tokenizer, precision=precision,
-                     compile=compile)(image, text, threshold)
+    predictor = Predictor(checkpoint_path, device=device, tokenizer=tokenizer, precision=precision, compile=compile)
+    torch.manual_seed(0)  # a model that draws noise at inference (CGFormer eval_noise) answers the same every run
+    pred = predictor(image, text, threshold)
     mask = pred.shown_mask.cpu().numpy()
     out.mkdir(parents=True, exist_ok=True)
     stem = Path(image_path).stem

@@ -1,0 +1,72 @@
+"""A model that draws noise at inference (CGFormer with ``eval_noise=True``, as the demo
+preset trains and evaluates it) answers the same on every run of ``rexfast predict`` and
+``rexfast eval``: both seed torch's RNG before inference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+
+@pytest.fixture(scope="module")
+def noisy_run(tmp_path_factory):
+    from rexfast.engine import builders
+    from rexfast.engine.config import Config, DataConfig, TrainConfig, model_section
+    from rexfast.engine.trainer import train
+
+    root = tmp_path_factory.mktemp("data")
+    data = DataConfig(dataset="synthetic", root=str(root), image_size=32)
+    builders.generate_synthetic_data(data, n_train=8, n_val=4, n_test=4, seed=1)
+    out = tmp_path_factory.mktemp("run")
+    cfg = Config(data=data, model=model_section({"name": "cgformer", "preset": "tiny", "eval_noise": True}, data),
+                 train=TrainConfig(max_steps=1, epochs=1, batch_size=4, amp="off", device="cpu", out_dir=str(out)))
+    train(cfg, progress=False)
+    return {"best": out / "best.pt", "image": next((root / "synthetic" / "images").glob("*.png"))}
+
+
+def test_the_noise_is_real(noisy_run):
+    """Without a seed, two inferences of this model differ (what the seeding below removes)."""
+    from rexfast.engine.checkpoint import load_model
+
+    model = load_model(noisy_run["best"]).model.eval()
+    assert model.config.eval_noise
+    g = torch.Generator().manual_seed(0)
+    images, ids = torch.randn(2, 3, 32, 32, generator=g), torch.randint(5, 40, (2, 8), generator=g)
+    mask = torch.ones(2, 8, dtype=torch.long)
+    with torch.no_grad():
+        first, second = (model.inference_outputs(images, ids, mask)["logits"] for _ in range(2))
+    assert not torch.equal(first, second)
+
+
+def test_predict_and_eval_are_reproducible(noisy_run, tmp_path):
+    """The same answer whatever state torch's global RNG was left in: masks at several
+    thresholds (a binary mask at one threshold may hide the noise) and the eval table."""
+    from rexfast.engine.evaluator import evaluate_checkpoint
+    from rexfast.engine.predictor import predict_to_files
+
+    from rexfast.engine import builders
+    from rexfast.engine.predictor import Predictor
+
+    # thresholds inside this barely-trained model's narrow probability range (~0.52-0.54)
+    predictor = Predictor(noisy_run["best"], device="cpu", precision="fp32")
+    item = builders.inference_item(Image.open(noisy_run["image"]).convert("RGB"), "the red circle",
+                                   predictor.tokenizer, predictor.cfg.data)
+    batch = builders.collate([item], predictor.device)
+    with torch.no_grad():
+        probs = predictor.model.predict(batch["image"], batch["input_ids"], batch["attention_mask"]).mask
+    for threshold in torch.quantile(probs.flatten(), torch.tensor([0.2, 0.4, 0.5, 0.6, 0.8])).tolist():
+        masks = []
+        for state in (1, 2):
+            torch.manual_seed(state)
+            written, _ = predict_to_files(noisy_run["best"], noisy_run["image"], "the red circle",
+                                          out_dir=tmp_path / f"t{threshold}-{state}", device="cpu",
+                                          precision="fp32", threshold=threshold)
+            masks.append(np.asarray(Image.open(written[0])))
+        assert np.array_equal(masks[0], masks[1]), threshold
+    tables = []
+    for state in (1, 2):
+        torch.manual_seed(state)
+        tables.append(evaluate_checkpoint(noisy_run["best"], split="val", device="cpu"))
+    assert tables[0] == tables[1]
