@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..losses import dice_loss
+
 
 def rela_losses(mask_logits: Tensor, minimap_logits: Tensor, nt_logits: Tensor, targets: Tensor, *,
                 class_weights: Sequence[float] = (0.9, 1.1), minimap_size: int = 10, minimap_weight: float = 0.1,
@@ -46,11 +48,8 @@ def rela_losses(mask_logits: Tensor, minimap_logits: Tensor, nt_logits: Tensor, 
             minimap_logits.float().permute(0, 2, 1), minimap_gt, weight=weight),
         "nt_ce": mask_weight * nt_weight * F.cross_entropy(nt_logits.float(), empty, weight=weight),
     }
-    if dice_weight:
-        p = masks.softmax(1)[:, 1].flatten(1)
-        g = gt.flatten(1)
-        dice = 1 - (2 * (p * g).sum(1) + 1) / (p.sum(1) + g.sum(1) + 1)
-        losses["mask_dice"] = mask_weight * dice_weight * dice.mean()
+    if dice_weight:  # softmax(M↑)[target] = sigmoid(target − background)
+        losses["mask_dice"] = mask_weight * dice_weight * dice_loss(masks[:, 1] - masks[:, 0], gt[:, 0])
     return losses
 
 

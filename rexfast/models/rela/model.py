@@ -159,16 +159,14 @@ class ReLA(ReferringModel):
         logits = F.interpolate(out["mask_logits"].float(), size=images.shape[-2:], mode="bilinear",
                                align_corners=False)
         nt = out["nt_logits"].float()
-        decide = self._decide
-        mask = _strictly_above_half(torch.sigmoid(logits[:, 1] - logits[:, 0]), decide(logits[:, 1], logits[:, 0]))
-        no_target = _strictly_above_half(torch.sigmoid(nt[:, 1] - nt[:, 0]), decide(nt[:, 1], nt[:, 0]))
-        return Prediction(mask=mask, no_target=no_target)
+        return Prediction(mask=self._win_probability(logits[:, 1], logits[:, 0]),
+                          no_target=self._win_probability(nt[:, 1], nt[:, 0]))
 
-    def _decide(self, a: Tensor, b: Tensor) -> Tensor:
-        """Where class ``a`` wins over ``b`` (ties to ``b``, as an argmax over (b, a) picks)."""
-        if self.config.decision == "logits":
-            return a - b > 0
-        return torch.sigmoid(a) > torch.sigmoid(b)
+    def _win_probability(self, a: Tensor, b: Tensor) -> Tensor:
+        """softmax of (b, a) at a, above 0.5 exactly where class ``a`` wins by ``config.decision``
+        (ties to ``b``, as an argmax over (b, a) picks)."""
+        wins = a - b > 0 if self.config.decision == "logits" else torch.sigmoid(a) > torch.sigmoid(b)
+        return _strictly_above_half(torch.sigmoid(a - b), wins)
 
     # -- training ------------------------------------------------------------------
     def param_groups(self, train_cfg) -> list[dict]:
