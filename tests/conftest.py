@@ -52,6 +52,17 @@ def triton_interpreter_enabled() -> bool:
 def tiny_cgformer_run(tmp_path_factory):
     """A tiny CGFormer trained one step on 32² synthetic data, shared read-only by the CLI
     tests: the data root, the run folder, best.pt, last.pt, the best/ model folder and an image."""
+    return train_tiny_cgformer(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def noisy_tiny_cgformer_run(tmp_path_factory):
+    """As tiny_cgformer_run, with Gumbel noise at inference (``eval_noise=True``)."""
+    return train_tiny_cgformer(tmp_path_factory, eval_noise=True)
+
+
+def train_tiny_cgformer(tmp_path_factory, **model_overrides) -> dict:
+    """One training step of a tiny CGFormer (``model_overrides`` on its config) on 32² synthetic data."""
     from rexfast.engine import builders
     from rexfast.engine.config import Config, DataConfig, TrainConfig, model_section
     from rexfast.engine.trainer import train
@@ -60,7 +71,7 @@ def tiny_cgformer_run(tmp_path_factory):
     data = DataConfig(dataset="synthetic", root=str(root), image_size=32)
     builders.generate_synthetic_data(data, n_train=8, n_val=4, n_test=4, seed=1)
     out = tmp_path_factory.mktemp("run")
-    cfg = Config(data=data, model=model_section({"name": "cgformer", "preset": "tiny"}, data),
+    cfg = Config(data=data, model=model_section({"name": "cgformer", "preset": "tiny", **model_overrides}, data),
                  train=TrainConfig(max_steps=1, epochs=1, batch_size=4, amp="off", device="cpu", out_dir=str(out)))
     train(cfg, progress=False)
     return {"root": root, "out": out, "best": out / "best.pt", "last": out / "last.pt", "folder": out / "best",

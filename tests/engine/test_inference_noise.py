@@ -10,20 +10,9 @@ import torch
 from PIL import Image
 
 
-@pytest.fixture(scope="module")
-def noisy_run(tmp_path_factory):
-    from rexfast.engine import builders
-    from rexfast.engine.config import Config, DataConfig, TrainConfig, model_section
-    from rexfast.engine.trainer import train
-
-    root = tmp_path_factory.mktemp("data")
-    data = DataConfig(dataset="synthetic", root=str(root), image_size=32)
-    builders.generate_synthetic_data(data, n_train=8, n_val=4, n_test=4, seed=1)
-    out = tmp_path_factory.mktemp("run")
-    cfg = Config(data=data, model=model_section({"name": "cgformer", "preset": "tiny", "eval_noise": True}, data),
-                 train=TrainConfig(max_steps=1, epochs=1, batch_size=4, amp="off", device="cpu", out_dir=str(out)))
-    train(cfg, progress=False)
-    return {"best": out / "best.pt", "image": next((root / "synthetic" / "images").glob("*.png"))}
+@pytest.fixture
+def noisy_run(noisy_tiny_cgformer_run):
+    return noisy_tiny_cgformer_run
 
 
 def test_the_noise_is_real(noisy_run):
