@@ -87,6 +87,9 @@ def test_dice_term_is_off_as_released_and_exact_when_on():
     with_dice["mask_dice"].backward()
     assert mask_logits.grad[2, 1].gt(0).all()  # no-target sample: every target logit pushed down
     assert ReLAConfig.released().dice_weight == 0 and ReLAConfig.demo().dice_weight > 0
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="dice_weight"):
+            ReLAConfig.tiny(dice_weight=bad)
 
 
 def test_decision_released_ties_where_sigmoids_saturate_and_logits_does_not():

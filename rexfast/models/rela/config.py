@@ -94,6 +94,8 @@ class ReLAConfig(ConfigBase):
                 raise ValueError(f"{name} must be a multiple of 32 (GroupNorm(32)), got {getattr(self, name)}")
         if self.hidden_dim % self.nheads or self.conv_dim % self.enc_heads:
             raise ValueError("hidden_dim / conv_dim must be divisible by nheads / enc_heads")
+        if not (math.isfinite(self.dice_weight) and self.dice_weight >= 0):
+            raise ValueError(f"ReLAConfig.dice_weight must be a finite number >= 0, got {self.dice_weight!r}")
         if self.decision not in DECISIONS:
             raise ValueError(f"ReLAConfig.decision must be one of {DECISIONS}, got {self.decision!r}")
         if self.dec_layers < 1 or self.enc_layers < 0:
