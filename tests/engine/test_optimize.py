@@ -128,9 +128,15 @@ def test_bf16_agrees_with_fp32(built, name):
     opt = optimize(model, precision="bf16")
     assert opt.optimization.precision == "bf16"
     assert next(opt.backbone.parameters()).dtype == torch.bfloat16
+    islands = opt.optimization.fp32_modules
     if name.startswith("rela"):  # the deformable pixel decoder stays float32, as the authors run it
-        assert opt.optimization.fp32_modules == ("sem_seg_head.pixel_decoder",)
+        assert islands[0] == "sem_seg_head.pixel_decoder"
         assert all(p.dtype == torch.float32 for p in opt.sem_seg_head.pixel_decoder.parameters())
+    # a Swin backbone keeps its four pixel-word attentions float32; ResNet-50 has none
+    attentions = [n for n in islands if n.endswith(".image_lang_att")]
+    assert len(attentions) == (0 if name == "rela_r50" else 4)
+    assert all(p.dtype == torch.float32 for n in attentions for p in opt.get_submodule(n).parameters())
+    assert len(islands) == len(attentions) + name.startswith("rela")
     with torch.no_grad():
         rel = _rel(_logits(opt, images, ids, mask), _logits(model, images, ids, mask))
         ref, got = model.predict(images, ids, mask), opt.predict(images, ids, mask)

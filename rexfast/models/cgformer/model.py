@@ -287,6 +287,10 @@ class CGFormer(ReferringModel):
     # (``CGFormer.from_official`` is defined by the loader, ``checkpoint.py``: the loader
     # imports the model, never the reverse.)
 
+    def fp32_modules(self) -> tuple[str, ...]:
+        # the Swin backbone's pixel-word attentions stay float32 under bf16 (see its fp32_modules)
+        return tuple(f"backbone.{name}" for name in self.backbone.fp32_modules())
+
     def param_groups(self, train_cfg) -> list[dict]:
         """The released optimizer groups (model/__init__.py): the decoder and the
         PWAM modules at ``train_cfg.lr``, the rest of the backbone at
