@@ -16,7 +16,8 @@ What it does to the copy (the given model is not touched: same weights, same mod
    input images to bf16 — activations then stay bf16 from end to end instead of being
    cast at every layer, as ``torch.autocast`` does — except the submodules the model
    lists in ``fp32_modules()`` (ReLA's deformable pixel decoder, which the authors run
-   in float32 under any autocast), whose outputs are cast back to bf16 at their boundary.
+   in float32 under any autocast, and the Swin backbone's pixel-word attentions), which keep
+   their float32 weights unrounded and whose outputs are cast back to bf16 at their boundary.
    Norm layers, softmax and the rexfast ops accumulate in float32 internally on bf16
    data.
 6. ``compile=True``: ``torch.compile`` of ``forward_features`` (what ``forward``,
@@ -116,12 +117,15 @@ def optimize(model: nn.Module, *, precision: str = "auto", compile: bool = False
             opt.config = dataclasses.replace(opt.config, channels_last=True)
     islands: tuple[str, ...] = ()
     if dtype != torch.float32:
+        islands = tuple(opt.fp32_modules())
+        # the islands keep their float32 weights exactly: saved before the cast, restored after it
+        kept = {name: {k: v.clone() for k, v in opt.get_submodule(name).state_dict().items()} for name in islands}
         opt.to(dtype)
         opt.input_dtype = dtype
-        islands = tuple(opt.fp32_modules())
         for name in islands:
             island = opt.get_submodule(name)
             island.float()
+            island.load_state_dict(kept[name])
             island.register_forward_pre_hook(_CastInputs(), with_kwargs=True)
             island.register_forward_hook(_CastOutputs(dtype))
     if compile:

@@ -137,6 +137,10 @@ def test_bf16_agrees_with_fp32(built, name):
     assert len(attentions) == (0 if name == "rela_r50" else 4)
     assert all(p.dtype == torch.float32 for n in attentions for p in opt.get_submodule(n).parameters())
     assert len(islands) == len(attentions) + name.startswith("rela")
+    for island in islands:  # their float32 weights unrounded, not bf16 values cast back up
+        original = dict(model.get_submodule(island).named_parameters())
+        for key, p in opt.get_submodule(island).named_parameters():
+            assert p.dtype == torch.float32 and torch.equal(p, original[key]), f"{island}.{key}"
     with torch.no_grad():
         rel = _rel(_logits(opt, images, ids, mask), _logits(model, images, ids, mask))
         ref, got = model.predict(images, ids, mask), opt.predict(images, ids, mask)

@@ -375,11 +375,11 @@ class MultiModalSwinTransformer(nn.Module):
     def fp32_modules(self) -> tuple[str, ...]:
         """The pixel–word attentions (each stage's PWAM ``image_lang_att``), as names under this
         module: under a bf16 model (``rexfast.optimize``) they keep float32 weights and math.
-        Rounded to bf16 they move a trained model's masks more than the whole rest of the
-        backbone does (ReLA demo checkpoint: pixel agreement with fp32 99.38% → 99.90%; the
-        backbone entirely in fp32 gives the same 99.90%), for about 1–2% of the backbone's
-        FLOPs (two C×C projections and a 20-word attention per stage, against ~24·depth C×C per
-        token in its blocks)."""
+        In bf16 they move a trained model's masks more than the whole rest of the backbone
+        does (a ReLA demo checkpoint's pixel agreement with fp32: 99.38% with them in bf16,
+        99.90% with them in float32, the same as with the entire backbone in float32;
+        benchmarks/README.md), for about 1–2% of the backbone's FLOPs (two C×C projections
+        and a 20-word attention per stage, against ~24·depth C×C per token in its blocks)."""
         return tuple(f"layers.{i}.{layer._fusion_name}.image_lang_att" for i, layer in enumerate(self.layers))
 
     def forward(self, images: Tensor, words: Tensor, word_mask: Tensor) -> list[Tensor]:
