@@ -358,9 +358,21 @@ def inner_contiguous(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def contiguous_grads(dq: Tensor, dk: Tensor, dv: Tensor, q: Tensor, k: Tensor, v: Tensor) -> tuple:
+    """dq, dk, dv contiguous in the inputs' dtypes, whatever the inputs' strides (the models pass
+    head views of (B, N, H, d) tensors): what the backward ops' fake functions promise, and what
+    Inductor asserts of a custom op's outputs in a compiled graph."""
+    return tuple(g.to(t.dtype).contiguous() for g, t in ((dq, q), (dk, k), (dv, v)))
+
+
+def contiguous_like(*tensors: Tensor) -> tuple:
+    """The backward ops' fake outputs: empty tensors shaped as ``tensors``, contiguous."""
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors)
+
+
 __all__ = [
     "DecisionPlan", "decision_plan", "sigmoid_threshold", "resample_axis", "cpu_resampler_verified",
     "cuda_resampler_verified", "emulate_cuda_resample",
     "RESAMPLE_CL", "RESAMPLE_GENERIC", "RESAMPLE_CUDA", "RESAMPLE_COPY", "RESAMPLE_MAP", "FLOAT_DTYPES", "official_region_blocked", "default_scale", "masked_scores", "masked_attention",
-    "masked_attention_lse", "compute_dtype", "check_qkv", "check_scale", "inner_contiguous",
+    "masked_attention_lse", "compute_dtype", "check_qkv", "check_scale", "inner_contiguous", "contiguous_grads", "contiguous_like",
 ]

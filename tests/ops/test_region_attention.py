@@ -219,6 +219,69 @@ def test_rla_opcheck(backend):
     torch.library.opcheck(torch.ops.rexfast.region_language_attention.default, (*args, None, 0.35, backend))
 
 
+def _heads_view(t: torch.Tensor) -> torch.Tensor:
+    """The same values as a (B, H, N, d) view of a (B, N, H, d) tensor: how the models' attention
+    projections hand q, k, v over (not contiguous)."""
+    return t.detach().transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@pytest.mark.parametrize("backend", RIA_CPU)
+def test_ria_opcheck_head_views(backend):
+    """Inputs laid out as the models pass them; the fake functions' strides must match the real
+    outputs' (a mismatch failed the compiled ReLA training step in Inductor's stride asserts)."""
+    require_backend(RIA_SPEC, backend, "cpu")
+    q, k, v, logits, (kh, kw) = ria_case((2, 2, 5, 3, 4, 8, 6, 8), seed=8).args
+    args = [_heads_view(t).requires_grad_(True) for t in (q, k, v)]
+    assert not args[0].is_contiguous()
+    torch.library.opcheck(torch.ops.rexfast.region_image_attention.default, (*args, logits, kh, kw, 0.35, backend))
+
+
+@pytest.mark.parametrize("backend", RLA_CPU)
+def test_rla_opcheck_head_views(backend):
+    require_backend(RLA_SPEC, backend, "cpu")
+    q, k, v, kpm = rla_case((2, 2, 5, 7, 8), seed=9).args
+    args = [_heads_view(t).requires_grad_(True) for t in (q, k, v)]
+    assert not args[0].is_contiguous()
+    torch.library.opcheck(torch.ops.rexfast.region_language_attention.default, (*args, kpm, 0.35, backend))
+
+
+def _assert_fake_strides_match(op, args):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    real = op(*args)
+    with FakeTensorMode() as mode:
+        fake = op(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
+    for i, (r, f) in enumerate(zip(real, fake)):
+        assert (r.shape, r.stride(), r.dtype) == (f.shape, f.stride(), f.dtype), f"{op} output {i}"
+    return real
+
+
+@pytest.mark.parametrize("backend", RIA_CPU)
+def test_ria_fake_functions_match_real_strides_on_head_views(backend):
+    """Inductor checks a custom op's real output strides against its fake function's: a
+    mismatch failed the compiled ReLA training step (region_image_attention_backward)."""
+    require_backend(RIA_SPEC, backend, "cpu")
+    q, k, v, logits, (kh, kw) = ria_case((2, 2, 5, 3, 4, 8, 6, 8), seed=8).args
+    q, k, v = (_heads_view(t) for t in (q, k, v))
+    out, lse, open_rows = _assert_fake_strides_match(torch.ops.rexfast.region_image_attention.default,
+                                                     (q, k, v, logits, kh, kw, 0.35, backend))
+    dout = _heads_view(torch.randn_like(out))
+    _assert_fake_strides_match(torch.ops.rexfast.region_image_attention_backward.default,
+                               (dout, q, k, v, logits, kh, kw, 0.35, out, lse, open_rows, backend))
+
+
+@pytest.mark.parametrize("backend", RLA_CPU)
+def test_rla_fake_functions_match_real_strides_on_head_views(backend):
+    require_backend(RLA_SPEC, backend, "cpu")
+    q, k, v, kpm = rla_case((2, 2, 5, 7, 8), seed=9).args
+    q, k, v = (_heads_view(t) for t in (q, k, v))
+    out, lse = _assert_fake_strides_match(torch.ops.rexfast.region_language_attention.default,
+                                          (q, k, v, kpm, 0.35, backend))
+    dout = _heads_view(torch.randn_like(out))
+    _assert_fake_strides_match(torch.ops.rexfast.region_language_attention_backward.default,
+                               (dout, q, k, v, kpm, 0.35, out, lse, backend))
+
+
 def _best_cpu(backends):
     return "cpu" if "cpu" in backends.available("cpu") else "reference"
 

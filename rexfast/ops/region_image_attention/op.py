@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 
 from .. import registry
-from ..region_attention import FLOAT_DTYPES, check_qkv, check_scale, compute_dtype, inner_contiguous
+from ..region_attention import (FLOAT_DTYPES, check_qkv, check_scale, compute_dtype, contiguous_grads,
+                               contiguous_like, inner_contiguous)
 from .reference import reference_backward, reference_forward
 
 OP = "region_image_attention"
@@ -128,16 +129,16 @@ def _ria_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, region_logit
                      backend: str) -> tuple[Tensor, Tensor, Tensor]:
     B, H, Q, _ = q.shape
     if B == 0 or H == 0 or Q == 0:
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        return contiguous_grads(torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), q, k, v)
     q, k, v = (inner_contiguous(t) for t in (q, k, v))
     dq, dk, dv = BACKENDS[backend].backward(dout.contiguous(), q, k, v, region_logits.contiguous(), kh, kw, scale,
                                             out.contiguous(), lse.contiguous(), open_rows.contiguous())
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return contiguous_grads(dq, dk, dv, q, k, v)
 
 
 @_ria_backward_op.register_fake
 def _(dout, q, k, v, region_logits, kh, kw, scale, out, lse, open_rows, backend):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return contiguous_like(q, k, v)
 
 
 def _setup_context(ctx, inputs, output):
