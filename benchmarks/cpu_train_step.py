@@ -7,7 +7,9 @@ memory is the variant's own and not the high-water mark of whatever ran before i
 MODEL: cgformer | rela_swinb | rela_r50 (released architectures, random weights, B = 2, 480²).
 VARIANT: reference_fp32 (every op on its PyTorch reference, CGFormer ``fused=False``, ReLA's
 region masks resampled per level: the authors' way) | rexfast_fp32 | rexfast_bf16 (rexfast's
-backends under ``torch.autocast("cpu", bfloat16)``: what ``train.precision=bf16`` runs).
+backends under ``torch.autocast("cpu", bfloat16)``: what ``train.precision=bf16`` runs) |
+rexfast_bf16_compile (the same with the model's forward under ``torch.compile``; the warm-up
+step, which compiles forward and backward, is reported as ``warmup_s``).
 A step is forward with the losses, backward and an AdamW step over the model's
 ``param_groups``. Prints one JSON line: the step times (ms, after one warm-up step), the
 resident memory before the first step and the process's peak (``ru_maxrss``), in MiB.
@@ -24,7 +26,7 @@ import time
 import torch
 
 BATCH, SIZE, TOKENS = 2, 480, 20
-VARIANTS = ("reference_fp32", "rexfast_fp32", "rexfast_bf16")
+VARIANTS = ("reference_fp32", "rexfast_fp32", "rexfast_bf16", "rexfast_bf16_compile")
 
 
 def build(name: str, variant: str):
@@ -55,11 +57,12 @@ def main(name: str, variant: str, rounds: int) -> dict:
     mask = torch.ones(BATCH, TOKENS, dtype=torch.long)
     mask[:, 12:] = 0
     targets = (torch.rand(BATCH, SIZE, SIZE, generator=g) > 0.7).float()
-    amp = variant == "rexfast_bf16"
+    amp = variant.startswith("rexfast_bf16")
+    forward = torch.compile(model) if variant == "rexfast_bf16_compile" else model
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-            _, losses = model(images, ids, mask, targets=targets)
+            _, losses = forward(images, ids, mask, targets=targets)
         sum(losses.values()).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -72,10 +75,12 @@ def main(name: str, variant: str, rounds: int) -> dict:
         step()
         if i:
             times.append((time.perf_counter() - started) * 1e3)
+        else:
+            warmup_s = time.perf_counter() - started
         print(f"[{name} train B={BATCH}] {variant} step {i}: {(time.perf_counter() - started):.1f} s",
               file=sys.stderr, flush=True)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    return {"times_ms": times, "rss_before_first_step_MiB": before_mib, "peak_rss_MiB": peak_mib,
+    return {"times_ms": times, "warmup_s": warmup_s, "rss_before_first_step_MiB": before_mib, "peak_rss_MiB": peak_mib,
             "parameters": sum(p.numel() for p in model.parameters()), "torch_threads": torch.get_num_threads()}
 
 

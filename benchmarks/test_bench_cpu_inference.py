@@ -292,10 +292,11 @@ def test_cpu_demo_training_step_fp32_vs_bf16(benchmark, name):
 def test_cpu_training_step_full_size(benchmark, name):
     """The released architectures' training step on this CPU: B = 2, 480², forward with the
     losses, backward and AdamW; reference backends fp32 (the authors' way), rexfast fp32,
-    rexfast bf16 autocast. Each variant runs in a process of its own
-    (``benchmarks/cpu_train_step.py``) so that its peak resident memory (``ru_maxrss``) is its
-    own. ``REXFAST_BENCH_TRAIN_ROUNDS`` timed steps after one warm-up (default 2: a CGFormer
-    reference step takes about a minute on 2 cores)."""
+    rexfast bf16 autocast, and with ``REXFAST_BENCH_TRAIN_COMPILE=1`` (or a comma-separated list
+    of model names; minutes of compilation each) rexfast bf16 autocast under ``torch.compile``.
+    Each variant runs in a process of its own (``benchmarks/cpu_train_step.py``) so that its
+    peak resident memory (``ru_maxrss``) is its own. ``REXFAST_BENCH_TRAIN_ROUNDS`` timed steps
+    after one warm-up (default 2: a CGFormer reference step takes about a minute on 2 cores)."""
     import json
     import subprocess
     import sys
@@ -304,7 +305,10 @@ def test_cpu_training_step_full_size(benchmark, name):
     rounds = int(os.environ.get("REXFAST_BENCH_TRAIN_ROUNDS", "2"))
     script = Path(__file__).with_name("cpu_train_step.py")
     row = {"device_type": "cpu", "model": name, "batch": 2, "image": SIZE, "variant": "train_step"}
-    for variant in ("reference_fp32", "rexfast_fp32", "rexfast_bf16"):
+    variants = ["reference_fp32", "rexfast_fp32", "rexfast_bf16"]
+    if _enabled("REXFAST_BENCH_TRAIN_COMPILE", name):
+        variants.append("rexfast_bf16_compile")
+    for variant in variants:
         done = subprocess.run([sys.executable, str(script), name, variant, str(rounds)], capture_output=True,
                               text=True, check=False)
         assert done.returncode == 0, done.stderr[-2000:]
@@ -312,9 +316,10 @@ def test_cpu_training_step_full_size(benchmark, name):
         row.update(Timing(got["times_ms"]).fields(variant))
         row[f"{variant}_peak_rss_MiB"] = got["peak_rss_MiB"]
         row[f"{variant}_step_rss_MiB"] = got["peak_rss_MiB"] - got["rss_before_first_step_MiB"]
+        row[f"{variant}_warmup_s"] = got["warmup_s"]
         print(f"[{name} train B=2] {variant}: {row[f'{variant}_ms']:.0f} ms, peak {got['peak_rss_MiB']:.0f} MiB",
               flush=True)
-    for variant in ("rexfast_fp32", "rexfast_bf16"):
+    for variant in variants[1:]:
         row[f"{variant}_speedup_vs_reference"] = row["reference_fp32_ms"] / row[f"{variant}_ms"]
         row[f"{variant}_peak_vs_reference"] = row[f"{variant}_peak_rss_MiB"] / row["reference_fp32_peak_rss_MiB"]
     row["loadavg_1min"] = os.getloadavg()[0]
