@@ -227,8 +227,8 @@ def _heads_view(t: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("backend", RIA_CPU)
 def test_ria_opcheck_head_views(backend):
-    """Inputs laid out as the models pass them; the fake functions' strides must match the real
-    outputs' (a mismatch failed the compiled ReLA training step in Inductor's stride asserts)."""
+    """opcheck with q, k, v laid out as the models pass them (head views). opcheck does not compare
+    output strides with the fake function's: the ``fake_functions_match_real_strides`` tests do."""
     require_backend(RIA_SPEC, backend, "cpu")
     q, k, v, logits, (kh, kw) = ria_case((2, 2, 5, 3, 4, 8, 6, 8), seed=8).args
     args = [_heads_view(t).requires_grad_(True) for t in (q, k, v)]

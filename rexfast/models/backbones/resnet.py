@@ -81,6 +81,10 @@ class ResNet(nn.Module):
             self.add_module(f"res{i + 2}", nn.Sequential(*blocks))
             cin = cout
 
+    def fp32_modules(self) -> tuple[str, ...]:
+        """Submodules kept float32 under a bf16 model (as the Swin backbone's): none."""
+        return ()
+
     def forward(self, images: Tensor, words: Tensor = None, word_mask: Tensor = None) -> list[Tensor]:
         x = self.stem(images)
         outs = []

@@ -98,8 +98,7 @@ class ReLA(ReferringModel):
         # the authors run the deformable pixel decoder in float32 under any autocast
         # ("deformable detr does not support half precision"); it casts its inputs up itself.
         # The Swin backbone keeps its pixel-word attentions float32 (see its fp32_modules).
-        backbone = self.backbone.fp32_modules() if hasattr(self.backbone, "fp32_modules") else ()
-        return ("sem_seg_head.pixel_decoder",) + tuple(f"backbone.{name}" for name in backbone)
+        return ("sem_seg_head.pixel_decoder",) + tuple(f"backbone.{name}" for name in self.backbone.fp32_modules())
 
     def use_fused_ops(self) -> None:
         self.config = dataclasses.replace(self.config, ops_backend=None, region_masks_at_key_resolution=True)
