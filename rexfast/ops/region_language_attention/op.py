@@ -96,7 +96,7 @@ def _rla_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, key_padding_
                      out: Tensor, lse: Tensor, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     B, H, Q, _ = q.shape
     if B == 0 or H == 0 or Q == 0:
-        return contiguous_grads(torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), q, k, v)
+        return tuple(g.zero_() for g in contiguous_like(q, k, v))
     q, k, v = (inner_contiguous(t) for t in (q, k, v))
     kpm = None if key_padding_mask is None else key_padding_mask.contiguous()
     dq, dk, dv = BACKENDS[backend].backward(dout.contiguous(), q, k, v, kpm, scale, out.contiguous(), lse.contiguous())
