@@ -9,7 +9,9 @@ sample whose no-target probability exceeds the threshold is predicted "no
 target"; its thresholded mask is kept as is (the GRES metrics count its pixels
 in the union, as ReLA's evaluator does) and :attr:`SamplePrediction.shown_mask`
 is the empty mask a user sees. Without a no-target head an empty mask is the
-no-target prediction.
+no-target prediction; a model whose config sets ``no_target_if_empty`` (the demo
+presets; never the released ones) also says "no target" where its thresholded
+mask is empty, as it would without a head — an empty mask names nothing.
 """
 
 from __future__ import annotations
@@ -48,7 +50,10 @@ def predict_batch(model, batch: dict, sizes: list[tuple[int, int]], *, threshold
             p = F.interpolate(p, size=(h, w), mode="bicubic", align_corners=True)
         mask = p[0, 0] > threshold
         nt_prob = None if pred.no_target is None else float(pred.no_target[i])
-        no_target = (not bool(mask.any())) if nt_prob is None else nt_prob > threshold
+        if nt_prob is None:
+            no_target = not bool(mask.any())
+        else:
+            no_target = nt_prob > threshold or (pred.no_target_if_empty and not bool(mask.any()))
         out.append(SamplePrediction(mask=mask, no_target=no_target, no_target_prob=nt_prob))
     return out
 

@@ -85,6 +85,9 @@ def _plain(value: Any) -> Any:
 class Prediction(NamedTuple):
     mask: Tensor  # (B, H, W) probability that a pixel belongs to the referred object(s)
     no_target: Optional[Tensor]  # (B,) probability that nothing is referred; None without a no-target head
+    # with a no-target head: an empty thresholded mask says "no target" too (the model config's
+    # no_target_if_empty; not released, the demo presets)
+    no_target_if_empty: bool = False
 
 
 class ReferringModel(nn.Module):

@@ -42,6 +42,9 @@ class CGFormerConfig(ConfigBase):
     # released architecture, so the released checkpoints load unchanged.
     no_target_head: bool = False
     no_target_weight: float = 0.5  # ReLA's 0.1 x mask weight 5
+    # with the head: an empty predicted mask also means "no target" (not released; the demo
+    # preset: a demo checkpoint's mask is empty on many no-target sentences its head misses)
+    no_target_if_empty: bool = False
 
     def __post_init__(self):
         if isinstance(self.swin, str):
@@ -95,12 +98,13 @@ class CGFormerConfig(ConfigBase):
         it learns to rely on the noise, and noise-free hard assignments then score
         far lower (a 5-minute demo checkpoint: held-out gIoU 43.0 with noise, 28.9
         without). Its predictions are therefore drawn from torch's RNG (seed it),
-        and it exports only with ``eval_noise=False``."""
+        and it exports only with ``eval_noise=False``. An empty predicted mask also
+        says "no target" (``no_target_if_empty``), as it does for the demo ReLA."""
         base = dict(
             swin=SwinConfig(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), window_size=4,
                             drop_path_rate=0.0, pwam_heads=(1, 1, 2, 2)),
             bert="small", token_dim=64, image_size=128, decoder_dropout=0.0, lr_backbone_scale=1.0,
-            lr_text_scale=1.0, no_target_head=True, eval_noise=True)
+            lr_text_scale=1.0, no_target_head=True, no_target_if_empty=True, eval_noise=True)
         return cls(**{**base, **overrides})
 
 

@@ -393,10 +393,12 @@ class CGFormer(ReferringModel):
         """The mask probability (B, H, W) = sigmoid of the logits, as the released
         evaluation computes it. Without the no-target head (the released model)
         ``no_target`` is None and an empty mask means "no target"; with it, the
-        probability softmax(nt_logits)[1]."""
+        probability softmax(nt_logits)[1] (and with ``config.no_target_if_empty`` an empty
+        thresholded mask says "no target" too)."""
         out = self.forward_features(images, input_ids, attention_mask)
         nt = out["nt_logits"].float().softmax(-1)[:, 1] if "nt_logits" in out else None
-        return Prediction(mask=out["logits"].float().sigmoid()[:, 0], no_target=nt)
+        return Prediction(mask=out["logits"].float().sigmoid()[:, 0], no_target=nt,
+                          no_target_if_empty=nt is not None and self.config.no_target_if_empty)
 
 
 __all__ = ["CGFormer", "CGFormerConfig", "CGAttention", "DProjector", "Decoder", "Fusion", "LoadLayer", "LoadToken"]

@@ -58,6 +58,10 @@ class ReLAConfig(ConfigBase):
     # background) wherever both logits exceed ~17, since both sigmoids round to 1; "logits" decides
     # a - b > 0. Trained from scratch the logits reach that range (demo preset: "logits").
     decision: str = "released"
+    # an empty predicted mask also means "no target", not only the no-target head (not
+    # released: the authors' evaluator asks the head alone; the demo preset, whose mask is empty
+    # for 1 in 10 of the no-target sentences its head misses)
+    no_target_if_empty: bool = False
     # the released optimizer trains BERT's layers 0..9 only (not its embeddings nor layers 10-11);
     # None trains all of BERT
     text_trained_layers: Optional[int] = 10
@@ -137,8 +141,11 @@ class ReLAConfig(ConfigBase):
         It adds a Dice term to the target-mask loss (``dice_weight``, not released): without it
         the class-weighted CE alone stalls on the demo's small objects (5-minute runs: held-out
         gIoU 30 → 48). It decides by the logits' difference (``decision="logits"``): its logits grow
-        past the range where the released sigmoid comparison ties."""
-        base = dict(dice_weight=1.0, decision="logits",
+        past the range where the released sigmoid comparison ties. An empty predicted mask also
+        says "no target" (``no_target_if_empty``): a 15-minute demo checkpoint gives an empty mask
+        for 1 in 10 of the no-target sentences its head misses (held-out gIoU 61.9 → 62.8, N-acc
+        44.1 → 49.2, T-acc 95.2 → 95.0)."""
+        base = dict(dice_weight=1.0, decision="logits", no_target_if_empty=True,
             swin=SwinConfig(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), window_size=4,
                             drop_path_rate=0.0, pwam_heads=(1, 1, 1, 1), layout="rela"),
             bert="small", conv_dim=64, mask_dim=64, enc_layers=2, enc_heads=4, enc_points=4, enc_ffn=128,
