@@ -127,6 +127,40 @@ def test_evaluator_path_matches_an_independent_computation():
     assert (tp, fn, tn, fp) == (1, 1, 2, 0)  # the hand-made case exercises TP, FN and TN
 
 
+class _HeadModel(torch.nn.Module):
+    """predict() returns hand-made masks and no-target probabilities, with or without the
+    no_target_if_empty rule."""
+
+    def __init__(self, probs, nt, if_empty):
+        super().__init__()
+        self.probs, self.nt, self.if_empty = probs, nt, if_empty
+
+    def predict(self, images, input_ids, attention_mask):
+        return Prediction(mask=self.probs, no_target=self.nt, no_target_if_empty=self.if_empty)
+
+
+@pytest.mark.parametrize("if_empty", [False, True])
+def test_no_target_if_empty_adds_empty_masks_to_the_heads_no_target_decisions(if_empty):
+    """With a no-target head the head decides; ``no_target_if_empty`` (the demo presets) also
+    calls an empty thresholded mask "no target" — and nothing else: a non-empty mask with a
+    low head probability stays a target, a high head probability stays "no target"."""
+    from rexfast.engine.inference import predict_batch
+
+    probs = torch.zeros(4, 8, 8)
+    probs[0, 2:4, 2:4] = 0.9  # a mask, head says target
+    probs[1] = 0.4  # empty mask (below the threshold everywhere), head says target
+    probs[2, 1, 1] = 0.6  # a one-pixel mask, head says no target
+    nt = torch.tensor([0.1, 0.2, 0.8, 0.3])  # sample 3: empty mask, head says target
+    batch = {"image": torch.zeros(4, 3, 8, 8), "input_ids": None, "attention_mask": None}
+    preds = predict_batch(_HeadModel(probs, nt, if_empty), batch, [(8, 8)] * 4)
+    assert [p.no_target for p in preds] == ([False, True, True, True] if if_empty else [False, False, True, False])
+    assert [p.no_target_prob for p in preds] == pytest.approx(nt.tolist())  # the head's own probability
+    assert [int(p.shown_mask.sum()) for p in preds] == [4, 0, 0, 0]
+    # without a head an empty mask is the no-target decision whatever the flag says
+    preds = predict_batch(_HeadModel(probs, None, if_empty), batch, [(8, 8)] * 4)
+    assert [p.no_target for p in preds] == [False, True, False, True]
+
+
 def test_evaluate_rejects_a_bad_batch_size():
     with pytest.raises(ValueError, match="batch size"):
         evaluate(_FixedModel(torch.zeros(1, 32, 32)), _Items([np.zeros((4, 4), bool)], [True]), task="gres",

@@ -86,6 +86,7 @@ def test_train_writes_logs_and_checkpoints_and_eval_reads_them(data_root, tmp_pa
     assert any(r["kind"] == "eval" and "gIoU" in r for r in records)
     last = load_checkpoint(out / "last.pt")
     assert last["train_state"]["step"] == 3 and "optimizer" in last
+    assert all(g["fused"] for g in last["optimizer"]["param_groups"])  # one fused AdamW kernel on CPU
 
     metrics_json = tmp_path / "metrics.json"
     proc = _rexfast("eval", "--checkpoint", out / "best.pt", "--split", "test", "--out", metrics_json)

@@ -419,6 +419,28 @@ def test_presets_and_config_dict_round_trip():
         CGFormerConfig.tiny(image_size=100)
 
 
+def test_no_target_head_and_no_target_if_empty_reach_predict():
+    """The optional no-target head (off as released) gives nt_logits (B, 2), a no-target
+    loss and predict()'s no-target probability; ``no_target_if_empty`` (the demo preset only)
+    is passed on to the inference rule, and is moot without a head."""
+    for name in ("released", "paper", "tiny"):
+        cfg = CGFormerConfig.preset(name)
+        assert not cfg.no_target_head and not cfg.no_target_if_empty
+    assert CGFormerConfig.demo().no_target_head and CGFormerConfig.demo().no_target_if_empty
+    images, ids, mask, targets = make_batch()
+    targets[1] = 0  # a no-target sample
+    for head, flag in ((True, False), (True, True), (False, True)):
+        model = tiny_model(no_target_head=head, no_target_if_empty=flag)
+        out = model.forward_features(images, ids, mask)
+        assert ("nt_logits" in out and out["nt_logits"].shape == (2, 2)) is head
+        losses = model.losses(out, targets)
+        assert ("nt_ce" in losses and bool(torch.isfinite(losses["nt_ce"]))) is head
+        with torch.no_grad():
+            pred = model.eval().predict(images, ids, mask)
+        assert (pred.no_target is not None and pred.no_target.shape == (2,)) is head
+        assert pred.no_target_if_empty is (head and flag)
+
+
 @pytest.mark.slow
 def test_released_configuration_runs_at_480_and_round_trips(tmp_path):
     torch.manual_seed(0)

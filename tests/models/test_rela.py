@@ -117,6 +117,19 @@ def test_decision_released_ties_where_sigmoids_saturate_and_logits_does_not():
     assert ReLAConfig.released().decision == "released" and ReLAConfig.demo().decision == "logits"
 
 
+def test_no_target_if_empty_is_the_demo_presets_alone_and_reaches_predict():
+    """The authors' evaluator asks the no-target head alone: every released preset keeps that;
+    the demo preset also calls an empty mask "no target", and predict() says which rule holds."""
+    for name in ("released", "swin_tiny", "r50", "tiny"):
+        assert ReLAConfig.preset(name).no_target_if_empty is False
+    assert ReLAConfig.demo().no_target_if_empty is True
+    images, ids, mask, _ = make_batch()
+    for flag in (False, True):
+        model = tiny(no_target_if_empty=flag).eval()
+        with torch.no_grad():
+            assert model.predict(images, ids, mask).no_target_if_empty is flag
+
+
 # Parameters the released initialisation gives no gradient at the first step
 # (they are zero-initialised in the authors' code: a two-layer gate whose both
 # weights start at 0 stays at 0 — in the released ReLA the PWAM gates never train).
