@@ -86,7 +86,12 @@ def _cmd_predict(args) -> int:
                                      threshold=args.threshold, device=args.device, tokenizer=args.tokenizer,
                                      precision=args.precision, compile=args.compile)
     if pred.no_target:
-        prob = "" if pred.no_target_prob is None else f" (no-target probability {pred.no_target_prob:.2f})"
+        if pred.no_target_prob is None:
+            prob = ""
+        elif pred.no_target_prob > args.threshold:
+            prob = f" (no-target probability {pred.no_target_prob:.2f})"
+        else:  # no_target_if_empty: the head said "target" but no pixel was predicted
+            prob = f" (no pixel predicted; no-target probability {pred.no_target_prob:.2f})"
         print(f"no target: nothing in the image matches the sentence{prob}; the mask is empty")
     for path in written:
         print(path)
