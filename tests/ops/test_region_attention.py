@@ -178,7 +178,20 @@ def test_ria_overflowing_scores_match_the_reference_backend(backend):
     assert results[0][0].isnan().any()
     for want, got in zip(*results):
         assert torch.equal(got.isnan(), want.isnan())
+    for want, got in zip(results[0][:1] + results[0][2:], results[1][:1] + results[1][2:]):
         assert rel_err(got, want) < 1e-5
+    # dq of the finite rows next to the huge keys is ill-conditioned: dq_i = scale·Σ_j P_ij (dp_ij − D_i) k_j
+    # with |k_j| = 3e19, so one fp32 rounding of (dp_ij − D_i), which cancels exactly in exact arithmetic,
+    # is worth eps·|dp|·|k|·scale. Backends (and the Triton interpreter's numpy matmul on different CPUs)
+    # round those sums in different orders; within that bound they agree, and elsewhere to 1e-5.
+    want, got = results[0][1], results[1][1]
+    d = q.shape[-1]
+    bound = 8 * torch.finfo(torch.float32).eps * d ** -0.5 * k.abs().amax() * d * v.abs().amax()
+    finite = ~want.isnan()
+    assert ((got - want).abs()[finite] <= 1e-5 * want.abs()[finite].amax() + bound).all()
+    rest = torch.ones_like(want, dtype=torch.bool)
+    rest[1, 0] = False
+    assert rel_err(got[rest], want[rest]) < 1e-5
 
 
 # ------------------------------------------------------------------ gradcheck (float64)
