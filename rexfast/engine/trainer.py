@@ -169,9 +169,9 @@ def _train(cfg: Config, info: distributed.DistInfo, *, resume: str | None, progr
                                         find_unused_parameters=True)
     # fused: one kernel for every parameter (on a 2-core CPU the demo's per-tensor AdamW loop was
     # ~10% of a step); the update is the same AdamW, rounded differently in the last bits
-    fused = info.device.type in ("cpu", "cuda") and all(
-        p.dtype.is_floating_point for g in core.param_groups(tc) for p in g["params"])
-    optimizer = torch.optim.AdamW(core.param_groups(tc), lr=tc.lr, weight_decay=tc.weight_decay, amsgrad=tc.amsgrad,
+    groups = core.param_groups(tc)
+    fused = info.device.type in ("cpu", "cuda") and all(p.dtype.is_floating_point for g in groups for p in g["params"])
+    optimizer = torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay, amsgrad=tc.amsgrad,
                                   fused=fused or None)
     total_steps = tc.epochs * steps_epoch if tc.max_steps is None else min(tc.max_steps, tc.epochs * steps_epoch)
     clock: dict = {}
