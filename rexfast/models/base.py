@@ -73,6 +73,32 @@ class ConfigBase:
         return cls(**dict(raw))
 
 
+_SCALARS = {"bool": bool, "int": int, "float": float, "str": str}
+
+
+def check_field_types(config) -> None:
+    """TypeError naming the field where a config dataclass holds a value of the wrong kind in
+    a scalar field (``bool``, ``int``, ``float``, ``str``, or ``Optional`` of one): a field
+    ``no_target_if_empty=\"yes\"`` would otherwise be read as true wherever it is tested. ints
+    pass as floats; a bool is never an int or a float. Other fields are the config's to check."""
+    for f in dataclasses.fields(config):
+        annotation = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+        optional = annotation.startswith("Optional[") and annotation.endswith("]")
+        kind = _SCALARS.get(annotation[len("Optional["):-1] if optional else annotation)
+        value = getattr(config, f.name)
+        if kind is None or (optional and value is None):
+            continue
+        if kind is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif kind is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, kind)
+        if not ok:
+            expected = kind.__name__ + (" or None" if optional else "")
+            raise TypeError(f"{type(config).__name__}.{f.name} must be {expected}, got {value!r}")
+
+
 def _plain(value: Any) -> Any:
     """Tuples → lists, recursively: the config as JSON/YAML writes it back."""
     if isinstance(value, dict):
@@ -224,5 +250,5 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-__all__ = ["ConfigBase", "Prediction", "ReferringModel", "count_parameters", "load_state_strict",
+__all__ = ["ConfigBase", "Prediction", "check_field_types", "ReferringModel", "count_parameters", "load_state_strict",
            "state_dict_mismatch"]

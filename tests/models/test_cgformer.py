@@ -417,6 +417,11 @@ def test_presets_and_config_dict_round_trip():
         CGFormerConfig.preset("huge")
     with pytest.raises(ValueError, match="multiple of 32"):
         CGFormerConfig.tiny(image_size=100)
+    for field, value, expected in (("no_target_if_empty", "yes", "bool"), ("no_target_head", 1, "bool"),
+                                   ("num_tokens", 2.0, "int"), ("decoder_dropout", "0.1", "float"),
+                                   ("variant", None, "str"), ("ops_backend", True, "str or None")):
+        with pytest.raises(TypeError, match=rf"^CGFormerConfig\.{field} must be {expected}, got "):
+            CGFormerConfig.tiny(**{field: value})
 
 
 def test_no_target_head_and_no_target_if_empty_reach_predict():

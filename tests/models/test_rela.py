@@ -305,3 +305,30 @@ def test_bad_inputs_raise_clear_errors():
         model(images[..., :32, :32], ids, mask)
     with pytest.raises(ValueError, match="square"):
         ReLAConfig.tiny(num_queries=10)
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("no_target_if_empty", "yes", "bool"), ("no_target_if_empty", 1, "bool"),
+    ("region_masks_at_key_resolution", None, "bool"), ("num_queries", 16.0, "int"), ("dec_layers", True, "int"),
+    ("dice_weight", True, "float"), ("rla_weight", "0.1", "float"), ("decision", None, "str"),
+    ("ops_backend", 3, "str or None"), ("bert_weights", 1, "str or None")])
+def test_config_fields_of_the_wrong_kind_raise_a_type_error_naming_them(field, value, expected):
+    with pytest.raises(TypeError, match=rf"^ReLAConfig\.{field} must be {expected}, got "):
+        ReLAConfig.tiny(**{field: value})
+
+
+def test_backbone_configs_check_their_scalar_fields():
+    from rexfast.models.backbones.resnet import ResNetConfig
+    from rexfast.models.backbones.swin import SwinConfig
+
+    with pytest.raises(TypeError, match=r"^SwinConfig\.window_size must be int, got '7'"):
+        SwinConfig(window_size="7")
+    with pytest.raises(TypeError, match=r"^SwinConfig\.mlp_ratio must be float, got False"):
+        SwinConfig(mlp_ratio=False)
+    with pytest.raises(TypeError, match=r"^ResNetConfig\.depth must be int, got 50\.0"):
+        ResNetConfig(depth=50.0)
+    # ints are floats; every preset passes, and a config survives its dict form
+    assert SwinConfig(mlp_ratio=4).mlp_ratio == 4
+    for preset in ReLAConfig.PRESETS:
+        config = ReLAConfig.preset(preset)
+        assert ReLAConfig.from_dict(config.to_dict()) == config

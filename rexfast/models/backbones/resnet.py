@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..base import check_field_types
 from ..layers import ConvNormAct, FrozenBatchNorm2d, c2_msra_fill
 
 BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
@@ -28,6 +29,7 @@ class ResNetConfig:
     res2_channels: int = 256  # output channels of res2 (bottleneck width: a quarter)
 
     def __post_init__(self):
+        check_field_types(self)
         if self.depth not in BLOCKS:
             raise ValueError(f"ResNetConfig.depth must be one of {sorted(BLOCKS)}, got {self.depth}")
 

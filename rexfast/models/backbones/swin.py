@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..base import check_field_types
 from ..layers import DropPath, Mlp, merge_heads
 
 
@@ -55,6 +56,7 @@ class SwinConfig:
     gate_init: str = "layout"  # layout | random
 
     def __post_init__(self):
+        check_field_types(self)
         if self.layout not in LAYOUTS:
             raise ValueError(f"SwinConfig.layout must be one of {sorted(LAYOUTS)}, got {self.layout!r}")
         if self.gate_init not in ("layout", "random"):

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 from ..backbones.swin import SwinConfig, swin_config
-from ..base import ConfigBase
+from ..base import ConfigBase, check_field_types
 
 VARIANTS = ("released", "paper")
 
@@ -47,6 +47,7 @@ class CGFormerConfig(ConfigBase):
     no_target_if_empty: bool = False
 
     def __post_init__(self):
+        check_field_types(self)
         if isinstance(self.swin, str):
             self.swin = swin_config(self.swin)
         elif isinstance(self.swin, Mapping):

@@ -8,7 +8,7 @@ from typing import Any, Mapping, Optional
 
 from ..backbones.resnet import ResNetConfig
 from ..backbones.swin import SwinConfig, swin_config
-from ..base import ConfigBase
+from ..base import ConfigBase, check_field_types
 
 BACKBONES = ("swin", "resnet")
 DECISIONS = ("released", "logits")
@@ -69,6 +69,7 @@ class ReLAConfig(ConfigBase):
     region_masks_at_key_resolution: bool = True  # exact reformulation (rexfast/models/rela/decoder.py)
 
     def __post_init__(self):
+        check_field_types(self)
         if self.backbone not in BACKBONES:
             raise ValueError(f"ReLAConfig.backbone must be one of {BACKBONES}, got {self.backbone!r}")
         if isinstance(self.swin, str):
