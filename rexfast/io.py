@@ -3,7 +3,9 @@ the one way rexfast reads a ``torch.save`` file (never unpickling code).
 
 Atomic writes go to a temporary file in the target's folder, are flushed and
 fsync'ed, then renamed over the target (and the folder entry fsync'ed), so a
-crash or an error never leaves a half-written file behind.
+crash or an error never leaves a half-written file behind. The file gets the
+permissions a plain ``open(path, "w")`` would give it (an existing target's mode,
+else 0o666 less the umask), not the temporary file's private 0o600.
 """
 
 from __future__ import annotations
@@ -42,13 +44,38 @@ def check_output_file(path: PathLike, what: str = "output file") -> Path:
     return path
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux reports it (``os.umask`` can
+    only be read by setting it, which races with threads creating files meanwhile)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _new_file_mode(path: Path) -> int:
+    try:
+        return path.stat().st_mode & 0o7777  # replacing a file keeps its permissions
+    except FileNotFoundError:
+        return 0o666 & ~_umask()
+
+
 def atomic_write(path: PathLike, write: Callable[[IO[bytes]], None]) -> Path:
     """Write ``path`` atomically: ``write(f)`` fills a binary temporary file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    mode = _new_file_mode(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            if hasattr(os, "fchmod"):  # POSIX; elsewhere mkstemp's mode is what there is
+                os.fchmod(f.fileno(), mode)
             write(f)
             f.flush()
             os.fsync(f.fileno())

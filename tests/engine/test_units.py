@@ -95,6 +95,27 @@ def test_atomic_save_leaves_no_partial_file(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # and no temporary file is left
 
 
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path, umask, mode):
+    from rexfast.io import atomic_write_text
+
+    old = os.umask(umask)
+    try:
+        checkpoint.atomic_save(_payload(1), tmp_path / "ckpt.pt")
+        atomic_write_text(tmp_path / "note.txt", "x")
+        with open(tmp_path / "plain.txt", "w") as f:
+            f.write("x")
+    finally:
+        os.umask(old)
+    for name in ("ckpt.pt", "note.txt", "plain.txt"):
+        assert os.stat(tmp_path / name).st_mode & 0o777 == mode, name
+    # replacing a file keeps the permissions its owner gave it
+    os.chmod(tmp_path / "note.txt", 0o640)
+    atomic_write_text(tmp_path / "note.txt", "y")
+    assert os.stat(tmp_path / "note.txt").st_mode & 0o777 == 0o640
+    assert (tmp_path / "note.txt").read_text() == "y"
+
+
 def test_load_rejects_other_files(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="not found"):
         checkpoint.load(tmp_path / "missing.pt")
