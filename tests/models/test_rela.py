@@ -63,6 +63,34 @@ def test_shapes_losses_and_predict():
     out, losses = model(images, ids, mask, targets=targets)
     assert set(losses) == {"mask_ce", "minimap_ce", "nt_ce"} and all(torch.isfinite(v) for v in losses.values())
 
+def test_mask_stride_2_predicts_region_and_target_masks_at_half_the_input_size():
+    """Not released (the demo preset): one more FPN step to 1/2 on an image stem."""
+    model = tiny(mask_stride=2).eval()
+    assert ReLAConfig.tiny().mask_stride == 4 and ReLAConfig.released().mask_stride == 4
+    assert not any("image_stem" in k for k in tiny().state_dict())
+    images, ids, mask, targets = make_batch()
+    out = model(images, ids, mask)
+    assert out["mask_logits"].shape == (2, 2, SIZE // 2, SIZE // 2)
+    assert out["nt_logits"].shape == (2, 2) and out["minimap_logits"].shape == (2, 16, 2)
+    pred = model.predict(images, ids, mask)
+    assert pred.mask.shape == (2, SIZE, SIZE)
+    # the image stem sees the pixels: a change the 1/4 backbone cannot resolve reaches the mask
+    moved = images.clone()
+    moved[:, :, 1::2, 1::2] += 1.0
+    with torch.no_grad():
+        assert not torch.allclose(model(moved, ids, mask)["mask_logits"], out["mask_logits"])
+    model.train()
+    _, losses = model(images, ids, mask, targets=targets)
+    assert all(torch.isfinite(v) for v in losses.values())
+    with pytest.raises(ValueError, match="mask_stride must be 4 .released. or 2, got 8"):
+        ReLAConfig.tiny(mask_stride=8)
+    with pytest.raises(TypeError, match=r"^ReLAConfig\.mask_stride must be int"):
+        ReLAConfig.tiny(mask_stride="2")
+    with pytest.raises(ValueError, match="needs the images"):
+        model.sem_seg_head.pixel_decoder(model.backbone(images, model.text_encoder(input_ids=ids).last_hidden_state,
+                                                        mask.float()))
+
+
 def test_dice_term_is_off_as_released_and_exact_when_on():
     """The demo preset's Dice term: absent by default (the released losses), and
     mask_weight · dice_weight · mean_b(1 − (2Σpg + 1)/(Σp + Σg + 1)) when on, with p the
@@ -140,9 +168,10 @@ ZERO_INIT_NO_GRAD = [
 ]
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny_r50"])
+@pytest.mark.parametrize("preset", ["tiny", "tiny_r50", "tiny_mask_stride_2"])
 def test_every_parameter_is_trained(preset):
-    model = tiny() if preset == "tiny" else tiny(backbone="resnet")
+    model = {"tiny": tiny, "tiny_r50": lambda: tiny(backbone="resnet"),
+             "tiny_mask_stride_2": lambda: tiny(mask_stride=2)}[preset]()
     images, ids, mask, targets = make_batch()
     model.train()
     _, losses = model(images, ids, mask, targets=targets)
@@ -207,6 +236,19 @@ def test_official_round_trip_and_lang_weight(tmp_path):
     assert not torch.equal(other["mask_logits"], want["mask_logits"])  # the gate moved from σ(1.5) to σ(0)
 
 
+def test_official_layout_round_trip_infers_mask_stride_2():
+    """rexfast's 1/2 mask step written in the released layout loads back with its stem
+    (the architecture inferred from the weights; the released files never have one)."""
+    model = perturb(tiny(mask_stride=2)).eval()
+    state = to_official_state_dict(model)["model"]
+    overrides = dict(swin=model.config.swin, bert="tiny", nheads=2, enc_heads=2, enc_points=2)
+    assert config_from_state_dict(state, **overrides) == model.config
+    loaded = ReLA.from_official(state, honour_lang_weight=True, **overrides)
+    images, ids, mask, _ = make_batch()
+    with torch.no_grad():
+        assert torch.equal(loaded(images, ids, mask)["mask_logits"], model(images, ids, mask)["mask_logits"])
+
+
 def test_from_official_rejects_unknown_missing_misshaped_and_refuses_to_guess():
     model = tiny()
     state = to_official_state_dict(model)["model"]
@@ -257,10 +299,11 @@ def test_eval_is_deterministic_and_training_reproducible():
     assert all(torch.equal(x, y) for x, y in zip(*grads))
 
 
-def test_region_masks_at_key_resolution_is_exact():
+@pytest.mark.parametrize("mask_stride", [4, 2])
+def test_region_masks_at_key_resolution_is_exact(mask_stride):
     """E·interp(F) = interp(E·F): both ways give the same outputs (decisions agree away from ties)."""
-    model = perturb(tiny()).eval()
-    other = tiny(region_masks_at_key_resolution=False).eval()
+    model = perturb(tiny(mask_stride=mask_stride)).eval()
+    other = tiny(region_masks_at_key_resolution=False, mask_stride=mask_stride).eval()
     other.load_state_dict(model.state_dict())
     images, ids, mask, _ = make_batch()
     with torch.no_grad():

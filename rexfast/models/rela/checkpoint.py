@@ -109,8 +109,10 @@ def config_from_state_dict(state: Mapping[str, Tensor], **overrides) -> ReLAConf
         raise ValueError(f"cannot infer the attention head counts of a {hidden_dim}-wide decoder from the weights "
                          "(known for the released 256): pass config= or nheads=, enc_heads=, enc_points=")
     base.update(
-        hidden_dim=hidden_dim, num_queries=queries, conv_dim=need(d + "mask_features.weight").shape[1],
+        hidden_dim=hidden_dim, num_queries=queries, conv_dim=need(d + "adapter_1.weight").shape[0],
         mask_dim=need(d + "mask_features.weight").shape[0],
+        # rexfast's 1/2-resolution mask step (not released) is there when its image stem is
+        mask_stride=2 if d + "image_stem.weight" in state else 4,
         enc_layers=_count(state, re.escape(d) + r"transformer\.encoder\.layers\.(\d+)\."),
         enc_ffn=need(d + "transformer.encoder.layers.0.linear1.weight").shape[0] if
         d + "transformer.encoder.layers.0.linear1.weight" in state else 1024,

@@ -153,7 +153,8 @@ class ReferringDecoder(nn.Module):
 
     # -- forward -----------------------------------------------------------------
     def forward(self, features: Sequence[Tensor], mask_features: Tensor, words: Tensor) -> dict:
-        """features: the [1/32, 1/16, 1/8] maps (B, C, h_l, w_l); mask_features (B, mask_dim, H/4, W/4);
+        """features: the [1/32, 1/16, 1/8] maps (B, C, h_l, w_l); mask_features (B, mask_dim, H/s, W/s)
+        (s = 4 as released, 2 with ``mask_stride=2``);
         words (B, L, text_dim) BERT states."""
         b = mask_features.shape[0]
         shapes = [tuple(f.shape[-2:]) for f in features]

@@ -6,6 +6,7 @@
     decoder: Q region queries, RIA (region-masked image attention) / RLA (words at layer 0,
              region self-attention) / FFN, cycling 1/32, 1/16, 1/8        (rexfast/models/rela/decoder.py)
     heads:   target mask (B, 2, H/4, W/4) = minimap-weighted region masks; no-target (B, 2); minimap (B, Q, 2)
+             (H/2, W/2 with ``mask_stride=2``, not released: rexfast/models/rela/pixel_decoder.py)
 
 As the authors' main branch runs it (``../shared/RELA.md``). Module names
 reproduce the released checkpoint's (``backbone.*``, ``text_encoder.*``,
@@ -65,8 +66,9 @@ class ReLA(ReferringModel):
 
     ``forward(images, input_ids, attention_mask, targets=None)``: images
     (B, 3, H, W), H and W multiples of 32; ids / mask (B, L) (released: L = 20).
-    Returns a dict with ``mask_logits`` (B, 2, H/4, W/4: background, target),
-    ``nt_logits`` (B, 2: target, no target) and ``minimap_logits`` (B, Q, 2); with
+    Returns a dict with ``mask_logits`` (B, 2, H/s, W/s: background, target; s =
+    ``config.mask_stride``, 4 as released), ``nt_logits`` (B, 2: target, no target) and
+    ``minimap_logits`` (B, Q, 2); with
     ``targets`` (B, H, W) binary masks (all zero for "no target"), ``(outputs, losses)``.
     """
 
@@ -87,7 +89,8 @@ class ReLA(ReferringModel):
             self.backbone = ResNet(config.resnet)
         self.text_encoder = build_bert(text_cfg, config.bert_weights)
         pixel_decoder = PixelDecoder(self.backbone.num_features, config.conv_dim, config.mask_dim, config.enc_layers,
-                                     config.enc_heads, config.enc_points, config.enc_ffn, backend=config.ops_backend)
+                                     config.enc_heads, config.enc_points, config.enc_ffn, backend=config.ops_backend,
+                                     mask_stride=config.mask_stride)
         predictor = ReferringDecoder(
             config.hidden_dim, config.num_queries, config.nheads, config.dim_feedforward, config.dec_layers,
             config.mask_dim, text_cfg.hidden_size, config.rla_weight,
@@ -122,7 +125,7 @@ class ReLA(ReferringModel):
         images = self.prepare_images(images)
         words = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         features = self.backbone(images, words, attention_mask.to(words.dtype))
-        mask_features, maps = self.sem_seg_head.pixel_decoder(features)
+        mask_features, maps = self.sem_seg_head.pixel_decoder(features, images)
         out = self.sem_seg_head.predictor(maps, mask_features, words)
         out.pop("region_embed")
         return out
@@ -136,7 +139,7 @@ class ReLA(ReferringModel):
         return out, self.losses(out, targets)
 
     def inference_outputs(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> dict[str, Tensor]:
-        """What an inference engine returns (``rexfast export``): ``mask_logits`` (B, 2, H/4, W/4),
+        """What an inference engine returns (``rexfast export``): ``mask_logits`` (B, 2, H/s, W/s),
         ``nt_logits`` (B, 2) and ``minimap_logits`` (B, Q, 2), as :meth:`forward` without targets."""
         out = self.forward_features(images, input_ids, attention_mask)
         return {name: out[name] for name in ("mask_logits", "nt_logits", "minimap_logits")}
