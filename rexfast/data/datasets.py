@@ -93,11 +93,16 @@ class ReferringDataset:
         eval_resolution: ``original`` (``eval_mask`` is the mask at the image's own
             size, CGFormer's evaluation) or ``input`` (the GT at the input size
             made by ``mask_resize``, ReLA's evaluation).
+        no_target_repeat: GRES training only: each no-target ref is a sample this many
+            times per epoch (each time with its own random sentence), so the no-target
+            fraction of an epoch goes from f to r·f / (1 + (r − 1)·f). 1 (the default) is
+            the released pipelines' one sample per ref.
     """
 
     def __init__(self, root, dataset: str, split: str, *, split_by: Optional[str] = None,
                  image_root=None, image_size: int = 480, tokenizer=None, max_tokens: int = 20,
-                 train: bool = False, mask_resize: str = "nearest", eval_resolution: str = "original"):
+                 train: bool = False, mask_resize: str = "nearest", eval_resolution: str = "original",
+                 no_target_repeat: int = 1):
         if dataset not in DATASETS:
             raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(DATASETS)}")
         spec = DATASETS[dataset]
@@ -113,6 +118,16 @@ class ReferringDataset:
             raise ValueError(f"mask_resize must be one of {MASK_RESIZES}, got {mask_resize!r}")
         if eval_resolution not in EVAL_RESOLUTIONS:
             raise ValueError(f"eval_resolution must be one of {EVAL_RESOLUTIONS}, got {eval_resolution!r}")
+        if isinstance(no_target_repeat, bool) or not isinstance(no_target_repeat, int):
+            raise TypeError(f"no_target_repeat must be an int, got {type(no_target_repeat).__name__}")
+        if no_target_repeat < 1:
+            raise ValueError(f"no_target_repeat must be >= 1, got {no_target_repeat}")
+        if no_target_repeat != 1 and not train:
+            raise ValueError("no_target_repeat applies to a training dataset (train=True) only: "
+                             "evaluation scores every sentence once")
+        if no_target_repeat != 1 and spec.task != "gres":
+            raise ValueError(f"no_target_repeat={no_target_repeat}: {dataset} is a RES dataset, "
+                             "it has no no-target expressions to repeat")
         self.mask_resize, self.eval_resolution = mask_resize, eval_resolution
         self.root = Path(root)
         self.dataset = dataset
@@ -138,8 +153,12 @@ class ReferringDataset:
         else:
             self.index = load_grefer(self.root, spec.folder, split_by)
         self.refs = self.index.refs_for_split(split)
+        self.no_target_repeat = no_target_repeat
         if self.train:
             self.samples = [(r, None) for r in range(len(self.refs))]
+            # the extra copies follow the refs, so every epoch's permutation covers them evenly
+            no_target = [(r, None) for r in range(len(self.refs)) if self.index.is_no_target(self.refs[r])]
+            self.samples += no_target * (no_target_repeat - 1)
         else:
             self.samples = [(r, s) for r, ref in enumerate(self.refs) for s in range(len(ref["sentences"]))]
 

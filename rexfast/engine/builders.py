@@ -73,7 +73,7 @@ def build_dataset(data_cfg: DataConfig, split: str, *, train: bool, tokenizer):
     return ReferringDataset(
         data_cfg.root, data_cfg.dataset, split, image_root=data_cfg.image_root, image_size=data_cfg.image_size,
         tokenizer=tokenizer, max_tokens=data_cfg.max_tokens, train=train, mask_resize=data_cfg.mask_resize,
-        eval_resolution=data_cfg.eval_resolution,
+        eval_resolution=data_cfg.eval_resolution, no_target_repeat=data_cfg.no_target_repeat if train else 1,
     )
 
 

@@ -141,6 +141,9 @@ def _train(cfg: Config, info: distributed.DistInfo, *, resume: str | None, progr
     train_set = builders.build_dataset(cfg.data, cfg.data.train_split, train=True, tokenizer=tokenizer)
     val_set = builders.build_dataset(cfg.data, cfg.data.val_split, train=False, tokenizer=tokenizer)
     task = builders.task_of(cfg.data)
+    if cfg.data.no_target_repeat != 1 and info.is_main:
+        log.info("training samples per epoch: %d (%d refs; each no-target ref %d times, data.no_target_repeat)",
+                 len(train_set), len(train_set.refs), cfg.data.no_target_repeat)
     metric_name = tc.metric if tc.metric != "auto" else ("gIoU" if task == "gres" else "mIoU")
     steps_epoch = sampling.steps_per_epoch(
         len(train_set), micro_batch=tc.batch_size, world=info.world_size, accum=tc.grad_accum

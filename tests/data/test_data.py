@@ -382,6 +382,32 @@ def test_gres_dataset(root, tok):
     assert len(val) == 2 and val.get(1, seed=0)["no_target"]
 
 
+def test_no_target_repeat(root, tok):
+    once = ReferringDataset(root, "grefcoco", "val", tokenizer=tok, train=True, image_size=16)
+    ds = ReferringDataset(root, "grefcoco", "val", tokenizer=tok, train=True, image_size=16, no_target_repeat=3)
+    assert len(once) == 2 and len(ds) == 4 and ds.no_target_repeat == 3  # 1 target ref + 3 x 1 no-target ref
+    assert [ds.get(i)["no_target"] for i in range(4)] == [False, True, True, True]
+    assert ds.get(0)["sentence"] == once.get(0)["sentence"] == "the thing"  # the base order is kept
+    # each copy draws its own sentence per seed, from every sentence of the ref
+    picks = {ds.get(i, seed=s)["sentence"] for i in (1, 2, 3) for s in range(20)}
+    assert picks == {"nothing here", "the big red ring"}
+    train = ReferringDataset(root, "grefcoco", "train", tokenizer=tok, train=True, no_target_repeat=2)
+    assert [train.refs[i]["ref_id"] for i, _ in train.samples] == [0, 1, 1]
+
+
+@pytest.mark.parametrize("kwargs, err, match", [
+    (dict(no_target_repeat=0), ValueError, "no_target_repeat must be >= 1, got 0"),
+    (dict(no_target_repeat=1.5), TypeError, "no_target_repeat must be an int, got float"),
+    (dict(no_target_repeat=True), TypeError, "no_target_repeat must be an int, got bool"),
+    (dict(no_target_repeat=2, train=False), ValueError, r"training dataset \(train=True\) only"),
+    (dict(no_target_repeat=2, dataset="refcoco"), ValueError, "refcoco is a RES dataset"),
+])
+def test_no_target_repeat_errors(root, tok, kwargs, err, match):
+    kwargs = {"dataset": "grefcoco", "train": True, **kwargs}
+    with pytest.raises(err, match=match):
+        ReferringDataset(root, kwargs.pop("dataset"), "train", tokenizer=tok, **kwargs)
+
+
 def test_refclef_default_image_root_and_override(root, tok, tmp_path_factory):
     ds = ReferringDataset(root, "refclef", "val", tokenizer=tok)
     assert ds.get(0)["image_path"] == str(root / "images" / "saiapr_tc-12" / "img1.png")

@@ -250,7 +250,8 @@ def test_a_checkpoint_of_another_architecture_is_one_error_listing_the_keys(trai
     assert "do not fit" in line and "shape mismatches" in line and "decoder.cgattention1.k_proj.weight" in line
 
 
-@pytest.mark.parametrize("case", ["image_size", "data_root", "resume_missing", "resume_weights_only"])
+@pytest.mark.parametrize("case", ["image_size", "data_root", "resume_missing", "resume_weights_only",
+                                  "no_target_repeat"])
 def test_train_that_fails_on_bad_input_writes_nothing(trained_checkpoint, data_root, tmp_path, case):
     out = tmp_path / "run"
     cfg = _config(data_root, out, max_steps=1)
@@ -260,13 +261,28 @@ def test_train_that_fails_on_bad_input_writes_nothing(trained_checkpoint, data_r
         del raw["model"]["image_size"]
     if case == "data_root":
         raw["data"]["root"] = str(tmp_path / "nope")
+    if case == "no_target_repeat":
+        raw["data"]["no_target_repeat"] = 0
     cfg.write_text(yaml.safe_dump(raw))
     extra = {"resume_missing": ["--resume", tmp_path / "absent.pt"],
              "resume_weights_only": ["--resume", trained_checkpoint]}.get(case, [])
     line = _error(_rexfast("train", "--config", cfg, "--no-progress", *extra, check=False))
     assert {"image_size": "multiple of 32", "data_root": "not found", "resume_missing": "not found",
-            "resume_weights_only": "weights only"}[case] in line
+            "resume_weights_only": "weights only", "no_target_repeat": "no_target_repeat must be >= 1"}[case] in line
     assert not out.exists(), f"{case}: the failed run left {sorted(p.name for p in out.iterdir())}"
+
+
+def test_no_target_repeat_reaches_the_training_set_only(data_root):
+    from rexfast.engine import builders
+
+    cfg = DataConfig(dataset="synthetic", root=str(data_root), image_size=32, no_target_repeat=3)
+    once = builders.build_dataset(DataConfig(dataset="synthetic", root=str(data_root), image_size=32), "train",
+                                  train=True, tokenizer=builders.build_tokenizer(cfg))
+    train = builders.build_dataset(cfg, "train", train=True, tokenizer=builders.build_tokenizer(cfg))
+    no_target = sum(once.get(i)["no_target"] for i in range(len(once)))
+    assert no_target > 0 and len(train) == len(once) + 2 * no_target
+    val = builders.build_dataset(cfg, "val", train=False, tokenizer=builders.build_tokenizer(cfg))
+    assert val.no_target_repeat == 1  # evaluation scores every sentence once
 
 
 def test_torchrun_reports_a_config_error_once(tmp_path):
