@@ -156,8 +156,8 @@ class ReferringDataset:
         self.no_target_repeat = no_target_repeat
         if self.train:
             self.samples = [(r, None) for r in range(len(self.refs))]
-            # the extra copies follow the refs, so every epoch's permutation covers them evenly
-            no_target = [(r, None) for r in range(len(self.refs)) if self.index.is_no_target(self.refs[r])]
+            # the extra copies go after the base samples, so their indices (and r = 1) are unchanged
+            no_target = [sample for sample in self.samples if self.index.is_no_target(self.refs[sample[0]])]
             self.samples += no_target * (no_target_repeat - 1)
         else:
             self.samples = [(r, s) for r, ref in enumerate(self.refs) for s in range(len(ref["sentences"]))]

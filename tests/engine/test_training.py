@@ -276,12 +276,13 @@ def test_no_target_repeat_reaches_the_training_set_only(data_root):
     from rexfast.engine import builders
 
     cfg = DataConfig(dataset="synthetic", root=str(data_root), image_size=32, no_target_repeat=3)
+    tokenizer = builders.build_tokenizer(cfg)
     once = builders.build_dataset(DataConfig(dataset="synthetic", root=str(data_root), image_size=32), "train",
-                                  train=True, tokenizer=builders.build_tokenizer(cfg))
-    train = builders.build_dataset(cfg, "train", train=True, tokenizer=builders.build_tokenizer(cfg))
-    no_target = sum(once.get(i)["no_target"] for i in range(len(once)))
+                                  train=True, tokenizer=tokenizer)
+    train = builders.build_dataset(cfg, "train", train=True, tokenizer=tokenizer)
+    no_target = sum(map(once.index.is_no_target, once.refs))  # from the annotations, without loading images
     assert no_target > 0 and len(train) == len(once) + 2 * no_target
-    val = builders.build_dataset(cfg, "val", train=False, tokenizer=builders.build_tokenizer(cfg))
+    val = builders.build_dataset(cfg, "val", train=False, tokenizer=tokenizer)
     assert val.no_target_repeat == 1  # evaluation scores every sentence once
 
 
