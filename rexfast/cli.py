@@ -96,7 +96,7 @@ def _cmd_predict(args) -> int:
         mask_threshold=MASK_THRESHOLD if mask_threshold is None else mask_threshold,
         no_target_threshold=NO_TARGET_THRESHOLD if no_target_threshold is None else no_target_threshold,
         device=args.device, tokenizer=args.tokenizer, overrides=args.set or [], precision=args.precision,
-        compile=args.compile)
+        compile=args.compile, explain=args.explain)
     if result.no_target:
         print(f"no target: nothing in the image matches the sentence. {result.explanation[len('no target: '):]}")
     for path in written:
@@ -251,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(data.image_size=480, data.max_tokens=20)")
     p.add_argument("--device", default="auto")
     p.add_argument("--tokenizer", help=TOKENIZER_HELP)
+    p.add_argument("--explain", action="store_true",
+                   help="also write <...>_explain.png: what the model grouped (CGFormer: each token's pixels per "
+                        "decoder stage; ReLA: the minimap and the strongest region masks it weights)")
     _precision_flags(p, "auto")
     p.set_defaults(func=_cmd_predict)
 
