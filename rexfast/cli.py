@@ -1,4 +1,4 @@
-"""The ``rexfast`` command line: info, train, eval, predict, demo, convert, export.
+"""The ``rexfast`` command line: info, train, eval, predict, demo, convert, export, serve.
 
 Bad input (missing file, unreadable image, empty text, wrong checkpoint, bad
 config) ends with one ``rexfast: error: ...`` line on stderr and exit code 2
@@ -151,6 +151,52 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_serve(args) -> int:
+    import socket
+
+    from .engine.segmenter import Segmenter
+
+    # cheap checks first: nothing is loaded for a port that is taken or a folder that is missing
+    if not 1 <= args.port <= 65535:
+        raise ValueError(f"--port must lie in 1..65535, got {args.port}")
+    if not args.max_megapixels > 0:
+        raise ValueError(f"--max-megapixels must be > 0, got {args.max_megapixels}")
+    try:
+        from .serve import ServeLimits, build_app, launch
+        from .serve.examples import demo_data_root, demo_examples, folder_examples
+    except ImportError as exc:
+        raise ValueError(str(exc)) from None
+    examples = folder_examples(args.examples) if args.examples else None
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET) as probe:
+            probe.bind((args.host, args.port))
+    except OSError as exc:
+        raise ValueError(f"cannot listen on {args.host}:{args.port} ({exc.strerror or exc}): pick another --port") from None
+    limits = ServeLimits(max_pixels=int(args.max_megapixels * 1e6), concurrency=args.concurrency,
+                         max_queue=args.max_queue, max_file_size=args.max_upload_mb * 1024 * 1024)
+    segmenters = [Segmenter.from_pretrained(source, device=args.device, precision=args.precision,
+                                            tokenizer=args.tokenizer) for source in args.models]
+    names = [type(seg.model).__name__ for seg in segmenters]
+    named = {(f"{n} {i + 1}" if names.count(n) > 1 else n): seg for i, (n, seg) in enumerate(zip(names, segmenters))}
+    if examples is None:
+        for source, seg in zip(args.models, segmenters):
+            root = demo_data_root(source, seg.config)
+            if root is not None:
+                examples = demo_examples(root)
+                break
+    app = build_app(named, examples=examples, limits=limits, sources=[str(m) for m in args.models])
+    shown = "localhost" if args.host in ("127.0.0.1", "::1") else args.host
+    print(f"rexfast: serving {', '.join(named)} at http://{shown}:{args.port} "
+          f"({len(examples or [])} example rows; Ctrl+C stops)", flush=True)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"rexfast: warning: --host {args.host} makes the page reachable from other machines", file=sys.stderr)
+    try:
+        launch(app, host=args.host, port=args.port, block=True, quiet=True)
+    except OSError as exc:
+        raise ValueError(f"cannot serve on {args.host}:{args.port}: {exc}") from None
+    return 0
+
+
 def _image_size(text: str):
     """``480`` or ``480x640`` (height x width), positive multiples of 32."""
     parts = text.lower().split("x")
@@ -293,6 +339,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a model config field (e.g. model.eval_noise=false) or data.image_size")
     p.add_argument("--no-verify", action="store_true", help="skip running the file with onnxruntime")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("serve", help="a local web page (Gradio) for one or more models: image + sentence → mask, "
+                                     "side by side, what each model grouped, and an API (needs the serve extra)")
+    p.add_argument("models", nargs="+", metavar="MODEL", help=f"one or more models, answering side by side: "
+                                                             f"{MODEL_SOURCE_HELP}")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="the address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to others)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--examples", metavar="DIR",
+                   help="example rows: the images in DIR (a sentence for photo.jpg may sit in photo.txt); default: "
+                        "the held-out synthetic scenes of a model trained by rexfast demo")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--tokenizer", help=TOKENIZER_HELP)
+    p.add_argument("--concurrency", type=_positive_int, default=1,
+                   help="requests computed at once (default 1: torch already uses every core for one)")
+    p.add_argument("--max-queue", type=_positive_int, default=64, help="requests waiting beyond those (default 64)")
+    p.add_argument("--max-upload-mb", type=_positive_int, default=50, help="the largest upload in MiB (default 50)")
+    p.add_argument("--max-megapixels", type=float, default=50.0,
+                   help="the largest image, width × height in millions (default 50): a decompression-bomb guard")
+    _precision_flags(p, "auto", compile_too=False)
+    p.set_defaults(func=_cmd_serve)
     return parser
 
 

@@ -13,6 +13,7 @@ import pytest  # noqa: E402
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running; excluded from the default run (-m 'not slow')")
     config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped without one")
+    config.addinivalue_line("markers", "browser: drives a real headless Chromium through Selenium")
 
 
 def pytest_collection_modifyitems(config, items):
