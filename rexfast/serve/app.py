@@ -98,6 +98,10 @@ class UploadedImage(gr.Image):
         super().__init__(type="pil", image_mode="RGB", **kwargs)
         self.max_pixels = max_pixels
 
+    def get_config(self, cls=None):
+        # the browser's props are gr.Image's (its __init__'s parameters), not this one's
+        return super().get_config(cls or gr.Image)
+
     def preprocess(self, payload):
         if payload is None:
             return None
@@ -231,17 +235,22 @@ class _Page:
         for _, seg in self.entries:
             result = seg(image, text, mask_threshold=mt, explain=True)
             figures.append(Image.open(io.BytesIO(explain_png(result))))
-        return figures
+        return _outputs(figures)
 
     def explain_when_open(self, image, text, mask_threshold, tab="explain"):
         """The figures for the Explain tab when it is the one shown (an empty tab otherwise, so
         that no stale figure stays beside a new answer); quiet while the inputs are incomplete."""
         if tab != "explain" or image is None or not isinstance(text, str) or not text.strip():
-            return [None] * len(self.entries)
+            return _outputs([None] * len(self.entries))
         return self.explain(image, text, mask_threshold)
 
     def explain_on_open(self, image, text, mask_threshold):
         return self.explain_when_open(image, text, mask_threshold)
+
+
+def _outputs(values: list):
+    """An event's return value: Gradio takes one output's value bare, several as a list."""
+    return values[0] if len(values) == 1 else values
 
 
 def _file_part(name: str) -> str:
@@ -274,8 +283,9 @@ def _header(entries, sources) -> str:
              "the **Explain** tab shows what each model grouped to find it."]
     for i, (name, seg) in enumerate(entries):
         spec = seg.preprocessing
-        source = f" from `{sources[i]}`" if sources and i < len(sources) and sources[i] else ""
-        lines.append(f"- **{name}**{source}: {type(seg.model).__name__}, input {spec.image_size}², "
+        source = f" `{sources[i]}`" if sources and i < len(sources) and sources[i] else ""
+        kind = type(seg.model).__name__
+        lines.append(f"- **{name}**{'' if name == kind else f' ({kind})'}{source}: input {spec.image_size}², "
                      f"{spec.max_tokens} tokens, {seg.precision} on {seg.device.type}")
     return "\n".join(lines)
 

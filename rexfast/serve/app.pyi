@@ -99,6 +99,10 @@ class UploadedImage(gr.Image):
         super().__init__(type="pil", image_mode="RGB", **kwargs)
         self.max_pixels = max_pixels
 
+    def get_config(self, cls=None):
+        # the browser's props are gr.Image's (its __init__'s parameters), not this one's
+        return super().get_config(cls or gr.Image)
+
     def preprocess(self, payload):
         if payload is None:
             return None
