@@ -8,7 +8,7 @@ without gradio; the page is imported on first access.
 
 from __future__ import annotations
 
-_APP = ("build_app", "launch", "ServeLimits", "UploadedImage", "MASK_COLOUR")
+_APP = ("build_app", "launch", "ServeLimits", "UploadedImage", "MaskOverlay", "MASK_COLOUR")
 
 
 def __getattr__(name):

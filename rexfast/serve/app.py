@@ -16,8 +16,9 @@ PNG to download and the answer as JSON; an "Explain" tab with the figure of what
 model grouped (:mod:`rexfast.engine.explain_figure`), computed when the tab is open.
 
 The API (``gradio_client``): ``/predict`` takes ``image, text, mask_threshold`` and returns,
-per model in order, the overlay (``{"image": base image, "annotations": [{"image": mask
-PNG (RGBA, alpha 255 on the mask), "label": model}]}``), the verdict, the answer as JSON
+per model in order, the overlay (``{"image": the image as the model saw it (PNG; EXIF
+orientation applied), "annotations": [{"image": mask PNG (RGBA: magenta, alpha 255 on the
+mask, 0 elsewhere), "label": model}]}``), the verdict, the answer as JSON
 (``no_target``, ``no_target_prob``, ``no_target_reason``, ``pixels``, ``share``, ``height``,
 ``width``, ``mask_threshold``, ``sentence_pieces``, ``pieces_read``) and the mask PNG;
 ``/explain`` takes the same inputs and returns each model's figure.
@@ -113,6 +114,32 @@ class UploadedImage(gr.Image):
             raise gr.Error(str(exc), print_exception=False) from None
 
 
+class MaskOverlay(gr.AnnotatedImage):
+    """Gradio's annotated image, fed with PNG files the page wrote itself (one folder per
+    request): Gradio would write the base image and the mask into its content-addressed cache
+    in place, and a second request with the same image or the same mask (two visitors on one
+    example; two empty masks) rewrote a file while the first answer was being downloaded, which
+    then arrived empty. Files handed over are copied into the cache under a temporary name and
+    renamed into place, so every download is whole."""
+
+    is_template = True  # the browser draws it with Gradio's AnnotatedImage component
+
+    def get_config(self, cls=None):
+        return super().get_config(cls or gr.AnnotatedImage)
+
+    def postprocess(self, value):
+        """``value``: (base image PNG path, [(RGBA mask PNG path, label), ...]) or None."""
+        from gradio.components.annotated_image import AnnotatedImageData, Annotation
+        from gradio.data_classes import FileData
+
+        if value is None:
+            return None
+        base, annotations = value
+        return AnnotatedImageData(image=FileData(path=str(base)),
+                                  annotations=[Annotation(image=FileData(path=str(path)), label=label)
+                                               for path, label in annotations])
+
+
 def _named(segmenters) -> list[tuple[str, Segmenter]]:
     if isinstance(segmenters, Segmenter):
         segmenters = [segmenters]
@@ -204,8 +231,12 @@ class _Page:
 
     # -- /predict ------------------------------------------------------------------------------
     def predict(self, image, text, mask_threshold):
+        from PIL import Image
+
         image, text, mt = self._inputs(image, text, mask_threshold)
         folder = self.files.new_folder()
+        base = folder / "image.png"
+        image.save(base, compress_level=1)
         outputs, warned = [], set()
         for name, seg in self.entries:
             result = seg(image, text, mask_threshold=mt)
@@ -215,11 +246,10 @@ class _Page:
                 warned.add(note)
                 gr.Warning(note[0].upper() + note[1:])
             mask_path = folder / f"{sentence_slug(text) or 'sentence'}_{_file_part(name)}_mask.png"
-            from PIL import Image
-
             Image.fromarray((result.mask * 255).astype(np.uint8)).save(mask_path)
-            outputs += [(image, [(result.mask.astype(np.float32), name)]), _verdict(result, note),
-                        _answer(result, cut), str(mask_path)]
+            layer = folder / f"{_file_part(name)}_overlay_mask.png"
+            Image.fromarray(_mask_layer(result.mask)).save(layer, compress_level=1)
+            outputs += [(base, [(layer, name)]), _verdict(result, note), _answer(result, cut), str(mask_path)]
         return outputs
 
     # -- /explain ------------------------------------------------------------------------------
@@ -246,6 +276,14 @@ class _Page:
 
     def explain_on_open(self, image, text, mask_threshold):
         return self.explain_when_open(image, text, mask_threshold)
+
+
+def _mask_layer(mask: np.ndarray) -> np.ndarray:
+    """uint8 (H, W, 4): the overlay colour, opaque on the mask and transparent elsewhere (the
+    browser draws it over the image at the component's opacity)."""
+    layer = np.zeros(mask.shape + (4,), dtype=np.uint8)
+    layer[mask] = (*OVERLAY_COLOUR, 255)
+    return layer
 
 
 def _outputs(values: list):
@@ -333,7 +371,7 @@ def build_app(segmenters, *, examples: Optional[Sequence[tuple[str, str]]] = Non
                         with gr.Row(equal_height=False):
                             for index, (name, _) in enumerate(entries):
                                 with gr.Column(min_width=280):
-                                    overlay = gr.AnnotatedImage(label=name, format="png", height=360,
+                                    overlay = MaskOverlay(label=name, format="png", height=360,
                                                                 color_map={name: MASK_COLOUR},
                                                                 elem_id=f"rexfast-overlay-{index}")
                                     verdict = gr.Textbox(label=f"{name}: verdict", interactive=False, lines=2,
@@ -378,4 +416,4 @@ def launch(app: gr.Blocks, *, host: str = "127.0.0.1", port: Optional[int] = 786
                       ssr_mode=False, mcp_server=False)
 
 
-__all__ = ["build_app", "launch", "ServeLimits", "UploadedImage", "MASK_COLOUR"]
+__all__ = ["build_app", "launch", "ServeLimits", "UploadedImage", "MaskOverlay", "MASK_COLOUR"]

@@ -379,3 +379,34 @@ def launch(app: gr.Blocks, *, host: str = "127.0.0.1", port: Optional[int] = 786
 
 
 __all__ = ["build_app", "launch", "ServeLimits", "UploadedImage", "MASK_COLOUR"]
+class MaskOverlay(gr.AnnotatedImage):
+    """Gradio's annotated image, fed with PNG files the page wrote itself (one folder per
+    request): Gradio would write the base image and the mask into its content-addressed cache
+    in place, and a second request with the same image or the same mask (two visitors on one
+    example; two empty masks) rewrote a file while the first answer was being downloaded, which
+    then arrived empty. Files handed over are copied into the cache under a temporary name and
+    renamed into place, so every download is whole."""
+
+    is_template = True  # the browser draws it with Gradio's AnnotatedImage component
+
+    def get_config(self, cls=None):
+        return super().get_config(cls or gr.AnnotatedImage)
+
+    def postprocess(self, value):
+        """``value``: (base image PNG path, [(RGBA mask PNG path, label), ...]) or None."""
+        from gradio.components.annotated_image import AnnotatedImageData, Annotation
+        from gradio.data_classes import FileData
+
+        if value is None:
+            return None
+        base, annotations = value
+        return AnnotatedImageData(image=FileData(path=str(base)),
+                                  annotations=[Annotation(image=FileData(path=str(path)), label=label)
+                                               for path, label in annotations])
+    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
+    from gradio.blocks import Block
+    if TYPE_CHECKING:
+        from gradio.components import Timer
+        from gradio.components.base import Component
+
+    

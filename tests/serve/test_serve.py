@@ -31,7 +31,7 @@ MAX_UPLOAD = 200 * 1024
 
 
 @pytest.fixture(scope="module")
-def served(demo_layout):
+def served(demo_layout, tmp_path_factory):
     require("gradio")
     require("gradio_client")
     from gradio_client import Client
@@ -47,7 +47,9 @@ def served(demo_layout):
                                                                            str(folders["cgformer"])])
     _, url, _ = launch(app, port=free_port(), block=False, quiet=True)
     try:
-        yield {"url": url, "client": Client(url, verbose=False), "segmenters": segmenters, "app": app,
+        # downloads go to their own folder, not Gradio's cache, which this process's server serves from
+        client = Client(url, verbose=False, download_files=str(tmp_path_factory.mktemp("downloads")))
+        yield {"url": url, "client": client, "segmenters": segmenters, "app": app,
                "images": demo_layout["images"], "examples": examples}
     finally:
         app.close()
@@ -272,7 +274,7 @@ def test_serve_cli_refuses_bad_arguments_in_one_line_before_loading(demo_layout,
             assert len(err) == 1 and err[0].startswith("rexfast: error: ") and re.search(message, err[0]), err
 
 
-def test_serve_cli_serves_a_demo_model_with_its_scenes(demo_layout):
+def test_serve_cli_serves_a_demo_model_with_its_scenes(demo_layout, tmp_path):
     """``rexfast serve FOLDER`` as a user runs it: the page answers on 127.0.0.1 with the demo's
     scenes as examples, and Ctrl+C stops it."""
     require("gradio")
@@ -280,6 +282,7 @@ def test_serve_cli_serves_a_demo_model_with_its_scenes(demo_layout):
     from gradio_client import Client
 
     folder = demo_layout["folders"]["rela"]
+    downloads = tmp_path / "downloads"
     port = free_port()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[2]),
                                                         os.environ.get("PYTHONPATH", "")]))
@@ -293,7 +296,7 @@ def test_serve_cli_serves_a_demo_model_with_its_scenes(demo_layout):
         deadline = time.monotonic() + 120
         while True:
             try:
-                client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+                client = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=str(downloads))
                 break
             except Exception:  # noqa: BLE001 - not listening yet
                 if time.monotonic() > deadline or proc.poll() is not None:
