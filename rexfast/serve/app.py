@@ -384,8 +384,8 @@ def build_app(segmenters, *, examples: Optional[Sequence[tuple[str, str]]] = Non
                         gr.Markdown(EXPLAIN_HELP)
                         explain_button = gr.Button("Explain this answer", elem_id="rexfast-explain")
                         with gr.Row():
-                            figures = [gr.Image(label=f"{name}: what it grouped", type="pil", format="png",
-                                                interactive=False, elem_id=f"rexfast-explain-{index}")
+                            figures = [gr.Image(label=f"{name}: what it grouped", show_label=False, type="pil",
+                                                format="png", interactive=False, elem_id=f"rexfast-explain-{index}")
                                        for index, (name, _) in enumerate(entries)]
         private = {"api_visibility": "private", "queue": False}
         answer_tab.select(lambda: "answer", None, tab, **private)

@@ -2,7 +2,8 @@
 driven through Selenium opens the page, uploads an image, types a sentence, submits, waits
 for the overlay and checks its pixels against the Segmenter's mask, twice: the mask image
 the browser loaded (read back through a canvas) and the overlay as it is drawn on screen
-(a screenshot, cell by cell). The screenshot is kept in the test's tmp folder.
+(a screenshot, cell by cell); then opens the Explain tab and waits for its figure. The
+screenshots are kept in the test's tmp folder.
 
 Without a browser the test skips with the reason; under ``CI=true`` it fails instead (CI
 installs them: ``apt-get install -y chromium chromium-driver``).
@@ -10,17 +11,20 @@ installs them: ``apt-get install -y chromium chromium-driver``).
 ``REXFAST_SERVE_MODEL=<model folder>`` runs it on that model instead of the tiny one (its
 demo scenes as example rows, the first row's image and sentence, or row
 ``REXFAST_SERVE_EXAMPLE``), and ``REXFAST_SERVE_SCREENSHOT=<png>`` also writes the
-screenshot there: README's docs/serve.png is made this way from a ``rexfast demo`` model.
+screenshot there (and the Explain tab's beside it, ``<png stem>_explain.png``): README's
+docs/serve.png is made this way from a ``rexfast demo`` model.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import shutil
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 import pytest
@@ -83,6 +87,7 @@ def browser(tmp_path_factory):
     for flag in CHROMIUM_FLAGS:
         options.add_argument(flag)
     options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium_profile')}")  # a fresh profile
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})  # every request the page makes
     driver = webdriver.Chrome(options=options, service=Service(driver_path))
     driver.set_page_load_timeout(TIMEOUT_S)
     try:
@@ -187,3 +192,21 @@ def test_the_page_in_a_browser_shows_the_segmenters_mask(browser, page, tmp_path
     outside = (~tinted[~expected.mask]).mean()
     assert outside > 0.98, f"{1 - outside:.1%} of the cells outside the mask are drawn tinted"
     assert shot.stat().st_size > 10_000
+
+    # 3. the page loads nothing from outside this machine (no web fonts, no analytics, no CDN)
+    sent = [json.loads(entry["message"])["message"] for entry in browser.get_log("performance")]
+    hosts = {urlparse(m["params"]["request"]["url"]).hostname for m in sent
+             if m["method"] == "Network.requestWillBeSent" and m["params"]["request"]["url"].startswith("http")}
+    assert hosts == {"127.0.0.1"}, f"the page asked other hosts: {sorted(h for h in hosts if h != '127.0.0.1')}"
+
+    # 4. the Explain tab draws what the model grouped for this answer when it is opened
+    browser.find_element(By.XPATH, "//button[@role='tab'][normalize-space()='Explain']").click()
+    (figure,) = _wait(browser, lambda d: _loaded(d, "#rexfast-explain-0 img"), "the Explain figure")
+    assert browser.execute_script("return arguments[0].naturalWidth", figure) > 400
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", figure)
+    time.sleep(0.5)
+    explain_shot = tmp_path / "serve_explain.png"
+    browser.save_screenshot(str(explain_shot))
+    if os.environ.get("REXFAST_SERVE_SCREENSHOT"):
+        target = Path(os.environ["REXFAST_SERVE_SCREENSHOT"])
+        shutil.copyfile(explain_shot, target.with_name(target.stem + "_explain.png"))
