@@ -34,6 +34,7 @@ server goes on serving.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -88,56 +89,73 @@ class ServeLimits:
             raise TypeError(f"max_file_size must be bytes (int) or a size such as '50mb', got {self.max_file_size!r}")
 
 
-class UploadedImage(gr.Image):
-    """Gradio's image upload, read by :func:`rexfast.serve.checks.open_image`: its size is
-    checked from the header before any pixel is decoded, and every refusal is a message
-    (Gradio's own preprocessing would decode it first and raise a bare exception)."""
+@contextlib.contextmanager
+def _no_stub_files():
+    """Gradio writes a ``.pyi`` stub beside the module that defines a component subclass, when the
+    class is created (to type its events): into site-packages, which may be read-only, or into
+    this source tree. The two classes below add no events, so they need none."""
+    from gradio import component_meta
 
-    is_template = True  # the browser draws it with Gradio's Image component
-
-    def __init__(self, *, max_pixels: int = DEFAULT_MAX_PIXELS, **kwargs):
-        super().__init__(type="pil", image_mode="RGB", **kwargs)
-        self.max_pixels = max_pixels
-
-    def get_config(self, cls=None):
-        # the browser's props are gr.Image's (its __init__'s parameters), not this one's
-        return super().get_config(cls or gr.Image)
-
-    def preprocess(self, payload):
-        if payload is None:
-            return None
-        if getattr(payload, "path", None) is None:
-            raise gr.Error("send the image as an uploaded file (gradio_client: handle_file(path))")
-        try:
-            return open_image(payload.path, max_pixels=self.max_pixels, name=getattr(payload, "orig_name", None))
-        except RequestError as exc:
-            raise gr.Error(str(exc), print_exception=False) from None
+    original = getattr(component_meta, "create_or_modify_pyi", None)
+    if original is not None:
+        component_meta.create_or_modify_pyi = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        if original is not None:
+            component_meta.create_or_modify_pyi = original
 
 
-class MaskOverlay(gr.AnnotatedImage):
-    """Gradio's annotated image, fed with PNG files the page wrote itself (one folder per
-    request): Gradio would write the base image and the mask into its content-addressed cache
-    in place, and a second request with the same image or the same mask (two visitors on one
-    example; two empty masks) rewrote a file while the first answer was being downloaded, which
-    then arrived empty. Files handed over are copied into the cache under a temporary name and
-    renamed into place, so every download is whole."""
+with _no_stub_files():
+    class UploadedImage(gr.Image):
+        """Gradio's image upload, read by :func:`rexfast.serve.checks.open_image`: its size is
+        checked from the header before any pixel is decoded, and every refusal is a message
+        (Gradio's own preprocessing raises PIL's bare exception for a file that is no image)."""
 
-    is_template = True  # the browser draws it with Gradio's AnnotatedImage component
+        is_template = True  # the browser draws it with Gradio's Image component
 
-    def get_config(self, cls=None):
-        return super().get_config(cls or gr.AnnotatedImage)
+        def __init__(self, *, max_pixels: int = DEFAULT_MAX_PIXELS, **kwargs):
+            super().__init__(type="pil", image_mode="RGB", **kwargs)
+            self.max_pixels = max_pixels
 
-    def postprocess(self, value):
-        """``value``: (base image PNG path, [(RGBA mask PNG path, label), ...]) or None."""
-        from gradio.components.annotated_image import AnnotatedImageData, Annotation
-        from gradio.data_classes import FileData
+        def get_config(self, cls=None):
+            # the browser's props are gr.Image's (its __init__'s parameters), not this one's
+            return super().get_config(cls or gr.Image)
 
-        if value is None:
-            return None
-        base, annotations = value
-        return AnnotatedImageData(image=FileData(path=str(base)),
-                                  annotations=[Annotation(image=FileData(path=str(path)), label=label)
-                                               for path, label in annotations])
+        def preprocess(self, payload):
+            if payload is None:
+                return None
+            if getattr(payload, "path", None) is None:
+                raise gr.Error("send the image as an uploaded file (gradio_client: handle_file(path))")
+            try:
+                return open_image(payload.path, max_pixels=self.max_pixels, name=getattr(payload, "orig_name", None))
+            except RequestError as exc:
+                raise gr.Error(str(exc), print_exception=False) from None
+
+    class MaskOverlay(gr.AnnotatedImage):
+        """Gradio's annotated image, fed with PNG files the page wrote itself (one folder per
+        request): Gradio would write the base image and the mask into its content-addressed cache
+        in place, and a second request with the same image or the same mask (two visitors on one
+        example; two empty masks) rewrote a file while the first answer was being downloaded, which
+        then arrived empty. Files handed over are copied into the cache under a temporary name and
+        renamed into place, so every download is whole."""
+
+        is_template = True  # the browser draws it with Gradio's AnnotatedImage component
+
+        def get_config(self, cls=None):
+            return super().get_config(cls or gr.AnnotatedImage)
+
+        def postprocess(self, value):
+            """``value``: (base image PNG path, [(RGBA mask PNG path, label), ...]) or None."""
+            from gradio.components.annotated_image import AnnotatedImageData, Annotation
+            from gradio.data_classes import FileData
+
+            if value is None:
+                return None
+            base, annotations = value
+            return AnnotatedImageData(image=FileData(path=str(base)),
+                                      annotations=[Annotation(image=FileData(path=str(path)), label=label)
+                                                   for path, label in annotations])
 
 
 def _named(segmenters) -> list[tuple[str, Segmenter]]:

@@ -85,6 +85,13 @@ def _check_answer(outputs, segmenters, image, text, threshold):
             assert re.match(r"\d+\.\d% of the image segmented", verdict)
 
 
+def test_importing_the_page_writes_nothing_beside_it(served):
+    import rexfast.serve.app as app_module
+
+    # Gradio writes a .pyi stub for every component subclass it sees defined, unless stopped
+    assert not Path(app_module.__file__).with_suffix(".pyi").exists()
+
+
 def test_api_predict_takes_image_text_threshold(served):
     api = served["client"].view_api(return_format="dict", print_info=False)["named_endpoints"]
     assert [p["parameter_name"] for p in api["/predict"]["parameters"]] == ["image", "text", "mask_threshold"]
