@@ -1,0 +1,38 @@
+"""Fixtures of the cuda_sim tests: the library, built once per session (and cached
+across sessions, see cuda_sim_build.py), and a fresh simulated context per test."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+for path in (HERE, HERE.parent / "ops"):  # this folder's modules; the op specs and the harness of tests/ops
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+import cuda_sim_build  # noqa: E402
+from cuda_sim_lib import Sim  # noqa: E402
+from harness import in_ci  # noqa: E402
+
+DEFAULTS = dict(workers=1, schedule="forward", seed=0, smem_optin=232448)
+
+
+@pytest.fixture(scope="session")
+def sim_library():
+    try:
+        return Sim(cuda_sim_build.build())
+    except cuda_sim_build.BuildError as e:
+        if in_ci():  # CI has the compiler: a build failure is a failure, never a skip
+            pytest.fail(str(e))
+        pytest.skip(f"cuda_sim cannot be built here: {e}")
+
+
+@pytest.fixture
+def sim(sim_library):
+    """The simulated device, reset (no error, empty launch log, default settings)."""
+    sim_library.reset()
+    sim_library.configure(**DEFAULTS)
+    sim_library.guard = "back"
+    yield sim_library
+    sim_library.reset()
