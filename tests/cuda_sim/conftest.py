@@ -18,14 +18,26 @@ from harness import in_ci  # noqa: E402
 DEFAULTS = dict(workers=1, schedule="forward", seed=0, smem_optin=232448)
 
 
-@pytest.fixture(scope="session")
-def sim_library():
+def _report_fd(config) -> int:
+    """The real stderr: pytest captures fd 2, so a kernel's invalid-access report written
+    there would vanish with the crashing process; pytest's faulthandler keeps a copy."""
     try:
-        return Sim(cuda_sim_build.build())
+        from _pytest.faulthandler import fault_handler_stderr_fd_key
+        return config.stash[fault_handler_stderr_fd_key]
+    except (ImportError, KeyError):
+        return 2
+
+
+@pytest.fixture(scope="session")
+def sim_library(pytestconfig):
+    try:
+        sim = Sim(cuda_sim_build.build())
     except cuda_sim_build.BuildError as e:
         if in_ci():  # CI has the compiler: a build failure is a failure, never a skip
             pytest.fail(str(e))
         pytest.skip(f"cuda_sim cannot be built here: {e}")
+    sim.configure(report_fd=_report_fd(pytestconfig))
+    return sim
 
 
 @pytest.fixture

@@ -509,6 +509,7 @@ void worker_loop(Launch& L, WorkerRes* R) {
 
 // ------------------------------------------------------------------ SIGSEGV: say which access it was
 struct sigaction g_old_segv, g_old_bus;
+std::atomic<int> g_report_fd{2};  // where the report goes (pytest captures fd 2; its faulthandler's copy does not)
 
 void on_segv(int sig, siginfo_t* si, void*) {
   char buf[1024];
@@ -529,7 +530,7 @@ void on_segv(int sig, siginfo_t* si, void*) {
                          t->block_idx.z, t->thread_idx.x, t->thread_idx.y, t->thread_idx.z);
   }
   len += std::snprintf(buf + len, sizeof buf - len, "\n");
-  if (write(2, buf, static_cast<size_t>(len)) < 0) {
+  if (write(g_report_fd.load(), buf, static_cast<size_t>(len)) < 0) {
   }
   // hand over to the previous handler (Python's faulthandler prints the test) or the default
   sigaction(sig, sig == SIGSEGV ? &g_old_segv : &g_old_bus, nullptr);
@@ -817,7 +818,8 @@ extern "C" {
 
 // Settings: workers (OS threads running blocks), schedule (0 forward, 1 reverse,
 // 2 random), seed, smem_optin (the device's opt-in shared memory per block),
-// stack_kib. Returns 0, or -1 for an unknown key or a bad value.
+// stack_kib, report_fd (the file descriptor an invalid memory access is reported
+// on before the process dies; default 2). Returns 0, or -1 for an unknown key or a bad value.
 int sim_set(const char* key, long long value) {
   sim::Global& g = G();
   std::lock_guard<std::mutex> lock(g.mu);
@@ -827,6 +829,7 @@ int sim_set(const char* key, long long value) {
   else if (k == "seed") g.cfg.seed = static_cast<uint64_t>(value);
   else if (k == "smem_optin" && value >= 0 && value <= (1 << 30)) g.cfg.smem_optin = static_cast<int>(value);
   else if (k == "stack_kib" && value >= 16 && value <= 65536) g.cfg.stack_bytes = static_cast<size_t>(value) * 1024;
+  else if (k == "report_fd" && value >= 0 && value < (1 << 20)) sim::g_report_fd = static_cast<int>(value);
   else return -1;
   return 0;
 }
