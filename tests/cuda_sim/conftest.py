@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 HERE = Path(__file__).resolve().parent
 for path in (HERE, HERE.parent / "ops"):  # this folder's modules; the op specs and the harness of tests/ops
@@ -42,9 +43,16 @@ def sim_library(pytestconfig):
 
 @pytest.fixture
 def sim(sim_library):
-    """The simulated device, reset (no error, empty launch log, default settings)."""
+    """The simulated device, reset (no error, empty launch log, default settings). The
+    references run with one torch thread: the simulation is single-threaded, and idle
+    OpenMP workers spinning next to it would only take the second core away."""
     sim_library.reset()
     sim_library.configure(**DEFAULTS)
     sim_library.guard = "back"
-    yield sim_library
-    sim_library.reset()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield sim_library
+    finally:
+        torch.set_num_threads(threads)
+        sim_library.reset()

@@ -58,7 +58,7 @@ def code_mask(src: str) -> list[bool]:
 def _kernel_start(src: str, end: int) -> int:
     """Start of the kernel expression ``name<targs>`` (or ``ns::name``) that ends at ``end``."""
     i = end
-    while i > 0 and src[i - 1] in " \t":
+    while i > 0 and src[i - 1] in " \t\n":
         i -= 1
     if i > 0 and src[i - 1] == ">":  # template arguments: match the brackets backwards
         depth = 0
@@ -117,17 +117,18 @@ def translate(src: str, filename: str) -> str:
         if config.count("(") != config.count(")") or not config.strip():
             raise ValueError(f"{filename}:{line}: cannot parse the launch configuration {config!r}")
         start = _kernel_start(src, i)
-        kernel = src[start:i].strip()
-        if not re.fullmatch(r"[A-Za-z_:][\w:]*\s*(<.*>)?", kernel, re.S) or "\n" in kernel:
+        kernel = " ".join(src[start:i].split())
+        if not re.fullmatch(r"[A-Za-z_:][\w:]*\s*(<.*>)?", kernel):
             raise ValueError(f"{filename}:{line}: cannot parse the kernel name before <<< ({kernel!r})")
         k = j + 3
         while k < len(src) and src[k] in " \t\n":
             k += 1
         if k >= len(src) or src[k] != "(":
             raise ValueError(f"{filename}:{line}: expected the kernel's argument list after >>>")
-        label = " ".join(kernel.split()).replace("\\", "\\\\").replace('"', '\\"')
+        label = kernel.replace("\\", "\\\\").replace('"', '\\"')
         out.append(src[pos:start])
-        out.append(f'::sim::launch({kernel}, "{label}", ::sim::LaunchConfig({config}))')
+        # the kernel expression as written (its newlines, if any, keep the line count)
+        out.append(f'::sim::launch({src[start:i]}, "{label}", ::sim::LaunchConfig({config}))')
         out.append(src[j + 3:k])  # keep the whitespace (and its newlines) before the arguments
         pos = k
     out.append(src[pos:])
