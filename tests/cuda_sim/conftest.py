@@ -1,6 +1,7 @@
 """Fixtures of the cuda_sim tests: the library, built once per session (and cached
 across sessions, see cuda_sim_build.py), and a fresh simulated context per test."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -16,7 +17,12 @@ import cuda_sim_build  # noqa: E402
 from cuda_sim_lib import Sim  # noqa: E402
 from harness import in_ci  # noqa: E402
 
-DEFAULTS = dict(workers=1, schedule="forward", seed=0, smem_optin=232448)
+# The schedule of a block's threads and the OS threads running blocks; the whole set
+# can be rerun under others (a kernel whose results depend on them has a race):
+#   REXFAST_CUDA_SIM_SCHEDULE=reverse|random REXFAST_CUDA_SIM_WORKERS=2 pytest tests/cuda_sim
+DEFAULTS = dict(workers=int(os.environ.get("REXFAST_CUDA_SIM_WORKERS", "1")),
+                schedule=os.environ.get("REXFAST_CUDA_SIM_SCHEDULE", "forward"),
+                seed=int(os.environ.get("REXFAST_CUDA_SIM_SEED", "0")), smem_optin=232448)
 
 
 def _report_fd(config) -> int:
