@@ -1,5 +1,5 @@
 """Builds the cuda_sim shared library: kernels/*.cu and the self-test kernels,
-translated by :mod:`translate` and compiled with the host C++ compiler against
+translated by :mod:`sim_translate` and compiled with the host C++ compiler against
 ``include/`` (the execution layer and stand-ins for the CUDA headers), plus the
 runtime and the flat C entry points the tests call through ctypes.
 
@@ -20,7 +20,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import translate
+import sim_translate
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -62,7 +62,7 @@ def _digest(*parts: bytes) -> str:
 def _headers() -> list[Path]:
     files = [p for p in INCLUDE.rglob("*") if p.is_file()]
     files += [p for p in KERNELS.iterdir() if p.suffix in (".cuh", ".h")]
-    return sorted(files) + [HERE / "translate.py", Path(__file__).resolve()]
+    return sorted(files) + [HERE / "sim_translate.py", Path(__file__).resolve()]
 
 
 def cache_dir() -> Path:
@@ -110,7 +110,7 @@ def _compile(cxx: str, src: Path, is_cuda: bool, obj: Path, log) -> None:
     with tempfile.TemporaryDirectory(dir=obj.parent) as tmp:
         if is_cuda:
             unit = Path(tmp) / (src.stem + ".cpp")
-            unit.write_text(translate.translate(src.read_text(), str(src)))
+            unit.write_text(sim_translate.translate(src.read_text(), str(src)))
             lang = ["-x", "c++"]
         else:
             unit, lang = src, []

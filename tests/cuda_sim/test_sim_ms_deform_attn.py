@@ -115,6 +115,33 @@ def test_level_starts_past_the_value_rows_are_never_read(sim):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bad_level", [(2, 0), (0, 3), (1, 10_000)], ids=["W=0", "H=0", "W>S"])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_degenerate_levels_read_nothing(sim, bad_level, deterministic):
+    """A level with an empty or impossible shape (W or H of 0, W > S) samples 0 and reads
+    and writes nothing: the other levels give what they give without it, its points get
+    zero location and weight gradients."""
+    case = make_case((1, 6, 2, 8, 3, 4, 5, 3, 2), seed=4)
+    value, shapes, starts, loc, attn = case.args
+    bad_shapes = torch.cat([shapes[:1], torch.tensor([bad_level]), shapes[1:]])
+    bad_starts = torch.cat([starts[:1], starts[1:2], starts[1:]])  # the bad level starts where level 1 does
+    g = torch.Generator().manual_seed(1)
+    bad_loc = torch.cat([loc[:, :, :, :1], torch.rand(loc[:, :, :, :1].shape, generator=g), loc[:, :, :, 1:]], 3)
+    bad_attn = torch.cat([attn[:, :, :, :1], torch.rand(attn[:, :, :, :1].shape, generator=g), attn[:, :, :, 1:]], 3)
+    out = sim_glue.ms_deform_attn_fwd(sim, value, bad_shapes, bad_starts, bad_loc, bad_attn)
+    upstream = upstream_for((out,))
+    gv, gl, ga = sim_glue.ms_deform_attn_bwd(sim, upstream[0], value, bad_shapes, bad_starts, bad_loc, bad_attn,
+                                             deterministic)
+    want_out = sim_glue.ms_deform_attn_fwd(sim, value, shapes, starts, loc, attn)
+    want_gv, want_gl, want_ga = sim_glue.ms_deform_attn_bwd(sim, upstream[0], value, shapes, starts, loc, attn,
+                                                            deterministic)
+    torch.testing.assert_close(out, want_out, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gv, want_gv, rtol=1e-6, atol=1e-6)
+    for got, want in ((gl, want_gl), (ga, want_ga)):
+        assert not got[:, :, :, 1].any()
+        torch.testing.assert_close(torch.cat([got[:, :, :, :1], got[:, :, :, 2:]], 3), want, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("dims,deterministic", [
     ((1, 0, 2, 4, 3, 1, 2), False),  # S = 0
     ((1, 10, 0, 4, 3, 1, 2), False),  # M = 0

@@ -1,11 +1,11 @@
-"""tests/cuda_sim/translate.py: the two rewrites of CUDA syntax (launches, dynamic
+"""tests/cuda_sim/sim_translate.py: the two rewrites of CUDA syntax (launches, dynamic
 shared memory), with line numbers kept and comments and strings left alone."""
 
 from __future__ import annotations
 
 import pytest
 
-from translate import translate
+from sim_translate import translate
 
 pytestmark = pytest.mark.cuda_sim
 

@@ -33,7 +33,7 @@
 //
 // The translation of `kernel<<<grid, block, smem, stream>>>(args)` into
 // `::sim::launch(kernel, "kernel", ::sim::LaunchConfig(grid, block, smem, stream))(args)`
-// and of `extern __shared__ T name[];` is done by tests/cuda_sim/translate.py.
+// and of `extern __shared__ T name[];` is done by tests/cuda_sim/sim_translate.py.
 #pragma once
 
 #include <math.h>

@@ -139,7 +139,7 @@ def translate(src: str, filename: str) -> str:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 3:
-        print("usage: translate.py SOURCE.cu OUTPUT.cpp", file=sys.stderr)
+        print("usage: sim_translate.py SOURCE.cu OUTPUT.cpp", file=sys.stderr)
         return 2
     source = Path(argv[1])
     Path(argv[2]).write_text(translate(source.read_text(), str(source.resolve())))
