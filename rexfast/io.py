@@ -138,6 +138,25 @@ def safe_torch_load(path: PathLike, what: str = "file", *, map_location="cpu"):
                          f"{detail.group(1) if detail else text[:200]}") from None
 
 
+DEFAULT_MAX_IMAGE_PIXELS = 178_956_970  # PIL's decompression-bomb limit (its error threshold is twice that)
+
+
+def max_image_pixels() -> int:
+    """The most pixels an image (or a mask of one) may have: ``REXFAST_MAX_IMAGE_PIXELS``,
+    default 178,956,970 (PIL's own bomb warning: a 3-channel image of that size is 512 MB
+    decoded). A value that is not a whole number >= 1 is a ValueError naming the variable."""
+    raw = os.environ.get("REXFAST_MAX_IMAGE_PIXELS")
+    if raw is None or raw.strip() == "":
+        return DEFAULT_MAX_IMAGE_PIXELS
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"REXFAST_MAX_IMAGE_PIXELS must be a whole number >= 1, got {raw!r}")
+    return value
+
+
 def load_image(path: PathLike) -> Image.Image:
     """An RGB PIL image; FileNotFoundError / ValueError naming the path."""
     path = Path(path)
