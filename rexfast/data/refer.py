@@ -18,13 +18,13 @@ import io
 import json
 import os
 import pickle
-import pickletools
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Optional, Union
 
 import numpy as np
 
+from ..io import HASHABLE_SCALARS, RefusedOpcode, check_pickle
 from .masks import _brief, _image_size, annotations_to_mask
 
 __all__ = ["ReferIndex", "load_refer", "load_grefer", "REFER_SPLIT_BYS", "GREFER_DATASETS"]
@@ -63,65 +63,6 @@ MAX_PICKLE_BYTES = 1 << 30
 # (BYTEARRAY8 with a forged length made the C unpickler raise SystemError under a memory limit).
 _REFUSED_OPCODES = frozenset({"INST", "OBJ", "NEWOBJ", "NEWOBJ_EX", "BUILD", "EXT1", "EXT2", "EXT4", "PERSID",
                               "BINPERSID", "BYTEARRAY8", "NEXT_BUFFER", "READONLY_BUFFER"})
-_MEMO_PUTS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
-_MEMO_GETS = frozenset({"GET", "BINGET", "LONG_BINGET"})
-# what a dict key or a set item may be: hashing these costs O(their size), never more
-_HASHABLE_SCALARS = (str, bytes, int, float, bool, type(None))
-
-
-def _scan_opcodes(data: bytes):
-    """(opcode, argument, offset) of every opcode up to STOP, from pickletools' own
-    opcode table and argument readers. As :func:`pickletools.genops`, except that a
-    protocol-0 string (``S'...'``) is returned undecoded: genops decodes it as ASCII
-    and so stops at the latin-1 text that Python 2 REFER pickles hold. Each reader
-    checks a length against the bytes that remain before it reads."""
-    f = io.BytesIO(data)
-    while True:
-        pos = f.tell()
-        code = f.read(1)
-        op = pickletools.code2op.get(code.decode("latin-1"))
-        if op is None:
-            raise ValueError("the pickle ends before its STOP opcode" if not code
-                             else f"unknown opcode {code!r} at byte {pos}")
-        if op.arg is None:
-            arg = None
-        elif op.arg is pickletools.stringnl:
-            arg = pickletools.read_stringnl(f, decode=False)
-        else:
-            arg = op.arg.reader(f)
-        yield op.name, arg, pos
-        if op.name == "STOP":
-            return
-
-
-def _prescan_pickle(data: bytes, path: Path) -> None:
-    """Refuse, before anything is unpickled, what no REFER file holds and what would
-    make unpickling cost more than the file's size: the opcodes in
-    ``_REFUSED_OPCODES``; a memo index larger than the number of opcodes before it
-    (a pickler numbers its memo 0, 1, 2, … one opcode per entry, and CPython's C
-    unpickler sizes its memo array to the index: index 778,398,819 in a 349-byte
-    file took 12 GB); a memo read of an index never written; a frame longer than the
-    rest of the file; and strings, bytes or integers longer than the rest of the file
-    (the argument readers refuse those). Every opcode takes at least one byte, so the
-    work of the scan and of the unpickling after it is linear in the file's size."""
-    memo = set()
-    n_ops = 0
-    for name, arg, pos in _scan_opcodes(data):
-        n_ops += 1
-        if name in _REFUSED_OPCODES:
-            raise ValueError(f"refusing to unpickle {path}: it holds a {name} opcode at byte {pos}; REFER files "
-                             "hold only builtin containers and scalars")
-        if name in _MEMO_PUTS:
-            if arg >= n_ops:
-                raise ValueError(f"memo index {arg} at byte {pos} is larger than the number of opcodes before it "
-                                 f"({n_ops - 1})")
-            memo.add(arg)
-        elif name == "MEMOIZE":
-            memo.add(len(memo))
-        elif name in _MEMO_GETS and arg not in memo:
-            raise ValueError(f"memo index {arg} read at byte {pos} was never written")
-        elif name == "FRAME" and arg > len(data) - pos - 9:
-            raise ValueError(f"frame of {arg} bytes at byte {pos} is longer than the rest of the file")
 
 
 class _RestrictedUnpickler(pickle._Unpickler):
@@ -146,7 +87,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
 
     def _check_keys(self, keys, what):
         for k in keys:
-            if not isinstance(k, _HASHABLE_SCALARS):
+            if not isinstance(k, HASHABLE_SCALARS):
                 raise ValueError(f"refusing to unpickle {self._path}: a {what} is a {type(k).__name__}; REFER files "
                                  "key their dicts and fill their sets with strings and numbers only")
 
@@ -206,7 +147,7 @@ del _code, _method
 
 
 def _read_pickle(path: Path, what: str):
-    """A REFER pickle through :func:`_prescan_pickle` and :class:`_RestrictedUnpickler`
+    """A REFER pickle through :func:`rexfast.io.check_pickle` and :class:`_RestrictedUnpickler`
     (never a plain pickle.load). Anything wrong is one ValueError naming the file.
 
     The pure-Python unpickler is slower than the C one: a RefCOCO-sized refs file
@@ -221,8 +162,11 @@ def _read_pickle(path: Path, what: str):
                          f"{MAX_PICKLE_BYTES} limit")
     data = path.read_bytes()
     try:
-        _prescan_pickle(data, path)
+        check_pickle(data, _REFUSED_OPCODES)
         return _RestrictedUnpickler(io.BytesIO(data), path, len(data), encoding="latin1").load()
+    except RefusedOpcode as e:
+        raise ValueError(f"refusing to unpickle {path}: {e}; REFER files hold only builtin containers and "
+                         "scalars") from None
     except ValueError as e:
         if str(e).startswith("refusing to unpickle"):
             raise ValueError(str(e)) from None
