@@ -485,7 +485,9 @@ def test_save_pretrained_from_pretrained_bit_identical(tmp_path, preset):
     cfg = CGFormerConfig.preset(preset)
     model = CGFormer(cfg).eval()
     model.save_pretrained(tmp_path / "m")
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
+    # no tokenizer given: the folder says so in its card, and holds everything else
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["README.md", "config.json", "model.safetensors",
+                                                                 "preprocessor_config.json"]
     loaded = CGFormer.from_pretrained(tmp_path / "m")
     assert loaded.config == cfg
     size = cfg.image_size if preset in ("tiny", "demo") else 96
