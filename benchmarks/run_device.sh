@@ -4,6 +4,7 @@
 # timeout_s=540 and to keep what it measured even if that call is killed.
 #
 #   bash benchmarks/run_device.sh             # on the GPU machine, from the repo root
+#                                             # (device tool: run, timeout_s=540)
 #   bash benchmarks/run_device.sh --dry-run   # anywhere: the same steps on CPU, in ~1-2 minutes
 #   bash benchmarks/run_device.sh --list      # the test files and benchmark cases it runs
 #
@@ -185,6 +186,7 @@ cat "$SUMMARY"
 if [ "$MODE" = device ]; then
   run_step build "$CAP_BUILD" "$OUT/build.log" $PY -m pip install -v -e . --no-build-isolation --no-deps
   [ "$STEP_RC" = 0 ] || FAILED+=(build)
+  note "           $(grep -m1 -o 'rexfast: CUDA kernels.*' "$OUT/build.log" || echo 'setup.py did not say whether it built the CUDA kernels')"
 else
   echo "dry run: no rebuild (CI's install step built this checkout's extension); checking it" >"$OUT/build.log"
 fi
