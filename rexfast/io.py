@@ -411,11 +411,13 @@ def safe_torch_load(path: PathLike, what: str = "file", *, map_location="cpu"):
         raise FileNotFoundError(f"{what} not found: {path}")
     try:
         check_torch_file(path)
+    except RefusedOpcode as exc:
+        raise UnsafeFileError(f"refusing to load {what} {path}: {exc}, which torch.save never writes") from None
     except RecursionError:
-        raise ValueError(f"refusing to load {what} {path}: its pickle nests too deeply") from None
+        raise ValueError(f"cannot read {what} {path}: its pickle nests too deeply") from None
     except Exception as exc:  # noqa: BLE001 - ValueError and what the pure-Python unpickler raises on bad input
-        raise ValueError(f"refusing to load {what} {path}: {type(exc).__name__}: {exc}"
-                         if not isinstance(exc, ValueError) else f"refusing to load {what} {path}: {exc}") from None
+        detail = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+        raise ValueError(f"cannot read {what} {path}: {detail}") from None
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch.load raises many types on a corrupt file
@@ -431,13 +433,14 @@ def safe_torch_load(path: PathLike, what: str = "file", *, map_location="cpu"):
                          f"{detail.group(1) if detail else text[:200]}") from None
 
 
-DEFAULT_MAX_IMAGE_PIXELS = 178_956_970  # PIL's decompression-bomb limit (its error threshold is twice that)
+DEFAULT_MAX_IMAGE_PIXELS = 178_956_970  # where PIL's decompression-bomb check raises (2 x Image.MAX_IMAGE_PIXELS)
 
 
 def max_image_pixels() -> int:
     """The most pixels an image (or a mask of one) may have: ``REXFAST_MAX_IMAGE_PIXELS``,
-    default 178,956,970 (PIL's own bomb warning: a 3-channel image of that size is 512 MB
-    decoded). A value that is not a whole number >= 1 is a ValueError naming the variable."""
+    default 178,956,970, where PIL refuses an image as a decompression bomb (an RGB image
+    of that size is 512 MB decoded). PIL's own refusal still applies above it. A value that
+    is not a whole number >= 1 is a ValueError naming the variable."""
     raw = os.environ.get("REXFAST_MAX_IMAGE_PIXELS")
     if raw is None or raw.strip() == "":
         return DEFAULT_MAX_IMAGE_PIXELS
@@ -463,7 +466,7 @@ def load_image(path: PathLike) -> Image.Image:
     limit = max_image_pixels()
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below decides
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # PIL's notice at half its limit
             with Image.open(path) as im:
                 width, height = im.size
                 if width * height > limit:
@@ -471,7 +474,7 @@ def load_image(path: PathLike) -> Image.Image:
                                      "(REXFAST_MAX_IMAGE_PIXELS)")
                 im.load()
                 return im.convert("RGB")
-    except Image.DecompressionBombError as e:  # PIL's own limit, twice its warning threshold
+    except Image.DecompressionBombError as e:  # PIL's own check, at the open
         raise ValueError(f"image {path} is too large to decode: {e}") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from None
