@@ -97,8 +97,7 @@ def _cmd_predict(args) -> int:
         no_target_threshold=NO_TARGET_THRESHOLD if no_target_threshold is None else no_target_threshold,
         device=args.device, tokenizer=args.tokenizer, overrides=args.set or [], precision=args.precision,
         compile=args.compile)
-    if result.no_target:
-        print(f"no target: nothing in the image matches the sentence. {result.explanation[len('no target: '):]}")
+    print(result.explanation)  # what was found, or which rule said "no target"
     for path in written:
         print(path)
     return 0

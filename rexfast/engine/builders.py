@@ -186,8 +186,9 @@ def load_model(source, *, overrides=(), tokenizer=None, device="cpu", require_to
     tokenizer = tokenizer or data_over.get("tokenizer")
     loaded = load_model_source(source, tokenizer=tokenizer, model_overrides=model_over, device=device,
                                require_tokenizer=require_tokenizer)
-    for note in loaded.notes:
-        logging.getLogger("rexfast").warning(note)
+    if "image_size" not in data_over:  # (the one note: a folder without preprocessor_config.json)
+        for note in loaded.notes:
+            logging.getLogger("rexfast").warning(note)
     if loaded.run_config is not None:
         cfg = Config.from_dict(apply_overrides(copy.deepcopy(loaded.run_config), overrides))
     else:  # the model section is the loaded model's (its overrides are applied above)

@@ -178,9 +178,9 @@ def test_the_explanation_names_the_rule_that_decided(tokenizer):
                             no_target_threshold=0.5)
 
     head = result("head", 0.91).explanation
-    assert "no-target head's probability 0.91 exceeds the no-target threshold 0.50" in head
+    assert head.startswith("no target") and "no-target head's probability 0.910 exceeds the no-target threshold 0.5" in head
     empty = result("empty_mask", 0.3).explanation
-    assert "mask threshold 0.50" in empty and "0.30 is below the no-target threshold" in empty
+    assert "mask threshold 0.5 " in empty and "0.300 does not exceed the no-target threshold 0.5" in empty
     assert "no no-target head" in result("empty_mask", None).explanation
 
 
