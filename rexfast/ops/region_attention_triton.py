@@ -86,8 +86,8 @@ def _resample(a, b, c, d, w0, w1, w2, w3, vec_row, MODE: tl.constexpr, FMA: tl.c
             v = tl.fma(tl.fma(a, w2, b * w3), w0, tl.fma(c, w2, d * w3) * w1)
         else:
             v = (a * w2 + b * w3) * w0 + (c * w2 + d * w3) * w1
-    elif MODE == 2:  # RESAMPLE_CUDA
-        t0 = tl.fma(w3, b, a * w2)
+    elif MODE == 2:  # RESAMPLE_CUDA: w = λy0, λy1, λx0, λx1 (region_attention.cuda_bilinear)
+        t0 = tl.fma(w2, a, w3 * b)
         t1 = tl.fma(w2, c, w3 * d)
         v = tl.fma(w0, t0, w1 * t1)
     else:  # RESAMPLE_COPY
