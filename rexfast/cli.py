@@ -50,10 +50,28 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _config_needed() -> str:
+    """The message for ``train`` without ``--config``: what a config is and the ones at hand
+    (the repository's ``configs/``, looked for beside the package and in the current folder)."""
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent.parent
+    for folder in (here / "configs", Path.cwd() / "configs"):
+        found = sorted(p.name for p in folder.glob("*.y*ml")) + sorted(p.name for p in folder.glob("*.json"))
+        if found:
+            return (f"train needs a config: --config FILE (YAML or JSON with sections data, model, train); the "
+                    f"configs in {folder}: {', '.join(found)} (or `rexfast demo` trains on synthetic data with none)")
+    return ("train needs a config: --config FILE (YAML or JSON with sections data, model, train); no configs/ folder "
+            "was found beside the package or in the current folder (the source repository's configs/ holds "
+            "examples; `rexfast demo` trains on synthetic data with none)")
+
+
 def _cmd_train(args) -> int:
     from .engine.config import load_config
     from .engine.trainer import train
 
+    if not args.config:
+        raise ValueError(_config_needed())
     overrides = list(args.set or [])
     if args.out:
         overrides.append(f"train.out_dir={args.out}")

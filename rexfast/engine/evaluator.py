@@ -12,6 +12,7 @@ import torch
 from ..io import atomic_write_json, check_output_file
 from . import builders
 from .checkpoint import load_model
+from .device import resolve_device
 from .inference import predict_batch
 
 
@@ -68,8 +69,7 @@ def evaluate_checkpoint(path, *, split=None, overrides=(), out=None, batch_size=
         raise ValueError(f"--max-samples must be a positive integer, got {max_samples}")
     if out:
         check_output_file(out, "--out")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)
     loaded = load_model(path, overrides=overrides, tokenizer_path=tokenizer, device=device)
     cfg = loaded.config
     split = split or cfg.data.val_split

@@ -10,6 +10,7 @@ import torch
 from ..io import atomic_write_png, check_output_dir, load_image
 from . import builders
 from .checkpoint import load_model
+from .device import resolve_device
 from .inference import SamplePrediction, predict_batch
 from .optimize import optimize
 from .precision import check_precision
@@ -26,8 +27,7 @@ class Predictor:
     def __init__(self, checkpoint_path, device="auto", *, tokenizer=None, overrides=(), precision="auto",
                  compile=False):
         check_precision(precision, "--precision")
-        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
-                                   else ("cpu" if device == "auto" else device))
+        self.device = resolve_device(device)
         loaded = load_model(checkpoint_path, overrides=overrides, tokenizer_path=tokenizer, device=self.device)
         self.model = optimize(loaded.model, precision=precision, compile=compile)
         self.cfg, self.tokenizer = loaded.config, loaded.tokenizer
