@@ -70,7 +70,7 @@ def _cmd_train(args) -> int:
     from .engine.config import load_config
     from .engine.trainer import train
 
-    if not args.config:
+    if not args.config and not args.set:  # a run may be given entirely as --set section.key=value
         raise ValueError(_config_needed())
     overrides = list(args.set or [])
     if args.out:
