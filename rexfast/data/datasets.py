@@ -205,7 +205,7 @@ class ReferringDataset:
         else:
             target = np.asarray(Image.fromarray(mask.astype(np.uint8)).resize((S, S), Image.NEAREST), dtype=bool)
         target_t = torch.from_numpy(target.astype(np.float32)).unsqueeze(0)
-        input_ids, attention_mask = tokenize(self.tokenizer, sentence, self.max_tokens)
+        input_ids, attention_mask = tokenize(self.tokenizer, sentence, self.max_tokens, warn=False)
         return {
             "image": img_t,
             "target": target_t,

@@ -55,7 +55,7 @@ def evaluate(model, dataset, *, task: str, batch_size: int = 8, device="cpu", am
 
 
 def evaluate_checkpoint(path, *, split=None, overrides=(), out=None, batch_size=8, device="auto",
-                        max_samples=None, tokenizer=None, precision="fp32", compile=False) -> dict:
+                        max_samples=None, tokenizer=None, precision="fp32", compile=False, progress=True) -> dict:
     """Evaluate a training checkpoint or a model folder, run as :func:`rexfast.optimize`
     prepares it (``precision``: fp32 | bf16 | auto; fp32 by default, so that the table is the
     model's reference numbers); optionally write the metrics as JSON."""
@@ -81,7 +81,7 @@ def evaluate_checkpoint(path, *, split=None, overrides=(), out=None, batch_size=
     model = optimize(loaded.model, precision=precision, compile=compile)
     torch.manual_seed(0)  # a model that draws noise at inference (CGFormer eval_noise) scores the same every run
     metrics = evaluate(model, dataset, task=builders.task_of(cfg.data), batch_size=batch_size, device=device,
-                       max_samples=max_samples, progress=True)
+                       max_samples=max_samples, progress=progress)
     metrics = {"checkpoint": str(path), "model": cfg.model.name, "dataset": cfg.data.dataset, "split": split,
                "precision": model.optimization.precision, **metrics}
     if out:
