@@ -140,14 +140,16 @@ def _cmd_export(args) -> int:
     out = check_output_file(args.out, "ONNX file")
     from .engine.checkpoint import load_model
 
-    loaded = load_model(args.checkpoint, device="cpu", require_tokenizer=False)
+    loaded = load_model(args.checkpoint, device="cpu", require_tokenizer=False, overrides=args.set or [])
     model = loaded.model
     size = args.image_size or getattr(model.config, "image_size", None) or loaded.config.data.image_size
     try:
+        from .engine.exporting import preprocessing_metadata
         from .export import export_onnx
 
         result = export_onnx(model, out, image_size=size, mode=args.mode, opset=args.opset,
-                             verify=not args.no_verify)
+                             verify=not args.no_verify,
+                             metadata=preprocessing_metadata(loaded.config, loaded.tokenizer))
     except ImportError as exc:  # the export extra is missing
         raise ValueError(str(exc)) from None
     print(json.dumps({
@@ -302,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the one input size of the file, multiples of 32 (default: the model's training size)")
     p.add_argument("--opset", type=int, choices=OPSETS, default=18, help="ONNX opset (TensorRT 10 parses up to 20)")
     p.add_argument("--no-verify", action="store_true", help="skip running the file with onnxruntime")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override a config value before exporting, e.g. model.eval_noise=false (repeatable)")
     p.set_defaults(func=_cmd_export)
     for command in sub.choices.values():  # -v after the command too; SUPPRESS leaves the top-level value alone
         command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
