@@ -272,3 +272,34 @@ def test_verbose_and_no_progress_where_a_user_puts_them():
         assert parser.parse_args([*command, "-v"]).verbose is True
         assert parser.parse_args([*command, "--verbose"]).verbose is True
     assert parser.parse_args(["eval", "--checkpoint", "x", "--no-progress"]).no_progress is True
+
+
+# ----------------------------------------------------------------------------- the demo's figures
+def test_demo_examples_show_one_several_and_no_target_on_different_scenes(tiny_cgformer_run, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from rexfast.engine import builders
+    from rexfast.engine.config import DataConfig
+    from rexfast.engine.demo import _target_count, pick_examples
+    from rexfast.engine.plots import example_figure
+
+    cfg = DataConfig(dataset="synthetic", root=str(tiny_cgformer_run["root"]), image_size=32)
+    ds = builders.build_dataset(cfg, "train", train=False, tokenizer=builders.build_tokenizer(cfg))
+    picked = pick_examples(ds, 6)
+    kinds = [min(_target_count(ds, i), 2) for i in picked]
+    assert kinds[:3] == [1, 2, 0] and kinds[3:] == [1, 2, 0], kinds  # one, several, none, in turns
+    images = [ds.refs[ds.samples[i][0]]["image_id"] for i in picked]
+    assert len(set(images[:3])) == 3, images  # each kind on another scene
+    item = ds.get(picked[1])
+    image = builders.original_image(item)
+    truth = builders.original_mask(item).numpy().astype(bool)
+    path = example_figure(image, truth, truth, item["sentence"], "2 targets", "IoU 1.00", tmp_path / "f.png")
+    with Image.open(path) as png:
+        assert png.size == (960, 390)  # 9.6 x 3.9 in at 100 dpi: the fonts (11-14 pt) stay readable
+        pixels = np.asarray(png.convert("RGB")).reshape(-1, 3).astype(int)
+    cyan = (np.abs(pixels - [0, 230, 255]) <= 12).all(1).sum()
+    assert cyan > 100  # the outline and the legend are drawn in the one colour no scene uses
+    from rexfast.data.synthetic import COLORS
+
+    assert all(np.abs(np.array(c) - [0, 230, 255]).max() > 60 for c in COLORS.values())
