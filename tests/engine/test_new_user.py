@@ -303,3 +303,35 @@ def test_demo_examples_show_one_several_and_no_target_on_different_scenes(tiny_c
     from rexfast.data.synthetic import COLORS
 
     assert all(np.abs(np.array(c) - [0, 230, 255]).max() > 60 for c in COLORS.values())
+
+
+# ----------------------------------------------------------------------------- pytest benchmarks/
+def _collected(*args) -> set[str]:
+    """The rows ``pytest args`` collects (``benchmarks/`` unless ``args`` name another)."""
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    args = args if args and not args[0].startswith("-") else ("benchmarks/", *args)
+    proc = subprocess.run([sys.executable, "-m", "pytest", *args, "--collect-only", "-q", "-p", "no:cacheprovider"],
+                          cwd=repo, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return {line for line in proc.stdout.splitlines() if line.startswith("benchmarks/") and "::" in line}
+
+
+def test_plain_pytest_benchmarks_is_the_quick_set():
+    plain, every, slow = _collected(), _collected("-m", "slow or not slow"), _collected("-m", "slow")
+    assert slow and plain == every - slow, sorted(plain & slow)
+    assert any("full_size" in row for row in slow)
+    one = sorted(slow)[0]
+    assert _collected(one) == {one}  # a slow row named by its id still runs
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="runs a CUDA benchmark where a GPU is present")
+def test_each_benchmark_row_announces_itself():
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    row = "benchmarks/test_bench_rela.py::test_rela_cuda_released_b8_480_bf16"  # skipped at once without a GPU
+    proc = subprocess.run([sys.executable, "-m", "pytest", row, "-q", "-p", "no:cacheprovider"], cwd=repo,
+                          capture_output=True, text=True, timeout=300)
+    assert f"[bench 1/1] measuring {row}" in proc.stdout, proc.stdout[-2000:]
