@@ -24,7 +24,8 @@ from ..io import load_image
 from .refer import ReferIndex, load_grefer, load_refer
 from .tokenize import load_tokenizer, tokenize
 
-__all__ = ["ReferringDataset", "DATASETS", "DatasetSpec", "IMAGENET_MEAN", "IMAGENET_STD", "load_image", "preprocess_image"]
+__all__ = ["ReferringDataset", "DATASETS", "DatasetSpec", "IMAGENET_MEAN", "IMAGENET_STD", "MIN_IMAGE_SIDE",
+           "check_image_size", "load_image", "preprocess_image"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -52,6 +53,24 @@ DATASETS = {
     "synthetic": DatasetSpec("synthetic", "grefer", ("unc",), "synthetic/images", "gres"),
     "synthetic_res": DatasetSpec("synthetic", "refer", ("unc",), "synthetic/images", "res"),
 }
+
+
+# The smallest image side rexfast segments. Below it nothing referable fits: the synthetic
+# generator counts a shape as an object only from 8 visible pixels on (rexfast.data.synthetic),
+# and an image must hold one beside some background. Every image is resized to the model's
+# input, so a 1x1 image reaches the model as a uniform field, and its "mask" is the model's
+# answer for a blank picture of that colour (tests/engine/test_new_user.py checks both).
+MIN_IMAGE_SIDE = 8
+
+
+def check_image_size(image, what: str = "image") -> None:
+    """ValueError naming ``what`` for an image (PIL or (H, W, 3) array) with a side below
+    :data:`MIN_IMAGE_SIDE` pixels."""
+    w, h = image.size if isinstance(image, Image.Image) else (image.shape[1], image.shape[0])
+    if min(w, h) < MIN_IMAGE_SIDE:
+        raise ValueError(f"{what} is {w}x{h} pixels; rexfast segments images of at least {MIN_IMAGE_SIDE}x"
+                         f"{MIN_IMAGE_SIDE} (a smaller one holds no object to refer to, and reaches the model as a "
+                         "nearly uniform field once resized to its input)")
 
 
 def preprocess_image(image, size: int) -> torch.Tensor:

@@ -115,10 +115,11 @@ def inference_item(image, text: str, tokenizer, data_cfg: DataConfig) -> dict:
     """A sample for ``collate`` from an image (PIL or uint8 (H,W,3)) and a sentence,
     preprocessed exactly as the evaluation data is."""
     from rexfast.data import tokenize
-    from rexfast.data.datasets import preprocess_image
+    from rexfast.data.datasets import check_image_size, preprocess_image
 
     if not isinstance(text, str) or not text.strip():
         raise ValueError("the text is empty: say what to segment, e.g. --text \"the red circle\"")
+    check_image_size(image)
     ids, mask = tokenize(tokenizer, text, data_cfg.max_tokens)
     return {"image": preprocess_image(image, data_cfg.image_size), "input_ids": ids, "attention_mask": mask,
             "sentence": text}

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.datasets import check_image_size
 from ..io import atomic_write_png, check_output_dir, load_image
 from . import builders
 from .checkpoint import load_model
@@ -57,6 +58,7 @@ def predict_to_files(checkpoint_path, image_path, text, *, out_dir=".", threshol
         raise ValueError(f"--threshold must lie strictly between 0 and 1, got {threshold}")
     out = check_output_dir(out_dir, "--out-dir")
     image = load_image(image_path)  # fail fast, before loading the model
+    check_image_size(image, f"image {image_path}")
     predictor = Predictor(checkpoint_path, device=device, tokenizer=tokenizer, precision=precision, compile=compile)
     torch.manual_seed(0)  # a model that draws noise at inference (CGFormer eval_noise) answers the same every run
     pred = predictor(image, text, threshold)

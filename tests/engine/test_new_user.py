@@ -335,3 +335,29 @@ def test_each_benchmark_row_announces_itself():
     proc = subprocess.run([sys.executable, "-m", "pytest", row, "-q", "-p", "no:cacheprovider"], cwd=repo,
                           capture_output=True, text=True, timeout=300)
     assert f"[bench 1/1] measuring {row}" in proc.stdout, proc.stdout[-2000:]
+
+
+# ----------------------------------------------------------------------------- tiny images
+def test_an_image_below_the_minimum_side_is_refused_before_the_model_loads(tiny_cgformer_run, tmp_path, capsys,
+                                                                            monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    import rexfast.engine.predictor as predictor
+    from rexfast.data.datasets import MIN_IMAGE_SIDE, preprocess_image
+
+    # why: a 1x1 image reaches the model as a uniform field, whatever its input size
+    one = Image.new("RGB", (1, 1), (215, 40, 40))
+    field = preprocess_image(one, 32)
+    assert torch.equal(field, field[:, :1, :1].expand_as(field))
+    tiny = tmp_path / "one.png"
+    one.save(tiny)
+    monkeypatch.setattr(predictor, "Predictor", lambda *a, **k: pytest.fail("the model was loaded"))
+    line = _error(capsys, "predict", "--checkpoint", tiny_cgformer_run["best"], "--image", tiny, "--text",
+                  "the red circle", "--out-dir", tmp_path / "pred")
+    assert f"image {tiny} is 1x1 pixels; rexfast segments images of at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE}" in line
+    Image.fromarray(np.full((MIN_IMAGE_SIDE, MIN_IMAGE_SIDE + 3, 3), 128, np.uint8)).save(tmp_path / "ok.png")
+    monkeypatch.undo()
+    assert main(["predict", "--checkpoint", str(tiny_cgformer_run["best"]), "--image", str(tmp_path / "ok.png"),
+                 "--text", "the red circle", "--out-dir", str(tmp_path / "pred")]) == 0
+    assert not (tmp_path / "pred" / "one_mask.png").exists()
