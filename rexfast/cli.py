@@ -191,8 +191,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 
     def _get_help_string(self, action):
         help = action.help or ""
-        if "%(default)" in help or "default" in help.lower() or action.default in (None, False, argparse.SUPPRESS) \
-                or not action.option_strings:
+        if "%(default)" in help or "default" in help.lower() or action.default is None or action.default is False \
+                or action.default == argparse.SUPPRESS or not action.option_strings:
             return help
         return help + " (default: %(default)s)"
 
@@ -314,17 +314,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None):
-    """rexfast's own warnings (input cut or unknown, ...) as one ``rexfast: warning:`` line on
-    rank 0; everyone else's as Python prints them."""
-    if category.__module__.split(".")[0] == "rexfast":
+def _one_line_warnings(fallback):
+    """A ``warnings.showwarning`` that prints rexfast's own warnings (input cut or unknown, ...)
+    as one ``rexfast: warning:`` line on rank 0 and hands everyone else's to ``fallback``."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if category.__module__.split(".")[0] != "rexfast":
+            return fallback(message, category, filename, lineno, file, line)
         if _rank() == 0:
             print(f"rexfast: warning: {message}", file=sys.stderr)
-        return
-    _PYTHON_SHOWWARNING(message, category, filename, lineno, file, line)
 
-
-_PYTHON_SHOWWARNING = warnings.showwarning
+    return show
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -335,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("rexfast").setLevel(logging.INFO)
     from .engine.checkpoint import CheckpointError
 
-    warnings.showwarning = _show_warning
+    previous = warnings.showwarning
+    warnings.showwarning = _one_line_warnings(previous)
     try:
         return args.func(args)
     except (CheckpointError, *USER_ERRORS) as exc:
@@ -346,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("rexfast: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = previous
 
 
 if __name__ == "__main__":

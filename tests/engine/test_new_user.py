@@ -256,12 +256,11 @@ def test_every_option_has_help_and_shows_its_default():
         for action in sub._actions:
             if action.option_strings and action.dest != "help":
                 assert action.help, f"rexfast {name} {action.option_strings[0]} has no help"
-        text = sub.format_help()
+        text = " ".join(sub.format_help().split())
         for action in sub._actions:
-            if action.option_strings and action.default not in (None, False) and isinstance(action.default,
-                                                                                          (int, float, str)):
-                if not isinstance(action.default, str) or action.default != "==SUPPRESS==":
-                    assert f"{action.default}" in text, (name, action.dest)
+            shown = isinstance(action.default, (int, float, str)) and not isinstance(action.default, bool)
+            if action.option_strings and shown and action.default != "==SUPPRESS==":
+                assert f"(default: {action.default})" in text or "default" in action.help, (name, action.dest)
 
 
 def test_verbose_and_no_progress_where_a_user_puts_them():
