@@ -334,11 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=_image_size, default=None, metavar="H[xW]",
                    help="the one input size of the file, multiples of 32 (default: the model's training size)")
     p.add_argument("--opset", type=int, choices=OPSETS, default=18, help="ONNX opset (TensorRT 10 parses up to 20)")
-    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
-                   help="override a model config field (e.g. model.eval_noise=false) or data.image_size")
     p.add_argument("--no-verify", action="store_true", help="skip running the file with onnxruntime")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
-                   help="override a config value before exporting, e.g. model.eval_noise=false (repeatable)")
+                   help="override a model config field before exporting, e.g. model.eval_noise=false, or data.image_size "
+                        "(repeatable)")
     p.set_defaults(func=_cmd_export)
     for command in sub.choices.values():  # -v after the command too; SUPPRESS leaves the top-level value alone
         command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
