@@ -67,16 +67,40 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from .engine.evaluator import evaluate_checkpoint
     from .metrics import format_table
 
-    metrics = evaluate_checkpoint(
-        args.checkpoint, split=args.split, overrides=args.set or [], out=args.out, batch_size=args.batch_size,
-        device=args.device, max_samples=args.max_samples, tokenizer=args.tokenizer, precision=args.precision,
-        compile=args.compile,
-    )
+    if args.predictions is not None:
+        metrics = _eval_predictions_file(args)
+    else:
+        from .engine.evaluator import evaluate_checkpoint
+
+        if args.checkpoint is None:
+            raise ValueError("eval needs --checkpoint M (evaluate a model) or --predictions F --config C "
+                             "(score a predictions file)")
+        if args.config is not None:
+            raise ValueError("--config goes with --predictions; a checkpoint carries its own config "
+                             "(change it with --set)")
+        metrics = evaluate_checkpoint(
+            args.checkpoint, split=args.split, overrides=args.set or [], out=args.out, batch_size=args.batch_size,
+            device=args.device, max_samples=args.max_samples, tokenizer=args.tokenizer, precision=args.precision,
+            compile=args.compile, save_predictions=args.save_predictions,
+        )
     print(format_table(metrics))
     return 0
+
+
+def _eval_predictions_file(args) -> dict:
+    """``eval --predictions F --config C``: score a file; the model-only flags make no sense here."""
+    from .engine.evaluator import score_predictions
+
+    given = [flag for flag, value in (("--checkpoint", args.checkpoint), ("--save-predictions", args.save_predictions),
+                                      ("--tokenizer", args.tokenizer), ("--compile", args.compile)) if value]
+    if given:
+        raise ValueError(f"--predictions scores a file; {', '.join(given)} belong(s) to evaluating a model")
+    if args.config is None:
+        raise ValueError("--predictions needs --config C: the config whose data section names the dataset")
+    return score_predictions(args.predictions, args.config, split=args.split, overrides=args.set or [],
+                             out=args.out, max_samples=args.max_samples)
 
 
 def _cmd_predict(args) -> int:
@@ -186,6 +210,15 @@ def _precision_flags(p, default, compile_too=True):
                        help="torch.compile the inference graph (the first call compiles: minutes on a small CPU)")
 
 
+def _eval_predictions_flags(p) -> None:
+    p.add_argument("--predictions", metavar="F",
+                   help="score this predictions file (JSONL, one line per sentence: id = the dataset's sentence id, "
+                        "segmentation = COCO RLE) instead of a model; needs --config")
+    p.add_argument("--config", metavar="C", help="with --predictions: the config whose data section names the dataset")
+    p.add_argument("--save-predictions", metavar="F",
+                   help="with --checkpoint: also write every prediction to this JSONL file (what --predictions reads)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="rexfast", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log which backend each op runs, and more")
@@ -205,8 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"CPU training precision (train.precision; bf16 is autocast): {PRECISION_HELP}")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("eval", help="evaluate a checkpoint on a split; prints and writes the metric table")
-    p.add_argument("--checkpoint", required=True, help="a training checkpoint (best.pt, last.pt) or a model folder")
+    p = sub.add_parser("eval", help="evaluate a checkpoint, or score a predictions file, on a split; prints and "
+                                     "writes the metric table")
+    p.add_argument("--checkpoint", help="a training checkpoint (best.pt, last.pt) or a model folder")
+    _eval_predictions_flags(p)
     p.add_argument("--split", default=None, help="split name (default: the config's val split)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override e.g. data.root")
     p.add_argument("--out", help="write the metrics as JSON here")
