@@ -56,6 +56,7 @@ class Pair:
     text: Optional[str]
     where: str
     error: Optional[str] = None
+    source_image: Optional[str] = None  # the image as the row names it (what the predictions file repeats)
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,8 @@ def _finish(rows: list[dict], source: str, digest: str, skip_bad: bool, what: st
         else:
             seen[pid] = row["where"]
     pairs = tuple(Pair(index=k, id=row["id"] if row["id"] is not None else str(k), image=row["image"],
-                       text=row["text"], where=row["where"], error=row["error"]) for k, row in enumerate(rows))
+                       text=row["text"], where=row["where"], error=row["error"], source_image=row.get("source_image"))
+                  for k, row in enumerate(rows))
     result = PairList(pairs=pairs, source=source, digest=digest)
     bad = result.bad
     if bad and not skip_bad:
@@ -170,6 +172,7 @@ def _row(k: int, line: int, fields: dict, base: Path) -> dict:
         else:
             path = Path(os.path.expanduser(image))
             row["image"] = path if path.is_absolute() else base / path
+            row["source_image"] = image
     if errors:
         row["error"] = "; ".join(errors)
     return row
@@ -278,7 +281,7 @@ def folder_pairs(folder: PathLike, text: str, *, skip_bad: bool = False) -> Pair
                    and entry.is_file())
     if not names:
         raise ValueError(f"images folder {folder} holds no images (extensions {', '.join(IMAGE_EXTENSIONS)})")
-    rows = [{"where": f"image {name}", "error": None, "image": folder.resolve() / name, "text": text, "id": name}
-            for name in names]
+    rows = [{"where": f"image {name}", "error": None, "image": folder.resolve() / name, "text": text, "id": name,
+             "source_image": str(folder / name)} for name in names]
     digest = hashlib.sha256(json.dumps({"images": names, "text": text}).encode("utf-8")).hexdigest()
     return _finish(rows, f"images folder {folder}", digest, skip_bad, "images")
