@@ -237,11 +237,10 @@ class _PairInputs(torch.utils.data.Dataset):
         if pair.error is not None:
             return {"k": k, "error": pair.error}
         try:
-            image = load_image(pair.image)
-            inputs = self.processor(image, pair.text)
+            inputs = self.processor(load_image(pair.image), pair.text, keep_image=self.keep_image)
         except (OSError, ValueError, TypeError) as exc:  # deleted or corrupt since the up-front check
             return {"k": k, "error": str(exc) or type(exc).__name__}
-        return {"k": k, "inputs": inputs, "image": np.asarray(image) if self.keep_image else None}
+        return {"k": k, "inputs": inputs}
 
 
 def _one_thread(_worker_id: int) -> None:
@@ -278,6 +277,7 @@ def predict_pairs(pairs: PairList, out_dir, load_segmenter: Callable, args: dict
     pair_ids = {p.id: p for p in pairs}
 
     started = time.perf_counter()
+    ours = not torch.distributed.is_initialized()  # a caller's process group is left as it is
     info = distributed.init(device)
     try:
         if info.is_main:
@@ -294,43 +294,42 @@ def predict_pairs(pairs: PairList, out_dir, load_segmenter: Callable, args: dict
         target = out / (PREDICTIONS_FILE if direct else f"predictions.rank{info.rank}.jsonl")
         predicted = _run(todo, target, load_segmenter, info, pairs, batch_size=batch_size, workers=workers,
                          save_masks=save_masks, save_overlays=save_overlays, progress=progress and info.is_main,
-                         out=out, skip_bad=skip_bad, mask_threshold=args["mask_threshold"])
+                         out=out, skip_bad=skip_bad)
         predicted = sum(distributed.all_gather_objects(predicted, info))
         distributed.barrier(info)
         if info.is_main:
             _merge(out, pair_ids)
         distributed.barrier(info)
     finally:
-        distributed.cleanup()
+        if ours:
+            distributed.cleanup()
     no_target, errors = _count(out / PREDICTIONS_FILE)
     return BatchSummary(pairs=len(pairs), predicted=predicted, resumed=len(done), no_target=no_target, errors=errors,
                         seconds=time.perf_counter() - started, path=out / PREDICTIONS_FILE)
 
 
-def _record(pair, result, mask_threshold: float) -> dict:
-    """A Segmentation's line. Its ``segmentation`` is the thresholded mask even where the
-    answer is "no target" (``result.mask`` is then empty): the GRES metrics count those pixels,
-    so that the file scores as the model evaluates (see :mod:`rexfast.data.predictions`)."""
+def _record(pair, result) -> dict:
+    """A :class:`~rexfast.Segmentation`'s line. Its ``segmentation`` is the thresholded mask
+    (``raw_mask``) even where the answer is "no target" (``result.mask`` is then empty): the
+    GRES metrics count those pixels, so the file scores as the model evaluates."""
     if result.no_target:
-        mask, rle = np.asarray(result.probability) > mask_threshold, None
+        mask, rle = result.raw_mask, None
     else:
         mask, rle = result.mask, result.rle()
     return prediction_record(pair.id, pair.source_image, pair.text, mask, result.no_target, result.no_target_prob,
                              rle=rle)
 
 
-def _save_pngs(out: Path, stem: Optional[str], result, image, save_masks: bool, save_overlays: bool) -> None:
+def _save_pngs(out: Path, stem: Optional[str], result, save_masks: bool, save_overlays: bool) -> None:
+    """The mask as shown (empty for "no target"; 0/255) and the overlay of it on the image."""
     if save_masks:
         atomic_write_png(out / "masks" / f"{stem}.png", np.asarray(result.mask, dtype=np.uint8) * 255)
     if save_overlays:
-        from .predictor import overlay
-
-        atomic_write_png(out / "overlays" / f"{stem}.png", overlay(image, np.asarray(result.mask, dtype=bool)))
+        atomic_write(out / "overlays" / f"{stem}.png", lambda f: result.overlay().save(f, format="PNG"))
 
 
 def _run(todo: list, target: Path, load_segmenter: Callable, info, pairs: PairList, *, batch_size: int,
-         workers: int, save_masks: bool, save_overlays: bool, progress: bool, out: Path, skip_bad: bool,
-         mask_threshold: float) -> int:
+         workers: int, save_masks: bool, save_overlays: bool, progress: bool, out: Path, skip_bad: bool) -> int:
     """Predict ``todo`` (in order) into ``target``; returns how many lines were written."""
     appender = JsonlAppender(target)
     appender.open()
@@ -365,8 +364,8 @@ def _run(todo: list, target: Path, load_segmenter: Callable, info, pairs: PairLi
                         lines.append(record_line(error_record(pair.id, pair.source_image, pair.text, item["error"])))
                         continue
                     result = next(results)
-                    _save_pngs(out, stems.get(pair.id), result, item.get("image"), save_masks, save_overlays)
-                    lines.append(record_line(_record(pair, result, mask_threshold)))
+                    _save_pngs(out, stems.get(pair.id), result, save_masks, save_overlays)
+                    lines.append(record_line(_record(pair, result)))
                 appender.write(lines)
                 written += len(lines)
                 if bar is not None:

@@ -18,8 +18,8 @@ from rexfast.engine.batch_predict import RUN_FILE, file_stems, predict_pairs, ru
 class BrightProcessor:
     """Picklable per-sample preprocessing: the image as an array, and the sentence."""
 
-    def __call__(self, image, text):
-        return {"pixels": np.asarray(image), "text": text}
+    def __call__(self, image, text, keep_image=False):
+        return {"pixels": np.asarray(image), "text": text, "original_image": image if keep_image else None}
 
 
 @dataclass
@@ -29,11 +29,21 @@ class FakeSegmentation:
     no_target: bool
     no_target_prob: float
     text: str
+    image: object
+
+    @property
+    def raw_mask(self):
+        return self.probability > 0.5
 
     def rle(self):
         from rexfast.data.masks import encode_mask
 
         return encode_mask(self.mask)
+
+    def overlay(self):
+        pixels = np.asarray(self.image).copy()
+        pixels[self.mask] = 255
+        return Image.fromarray(pixels)
 
 
 class FakeSegmenter:
@@ -51,7 +61,7 @@ class FakeSegmenter:
             prob = item["pixels"][..., 0].astype(np.float32) / 255
             nt = "nothing" in item["text"]
             out.append(FakeSegmentation(np.zeros_like(prob, bool) if nt else prob > 0.5, prob, nt,
-                                        0.9 if nt else 0.1, item["text"]))
+                                        0.9 if nt else 0.1, item["text"], item["original_image"]))
         return out
 
 
