@@ -104,6 +104,8 @@ def _eval_predictions_file(args) -> dict:
 
 
 def _cmd_predict(args) -> int:
+    if _predict_form(args) != "--image":
+        return _cmd_predict_batch(args)
     from .engine.predictor import predict_to_files
 
     written, pred = predict_to_files(args.checkpoint, args.image, args.text, out_dir=args.out_dir,
@@ -120,6 +122,86 @@ def _cmd_predict(args) -> int:
     for path in written:
         print(path)
     return 0
+
+
+# ----------------------------------------------------------------------------- predict: the batch forms
+BATCH_FLAGS = (("--batch-size", "batch_size"), ("--workers", "workers"), ("--save-masks", "save_masks"),
+               ("--save-overlays", "save_overlays"), ("--skip-bad", "skip_bad"), ("--no-progress", "no_progress"),
+               ("--overwrite", "overwrite"))
+
+
+def _predict_form(args) -> str:
+    """Which of the three forms: --image (one pair), --pairs (a pairs file), --images (a folder)."""
+    forms = [flag for flag, value in (("--image", args.image), ("--pairs", args.pairs), ("--images", args.images))
+             if value is not None]
+    if len(forms) != 1:
+        raise ValueError("give exactly one of --image FILE (with --text), --pairs FILE (a .jsonl or .csv of image, "
+                         f"text[, id] rows) or --images DIR (with --text){'; got ' + ' and '.join(forms) if forms else ''}")
+    form = forms[0]
+    if form == "--pairs" and args.text is not None:
+        raise ValueError("--text goes with --image or --images; a pairs file has a text column")
+    if form != "--pairs" and args.text is None:
+        raise ValueError(f"{form} needs --text \"...\": the sentence naming what to segment")
+    if form == "--image":
+        given = [flag for flag, dest in BATCH_FLAGS if getattr(args, dest) not in (None, False)]
+        if given:
+            raise ValueError(f"{', '.join(given)} belong(s) to the batch forms (--pairs, --images)")
+    elif args.out_dir is None:
+        raise ValueError(f"{form} needs --out-dir D: predictions.jsonl (and the PNGs) go there")
+    return form
+
+
+def _cmd_predict_batch(args) -> int:
+    from .data.pairs import folder_pairs, read_pairs
+    from .engine.batch_predict import predict_pairs, run_arguments
+    from .engine.precision import check_precision
+
+    check_precision(args.precision, "--precision")
+    mask_threshold, no_target_threshold = _predict_thresholds(args)
+    # every row and image is checked here, before the model loads
+    if args.pairs is not None:
+        pairs = read_pairs(args.pairs, skip_bad=args.skip_bad)
+    else:
+        pairs = folder_pairs(args.images, args.text, skip_bad=args.skip_bad)
+    overrides = list(args.set or [])
+    record = run_arguments(args.checkpoint, pairs, mask_threshold=mask_threshold,
+                           no_target_threshold=no_target_threshold, precision=args.precision, overrides=overrides,
+                           tokenizer=args.tokenizer, save_masks=args.save_masks, save_overlays=args.save_overlays)
+
+    def load(device):
+        from .engine.segmenter import Segmenter
+
+        return Segmenter.from_pretrained(args.checkpoint, device=device, precision=args.precision,
+                                         compile=args.compile, tokenizer=args.tokenizer, overrides=overrides,
+                                         mask_threshold=mask_threshold, no_target_threshold=no_target_threshold)
+
+    summary = predict_pairs(pairs, args.out_dir, load, record, batch_size=args.batch_size or 8, workers=args.workers,
+                            save_masks=args.save_masks, save_overlays=args.save_overlays, skip_bad=args.skip_bad,
+                            overwrite=args.overwrite, progress=not args.no_progress, device=args.device)
+    if _rank() == 0:
+        print(f"rexfast predict: {summary.line()}")
+    return 0
+
+
+def _predict_batch_flags(p) -> None:
+    p.add_argument("--pairs", metavar="FILE",
+                   help="predict every row of a .jsonl or .csv pairs file (columns image, text, optional id; image "
+                        "paths relative to the file) into --out-dir/predictions.jsonl")
+    p.add_argument("--images", metavar="DIR",
+                   help="predict --text on every image in DIR (sorted; the id is the file name)")
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="pairs per model call (default 8)")
+    p.add_argument("--workers", type=_non_negative_int, default=None,
+                   help="DataLoader workers decoding the images (default min(2, CPUs); 0: in the main process)")
+    p.add_argument("--save-masks", action="store_true", help="also write D/masks/<id>.png (0/255, empty for "
+                                                              "'no target')")
+    p.add_argument("--save-overlays", action="store_true", help="also write D/overlays/<id>.png")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="write bad rows (missing or unreadable image, empty text, ...) as {\"id\", \"error\"} lines "
+                        "and go on, instead of stopping before the model loads")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an --out-dir that holds predictions of a run with other arguments (a rerun "
+                        "with the same arguments continues where it stopped)")
+    p.add_argument("--no-progress", action="store_true")
 
 
 def _cmd_demo(args) -> int:
@@ -185,6 +267,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
     return value
 
 

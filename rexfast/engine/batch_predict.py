@@ -262,7 +262,8 @@ def predict_pairs(pairs: PairList, out_dir, load_segmenter: Callable, args: dict
     """Predict every pair into ``out_dir`` (see the module docstring).
 
     ``load_segmenter(device)`` returns the :class:`rexfast.Segmenter` to run (called only
-    when this rank has pairs left, after every check passed); ``args`` is
+    when this rank has pairs left, after every check passed and before anything is
+    written); ``args`` is
     :func:`run_arguments`' record of the run; ``workers`` DataLoader workers decode the
     images (default ``min(2, CPUs)``; 0: in this process)."""
     from . import distributed
@@ -280,21 +281,24 @@ def predict_pairs(pairs: PairList, out_dir, load_segmenter: Callable, args: dict
     ours = not torch.distributed.is_initialized()  # a caller's process group is left as it is
     info = distributed.init(device)
     try:
+        # read-only until the model has loaded: a source that fails to load leaves the folder as it was
+        done = {} if overwrite else _done(out, pair_ids)
+        lo, hi = len(pairs) * info.rank // info.world_size, len(pairs) * (info.rank + 1) // info.world_size
+        todo = [p for p in pairs.pairs[lo:hi] if p.id not in done]
+        segmenter = load_segmenter(info.device) if any(p.error is None for p in todo) else None
+        distributed.barrier(info)
         if info.is_main:
             if overwrite:
                 _start_over(out)
             out.mkdir(parents=True, exist_ok=True)
-            if not (out / RUN_FILE).is_file() or overwrite:
+            if not (out / RUN_FILE).is_file():
                 atomic_write_json(out / RUN_FILE, args)
         distributed.barrier(info)
-        done = _done(out, pair_ids)
-        lo, hi = len(pairs) * info.rank // info.world_size, len(pairs) * (info.rank + 1) // info.world_size
-        todo = [p for p in pairs.pairs[lo:hi] if p.id not in done]
         direct = info.world_size == 1 and not _parts(out)
         target = out / (PREDICTIONS_FILE if direct else f"predictions.rank{info.rank}.jsonl")
-        predicted = _run(todo, target, load_segmenter, info, pairs, batch_size=batch_size, workers=workers,
+        predicted = _run(todo, target, segmenter, pairs, batch_size=batch_size, workers=workers,
                          save_masks=save_masks, save_overlays=save_overlays, progress=progress and info.is_main,
-                         out=out, skip_bad=skip_bad)
+                         out=out, skip_bad=skip_bad) if todo else 0
         predicted = sum(distributed.all_gather_objects(predicted, info))
         distributed.barrier(info)
         if info.is_main:
@@ -328,15 +332,12 @@ def _save_pngs(out: Path, stem: Optional[str], result, save_masks: bool, save_ov
         atomic_write(out / "overlays" / f"{stem}.png", lambda f: result.overlay().save(f, format="PNG"))
 
 
-def _run(todo: list, target: Path, load_segmenter: Callable, info, pairs: PairList, *, batch_size: int,
-         workers: int, save_masks: bool, save_overlays: bool, progress: bool, out: Path, skip_bad: bool) -> int:
+def _run(todo: list, target: Path, segmenter, pairs: PairList, *, batch_size: int, workers: int, save_masks: bool,
+         save_overlays: bool, progress: bool, out: Path, skip_bad: bool) -> int:
     """Predict ``todo`` (in order) into ``target``; returns how many lines were written."""
     appender = JsonlAppender(target)
     appender.open()
     try:
-        if not todo:
-            return 0
-        segmenter = load_segmenter(info.device) if any(p.error is None for p in todo) else None
         stems = file_stems(pairs) if save_masks or save_overlays else {}
         for folder, wanted in (("masks", save_masks), ("overlays", save_overlays)):
             if wanted:
