@@ -108,7 +108,7 @@ def _cmd_predict(args) -> int:
         return _cmd_predict_batch(args)
     from .engine.predictor import predict_to_files
 
-    written, pred = predict_to_files(args.checkpoint, args.image, args.text, out_dir=args.out_dir,
+    written, pred = predict_to_files(args.checkpoint, args.image, args.text, out_dir=args.out_dir or ".",
                                      threshold=args.threshold, device=args.device, tokenizer=args.tokenizer,
                                      precision=args.precision, compile=args.compile)
     if pred.no_target:
@@ -346,13 +346,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="segment what a sentence names in one image")
     p.add_argument("--checkpoint", required=True, help="a training checkpoint (best.pt) or a model folder")
-    p.add_argument("--image", required=True)
-    p.add_argument("--text", required=True)
-    p.add_argument("--out-dir", default=".", help="where <image>_mask.png and <image>_overlay.png go")
+    p.add_argument("--image", help="one image (with --text); or see --pairs, --images")
+    p.add_argument("--text", help="the sentence naming what to segment (with --image or --images)")
+    p.add_argument("--out-dir", default=None, help="--image: where <image>_mask.png and <image>_overlay.png go "
+                                                   "(default .); --pairs/--images: where predictions.jsonl goes")
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--device", default="auto")
     p.add_argument("--tokenizer", help="vocab.txt or BERT folder (needed with a model folder)")
     _precision_flags(p, "auto")
+    _predict_batch_flags(p)
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("demo", help="synthetic GRES data → train a small ReLA or CGFormer → evaluate → overlays")
