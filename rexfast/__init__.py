@@ -1,7 +1,9 @@
 """rexfast: fast referring expression segmentation (CGFormer, ReLA).
 
-``import rexfast`` is light (no triton, no transformers): the models are
-imported on first access, e.g. ``rexfast.CGFormer``.
+``from rexfast import Segmenter`` segments what a sentence names in your own images
+(:class:`rexfast.Segmenter`, :class:`rexfast.Segmentation`). ``import rexfast`` is light
+(no triton, no transformers): the models are imported on first access, e.g.
+``rexfast.CGFormer``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from . import ops  # noqa: E402
 
 _LAZY = {name: "rexfast.models" for name in ("CGFormer", "CGFormerConfig", "ReLA", "ReLAConfig")}
 _LAZY["optimize"] = "rexfast.engine.optimize"  # imports torch only (the models load when it runs)
+_LAZY.update({name: "rexfast.engine.segmenter" for name in ("Segmenter", "Segmentation")})
 
 
 def info() -> dict:

@@ -108,20 +108,36 @@ def _cmd_predict(args) -> int:
         return _cmd_predict_batch(args)
     from .engine.predictor import predict_to_files
 
-    written, pred = predict_to_files(args.checkpoint, args.image, args.text, out_dir=args.out_dir or ".",
-                                     threshold=args.threshold, device=args.device, tokenizer=args.tokenizer,
-                                     precision=args.precision, compile=args.compile)
-    if pred.no_target:
-        if pred.no_target_prob is None:
-            prob = ""
-        elif pred.no_target_prob > args.threshold:
-            prob = f" (no-target probability {pred.no_target_prob:.2f})"
-        else:  # no_target_if_empty: the head said "target" but no pixel was predicted
-            prob = f" (no pixel predicted; no-target probability {pred.no_target_prob:.2f})"
-        print(f"no target: nothing in the image matches the sentence{prob}; the mask is empty")
+    mask_threshold, no_target_threshold = _predict_thresholds(args)
+    written, result = predict_to_files(
+        args.checkpoint, args.image, args.text, out_dir=args.out_dir or ".", mask_threshold=mask_threshold,
+        no_target_threshold=no_target_threshold, device=args.device, tokenizer=args.tokenizer,
+        overrides=args.set or [], precision=args.precision, compile=args.compile)
+    if result.no_target:
+        print(f"no target: nothing in the image matches the sentence. {result.explanation[len('no target: '):]}")
     for path in written:
         print(path)
     return 0
+
+
+def _predict_thresholds(args) -> tuple:
+    """(mask threshold, no-target threshold) from --mask-threshold / --no-target-threshold, or
+    the deprecated --threshold that sets both (with a warning on stderr)."""
+    from .engine.inference import MASK_THRESHOLD, NO_TARGET_THRESHOLD, check_threshold
+
+    mask_threshold, no_target_threshold = args.mask_threshold, args.no_target_threshold
+    if args.threshold is not None:
+        if mask_threshold is not None or no_target_threshold is not None:
+            raise ValueError("--threshold (deprecated) sets both thresholds: give it alone, or use --mask-threshold "
+                             "and --no-target-threshold")
+        if _rank() == 0:
+            print("rexfast: warning: --threshold is deprecated: it sets both --mask-threshold and "
+                  "--no-target-threshold; give those instead", file=sys.stderr)
+        mask_threshold = no_target_threshold = args.threshold
+    mask_threshold = MASK_THRESHOLD if mask_threshold is None else mask_threshold
+    no_target_threshold = NO_TARGET_THRESHOLD if no_target_threshold is None else no_target_threshold
+    return (check_threshold(mask_threshold, "--mask-threshold"),
+            check_threshold(no_target_threshold, "--no-target-threshold"))
 
 
 # ----------------------------------------------------------------------------- predict: the batch forms
@@ -215,7 +231,10 @@ def _cmd_demo(args) -> int:
 def _cmd_convert(args) -> int:
     from .engine.convert import convert_official
 
-    out = convert_official(args.official, args.out, model=args.model)
+    out = convert_official(args.official, args.out, model=args.model, tokenizer=args.tokenizer)
+    if not args.tokenizer:
+        print("rexfast: note: no --tokenizer given, so the folder holds none; predict and eval will need "
+              "--tokenizer (convert again with --tokenizer DIR for a self-contained folder)", file=sys.stderr)
     print(out)
     return 0
 
@@ -225,11 +244,11 @@ def _cmd_export(args) -> int:
 
     # cheap checks first: nothing is loaded for a path that cannot be written
     out = check_output_file(args.out, "ONNX file")
-    from .engine.checkpoint import load_model
+    from .engine.builders import load_model
 
-    loaded = load_model(args.checkpoint, device="cpu", require_tokenizer=False)
+    loaded = load_model(args.checkpoint, device="cpu", overrides=args.set or [], require_tokenizer=False)
     model = loaded.model
-    size = args.image_size or getattr(model.config, "image_size", None) or loaded.config.data.image_size
+    size = args.image_size or loaded.preprocessing.image_size  # the size the model was trained at
     try:
         from .export import export_onnx
 
@@ -289,6 +308,11 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+MODEL_SOURCE_HELP = ("a model folder, a training checkpoint (best.pt, last.pt), the authors' released .pth (with "
+                     "--tokenizer) or a Hugging Face Hub id owner/name (read from its cache; downloaded only when "
+                     "not cached and HF_HUB_OFFLINE is unset)")
+TOKENIZER_HELP = ("a local vocab.txt or BERT folder: needed with a released .pth or a model folder written before "
+                  "folders stored their tokenizer; replaces the source's own otherwise")
 PRECISION_HELP = ("fp32 | bf16 | auto (bf16 where the CPU has native bf16: AMX or AVX512-BF16; fp32 elsewhere; "
                   "on a GPU auto keeps fp32 weights)")
 
@@ -332,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a checkpoint, or score a predictions file, on a split; prints and "
                                      "writes the metric table")
-    p.add_argument("--checkpoint", help="a training checkpoint (best.pt, last.pt) or a model folder")
+    p.add_argument("--checkpoint", help=MODEL_SOURCE_HELP)
     _eval_predictions_flags(p)
     p.add_argument("--split", default=None, help="split name (default: the config's val split)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override e.g. data.root")
@@ -340,19 +364,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=8)
     p.add_argument("--device", default="auto")
     p.add_argument("--max-samples", type=_positive_int, default=None)
-    p.add_argument("--tokenizer", help="vocab.txt or BERT folder (needed with a model folder)")
+    p.add_argument("--tokenizer", help=TOKENIZER_HELP)
     _precision_flags(p, "fp32")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("predict", help="segment what a sentence names in one image")
-    p.add_argument("--checkpoint", required=True, help="a training checkpoint (best.pt) or a model folder")
+    p.add_argument("--checkpoint", required=True, help=MODEL_SOURCE_HELP)
     p.add_argument("--image", help="one image (with --text); or see --pairs, --images")
     p.add_argument("--text", help="the sentence naming what to segment (with --image or --images)")
-    p.add_argument("--out-dir", default=None, help="--image: where <image>_mask.png and <image>_overlay.png go "
-                                                   "(default .); --pairs/--images: where predictions.jsonl goes")
-    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--out-dir", default=None,
+                   help="--image: where <image>_<sentence>_<hash>_mask.png and ..._overlay.png go (one pair per "
+                        "sentence; default .); --pairs/--images: where predictions.jsonl goes")
+    p.add_argument("--mask-threshold", type=float, default=None, metavar="P",
+                   help="a pixel is in the mask where its mask probability exceeds P (0 < P < 1; default 0.5, "
+                        "the authors' evaluators')")
+    p.add_argument("--no-target-threshold", type=float, default=None, metavar="P",
+                   help="the answer is 'no target' where the no-target head's probability exceeds P (0 < P < 1; "
+                        "default 0.5, the authors' evaluators'); a model without the head says 'no target' for an "
+                        "empty mask")
+    p.add_argument("--threshold", type=float, default=None, metavar="P",
+                   help="deprecated: sets both --mask-threshold and --no-target-threshold to P")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override a model config field (model.eval_noise=false) or the input "
+                        "(data.image_size=480, data.max_tokens=20)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--tokenizer", help="vocab.txt or BERT folder (needed with a model folder)")
+    p.add_argument("--tokenizer", help=TOKENIZER_HELP)
     _precision_flags(p, "auto")
     _predict_batch_flags(p)
     p.set_defaults(func=_cmd_predict)
@@ -368,16 +404,20 @@ def build_parser() -> argparse.ArgumentParser:
     _precision_flags(p, "fp32")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("convert", help="turn the authors' released .pth into a model folder (safetensors)")
-    p.add_argument("--official", required=True, help="the released checkpoint (.pth)")
-    p.add_argument("--out", required=True, help="the model folder to write (config.json + model.safetensors)")
+    p = sub.add_parser("convert", help="turn the authors' released .pth into a self-contained model folder")
+    p.add_argument("--official", required=True,
+                   help="the released checkpoint (.pth); any other model source (best.pt, a folder) converts too")
+    p.add_argument("--out", required=True, help="the model folder to write (config.json, model.safetensors, "
+                                                "tokenizer, preprocessor_config.json, README.md)")
+    p.add_argument("--tokenizer", help="the bert-base-uncased vocab.txt or folder the model was trained with: "
+                                       "stored in the folder, so nothing else is needed to use it")
     p.add_argument("--model", default="auto", help="cgformer | rela | auto (from the checkpoint's keys)")
     p.set_defaults(func=_cmd_convert)
 
     from .export import MODES, OPSETS
 
     p = sub.add_parser("export", help="export a checkpoint or model folder to ONNX (onnxruntime, TensorRT)")
-    p.add_argument("--checkpoint", required=True, help="a training checkpoint (best.pt) or a model folder")
+    p.add_argument("--checkpoint", required=True, help=MODEL_SOURCE_HELP)
     p.add_argument("--out", required=True, help="the .onnx file to write")
     p.add_argument("--mode", choices=MODES, default="decomposed",
                    help="decomposed: standard ONNX operators only; hybrid: one rexfast::<op> node per op (a "
@@ -385,6 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=_image_size, default=None, metavar="H[xW]",
                    help="the one input size of the file, multiples of 32 (default: the model's training size)")
     p.add_argument("--opset", type=int, choices=OPSETS, default=18)
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override a model config field (e.g. model.eval_noise=false) or data.image_size")
     p.add_argument("--no-verify", action="store_true", help="skip running the file with onnxruntime")
     p.set_defaults(func=_cmd_export)
     return parser
@@ -396,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     if args.verbose:
         logging.getLogger("rexfast").setLevel(logging.INFO)
-    from .engine.checkpoint import CheckpointError
+    from .models.loading import CheckpointError
 
     try:
         return args.func(args)

@@ -21,13 +21,11 @@ import torch
 from PIL import Image
 
 from ..io import load_image
+from ..models.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 from .refer import ReferIndex, load_grefer, load_refer
 from .tokenize import load_tokenizer, tokenize
 
 __all__ = ["ReferringDataset", "DATASETS", "DatasetSpec", "IMAGENET_MEAN", "IMAGENET_STD", "load_image", "preprocess_image"]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
@@ -54,8 +52,9 @@ DATASETS = {
 }
 
 
-def preprocess_image(image, size: int) -> torch.Tensor:
-    """float32 (3, size, size): PIL bilinear resize, [0, 1] scaling, ImageNet normalisation.
+def preprocess_image(image, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """float32 (3, size, size): PIL bilinear resize, [0, 1] scaling, normalisation by
+    ``mean`` and ``std`` (ImageNet's unless a model folder's preprocessor says otherwise).
 
     ``image`` is a PIL image or a uint8 (H, W, 3) array.
     """
@@ -67,9 +66,9 @@ def preprocess_image(image, size: int) -> torch.Tensor:
         raise TypeError(f"image must be a PIL image or a uint8 array, got {type(image).__name__}")
     size = int(size)
     resized = np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.float32) / 255.0
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
-    return ((torch.from_numpy(resized).permute(2, 0, 1) - mean) / std).contiguous()
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return ((torch.from_numpy(resized).permute(2, 0, 1) - mean_t) / std_t).contiguous()
 
 
 class ReferringDataset:

@@ -3,75 +3,19 @@
 ``tokenizer.encode(sentence_raw, add_special_tokens=True)`` → ``[CLS] … [SEP]``,
 truncated to ``max_tokens`` (so a long sentence loses its ``[SEP]``, as in the
 official code), zero-padded; the attention mask is 1 on real tokens.
-Tokenizers come from local files only: nothing is ever downloaded.
+Tokenizers come from local files only (:func:`rexfast.models.tokenizer.load_tokenizer`):
+nothing is ever downloaded.
 """
 
 from __future__ import annotations
 
-import inspect
-import os
-from pathlib import Path
-from typing import Union
-
 import torch
 
+# Tokenizers belong to the models (a model folder and a checkpoint carry theirs); the data
+# pipeline only encodes with them.
+from ..models.tokenizer import load_tokenizer
+
 __all__ = ["load_tokenizer", "tokenize"]
-
-
-def _bert_from_vocab_file(path: Path):
-    from transformers import BertTokenizer
-
-    with open(path, encoding="utf-8") as f:
-        tokens = {line.rstrip("\n") for line in f}
-    # BertTokenizer would silently append missing special tokens as "added tokens"
-    for special in ("[PAD]", "[UNK]", "[CLS]", "[SEP]"):
-        if special not in tokens:
-            raise ValueError(f"tokenizer vocabulary {path} lacks the special token {special}")
-
-    params = inspect.signature(BertTokenizer.__init__).parameters
-    # transformers 5: `vocab_file=` is silently ignored (everything → [UNK]); `vocab=` takes the path.
-    if "vocab" in params:
-        tok = BertTokenizer(vocab=str(path), do_lower_case=True)
-    else:  # transformers 4.x
-        tok = BertTokenizer(vocab_file=str(path), do_lower_case=True)
-    return tok
-
-
-def load_tokenizer(path: Union[str, os.PathLike]):
-    """A lower-casing ``transformers.BertTokenizer`` from a local ``vocab.txt``
-    file or a local folder that holds one (or a saved tokenizer).
-
-    Raises FileNotFoundError when the path does not exist or holds no vocabulary,
-    ValueError when the vocabulary lacks the BERT special tokens.
-    """
-    if path is None:
-        raise FileNotFoundError("no tokenizer path given (expected a vocab.txt file or a local BERT folder)")
-    p = Path(path)
-    if p.is_dir():
-        vocab = p / "vocab.txt"
-        if vocab.is_file():
-            tok = _bert_from_vocab_file(vocab)
-        elif (p / "tokenizer.json").is_file() or (p / "tokenizer_config.json").is_file():
-            from transformers import BertTokenizer
-
-            tok = BertTokenizer.from_pretrained(str(p), local_files_only=True, do_lower_case=True)
-        else:
-            raise FileNotFoundError(f"tokenizer folder {p} holds no vocab.txt (tokenizers are never downloaded)")
-    elif p.is_file():
-        tok = _bert_from_vocab_file(p)
-    else:
-        raise FileNotFoundError(
-            f"tokenizer vocabulary not found: {p} (give a local vocab.txt or a folder holding one; "
-            "nothing is downloaded)"
-        )
-    unk = tok.unk_token_id
-    for special in ("[CLS]", "[SEP]", "[PAD]"):
-        if tok.convert_tokens_to_ids(special) in (None, unk):
-            raise ValueError(f"tokenizer vocabulary {p} lacks the special token {special}")
-    if tok.pad_token_id != 0:
-        # the official pipelines pad with id 0; a different [PAD] id would silently differ
-        raise ValueError(f"tokenizer vocabulary {p}: [PAD] must have id 0, has {tok.pad_token_id}")
-    return tok
 
 
 def tokenize(tokenizer, text: str, max_tokens: int = 20) -> tuple[torch.Tensor, torch.Tensor]:

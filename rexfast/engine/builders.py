@@ -8,7 +8,6 @@ only from here, and models only through the registry
 from __future__ import annotations
 
 import dataclasses
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -37,23 +36,16 @@ def build_tokenizer(data_cfg: DataConfig):
 
 def vocab_of(tokenizer) -> list[str]:
     """The vocabulary in id order; stored in checkpoints so eval/predict need no vocab file."""
-    vocab = tokenizer.get_vocab()
-    ordered = sorted(vocab.items(), key=lambda kv: kv[1])
-    if [i for _, i in ordered] != list(range(len(ordered))):
-        raise ValueError("tokenizer vocabulary ids are not contiguous from 0")
-    return [token for token, _ in ordered]
+    from rexfast.models.tokenizer import vocab_of as _vocab_of
+
+    return _vocab_of(tokenizer)
 
 
 def tokenizer_from_vocab(vocab: list[str]):
     """Rebuild a checkpoint's tokenizer from its stored vocabulary."""
-    from rexfast.data import load_tokenizer
+    from rexfast.models.tokenizer import tokenizer_from_vocab as _from_vocab
 
-    if not isinstance(vocab, list) or not all(isinstance(t, str) for t in vocab):
-        raise ValueError("the checkpoint's tokenizer vocabulary must be a list of strings")
-    with tempfile.TemporaryDirectory(prefix="rexfast-vocab-") as tmp:
-        path = Path(tmp) / "vocab.txt"
-        path.write_text("\n".join(vocab) + "\n", encoding="utf-8")
-        return load_tokenizer(path)
+    return _from_vocab(vocab)
 
 
 # ----------------------------------------------------------------------------- data
@@ -166,6 +158,70 @@ def build_model(cfg: Config, tokenizer) -> torch.nn.Module:
     return model_class(cfg)(model_cfg)
 
 
+# ----------------------------------------------------------------------------- loading a model source
+@dataclasses.dataclass
+class Loaded:
+    """A model ready for inference with its run config, tokenizer and preprocessing."""
+
+    model: torch.nn.Module
+    config: Config  # the run Config: a training checkpoint's own; for other sources data/train defaults
+    tokenizer: object
+    preprocessing: object  # rexfast.models.preprocessing.Preprocessing, after --set data.image_size / max_tokens
+    source: object = None  # the rexfast.models.loading.LoadedModel it came from
+
+
+def load_model(source, *, overrides=(), tokenizer=None, device="cpu", require_tokenizer: bool = True) -> Loaded:
+    """Any model source (:func:`rexfast.models.loading.load_model_source`: a model folder, a
+    training checkpoint, a released ``.pth`` with a tokenizer, a Hub id) with its run config.
+
+    ``overrides`` are ``section.key=value`` strings: ``model.*`` replace model config fields
+    before the weights load, ``data.*`` the data settings (``data.image_size`` and
+    ``data.max_tokens`` also the preprocessing; ``data.tokenizer`` acts as ``tokenizer``).
+    A training checkpoint brings its run config; other sources run at their stored
+    preprocessing with the default data and train sections."""
+    import copy
+    import logging
+
+    from rexfast.models.loading import load_model_source
+
+    from .config import ModelSection, apply_overrides
+
+    overrides = list(overrides or ())
+    raw = apply_overrides({}, overrides)
+    unknown = set(raw) - {"data", "model", "train"}
+    if unknown:
+        raise ValueError(f"unknown config sections {sorted(unknown)} in --set; expected data, model, train")
+    model_over = raw.get("model") or {}
+    if not isinstance(model_over, dict):
+        raise ValueError(f"--set model=... must name a field, e.g. model.eval_noise=false; got {model_over!r}")
+    fixed = sorted({"name", "preset"} & set(model_over))
+    if fixed:
+        raise ValueError(f"--set model.{fixed[0]} cannot change a trained model's architecture; set single fields "
+                         "(model.FIELD=VALUE)")
+    data_over = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+    tokenizer = tokenizer or data_over.get("tokenizer")
+    loaded = load_model_source(source, tokenizer=tokenizer, model_overrides=model_over, device=device,
+                               require_tokenizer=require_tokenizer)
+    for note in loaded.notes:
+        logging.getLogger("rexfast").warning(note)
+    if loaded.run_config is not None:
+        cfg = Config.from_dict(apply_overrides(copy.deepcopy(loaded.run_config), overrides))
+    else:  # the model section is the loaded model's (its overrides are applied above)
+        spec = loaded.preprocessing
+        base = {"data": {"image_size": spec.image_size, "max_tokens": spec.max_tokens}}
+        cfg = Config.from_dict(apply_overrides(base, [o for o in overrides if not o.startswith("model.")]))
+    entry_presets = type(loaded.model.config).PRESETS
+    cfg.model = ModelSection(name=loaded.model.model_type, preset=loaded.preset or entry_presets[0],
+                             config=loaded.model.config)
+    if isinstance(tokenizer, (str, Path)):
+        cfg.data.tokenizer = str(tokenizer)
+    check_input_size(cfg)
+    if cfg.data.max_tokens < 2:
+        raise ValueError(f"data.max_tokens must be >= 2 (room for [CLS] and [SEP]), got {cfg.data.max_tokens}")
+    preprocessing = loaded.preprocessing.replace(image_size=cfg.data.image_size, max_tokens=cfg.data.max_tokens)
+    return Loaded(loaded.model, cfg, loaded.tokenizer, preprocessing, loaded)
+
+
 def describe(model: torch.nn.Module) -> str:
     params = sum(p.numel() for p in model.parameters())
     return f"{type(model).__name__} ({params / 1e6:.2f} M parameters)"
@@ -174,5 +230,5 @@ def describe(model: torch.nn.Module) -> str:
 __all__ = [
     "build_tokenizer", "vocab_of", "tokenizer_from_vocab", "task_of", "build_dataset", "collate", "original_mask", "eval_mask",
     "original_image", "sentence_of", "inference_item", "generate_synthetic_data", "model_class",
-    "check_input_size", "build_model", "describe",
+    "check_input_size", "build_model", "Loaded", "load_model", "describe",
 ]

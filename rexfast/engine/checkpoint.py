@@ -1,4 +1,4 @@
-"""Checkpoints: atomic writes, exact resume, and one way back from a file to a model.
+"""Training state: atomic checkpoint writes and exact resume.
 
 A training checkpoint (``last.pt``, ``best.pt``) is one ``torch.save`` file that
 holds only tensors and plain Python values, so it is always read with
@@ -9,28 +9,24 @@ model weights, the run config as a plain dict, the tokenizer vocabulary (so
 scheduler and grad-scaler state, the position in the data stream and every RNG
 state (numpy's as a tensor, Python's as a tuple of ints).
 
-:func:`load_model` rebuilds the model from a training checkpoint or from a
-``save_pretrained`` folder (``config.json`` + ``model.safetensors``).
+Turning any model source (this file, a model folder, a released ``.pth``, a Hub id)
+back into a model is :func:`rexfast.models.loading.load_model_source`'s job, and
+:func:`rexfast.engine.builders.load_model`'s with a run config; ``load_model`` and
+``Loaded`` are re-exported here for older imports.
 """
 
 from __future__ import annotations
 
 import os
 import random
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
 
-from ..io import atomic_write, safe_torch_load
-
-FORMAT = "rexfast-checkpoint-v1"
-
-
-class CheckpointError(ValueError):
-    pass
+from ..io import atomic_write
+from ..models.loading import CHECKPOINT_FORMAT as FORMAT
+from ..models.loading import CheckpointError, read_training_checkpoint
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
@@ -65,26 +61,9 @@ def set_rng_state(state: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- reading
-def _read(path, what: str):
-    """:func:`rexfast.io.safe_torch_load`, its errors as CheckpointError."""
-    try:
-        return safe_torch_load(path, what)
-    except (FileNotFoundError, ValueError) as exc:
-        raise CheckpointError(str(exc)) from None
-
-
 def load(path: str | os.PathLike) -> dict:
     """A rexfast training checkpoint, read with weights_only=True, with one clear error for anything else."""
-    obj = _read(path, "checkpoint")
-    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-        raise CheckpointError(
-            f"{path} is not a rexfast checkpoint (no '{FORMAT}' marker); the authors' released weights load with "
-            "`rexfast convert --official` or CGFormer.from_official / ReLA.from_official"
-        )
-    for key, kind in (("config", dict), ("vocab", list), ("model", dict)):
-        if not isinstance(obj.get(key), kind):
-            raise CheckpointError(f"{path}: malformed rexfast checkpoint ('{key}' is missing or not a {kind.__name__})")
-    return obj
+    return read_training_checkpoint(path)
 
 
 def checkpoint_config(ckpt: dict, overrides=()):
@@ -105,52 +84,7 @@ def load_weights(model: torch.nn.Module, state: dict, source) -> None:
         raise CheckpointError(str(exc)) from None
 
 
-@dataclass
-class Loaded:
-    model: torch.nn.Module
-    config: Any  # the run Config (data, model, train)
-    tokenizer: Any
-
-
-def load_model(path: str | os.PathLike, *, overrides=(), tokenizer_path: Optional[str] = None,
-               device="cpu", require_tokenizer: bool = True) -> Loaded:
-    """The model of a training checkpoint (``best.pt``/``last.pt``) or of a
-    ``save_pretrained`` folder, in eval mode on ``device``, with its run config
-    and tokenizer. A folder holds no tokenizer and no data config: they come from
-    ``tokenizer_path`` / ``overrides`` (``data.*``); with ``require_tokenizer=False``
-    (export, which feeds token ids) a folder loads without one (``tokenizer`` None)."""
-    from . import builders
-    from .config import Config, ModelSection, apply_overrides
-
-    path = Path(path)
-    if path.is_dir():
-        from rexfast.models import registry
-        from rexfast.models.pretrained import read_pretrained_config, read_pretrained_weights
-
-        name, fields = read_pretrained_config(path)
-        model_cfg = registry.get(name).config_class.from_dict(fields)
-        state = read_pretrained_weights(path)
-        raw = apply_overrides({"data": {}, "train": {}}, list(overrides))
-        cfg = Config.from_dict({k: v for k, v in raw.items() if k != "model"})
-        cfg.model = ModelSection(name=name, preset=type(model_cfg).PRESETS[0], config=model_cfg)
-        tokenizer_file = tokenizer_path or cfg.data.tokenizer
-        if not tokenizer_file and require_tokenizer:
-            raise CheckpointError(f"{path} is a model folder and holds no tokenizer: pass --tokenizer (a local "
-                                  "vocab.txt or BERT folder), or use the training checkpoint, which carries its vocabulary")
-        tokenizer = None
-        if tokenizer_file:
-            cfg.data.tokenizer = str(tokenizer_file)
-            tokenizer = builders.build_tokenizer(cfg.data)
-        model = builders.model_class(cfg)(model_cfg)
-        load_weights(model, state, path)
-    else:
-        ckpt = load(path)
-        cfg = checkpoint_config(ckpt, overrides)
-        tokenizer = builders.tokenizer_from_vocab(ckpt["vocab"])
-        model = builders.build_model(cfg, tokenizer)
-        load_weights(model, ckpt["model"], path)
-    return Loaded(model.to(device).eval(), cfg, tokenizer)
-
+from .builders import Loaded, load_model  # noqa: E402 (re-exported for older imports)
 
 __all__ = ["FORMAT", "CheckpointError", "atomic_save", "rng_state", "set_rng_state", "load",
            "checkpoint_config", "load_weights", "Loaded", "load_model"]

@@ -161,32 +161,11 @@ def model_section(raw: dict, data: DataConfig) -> ModelSection:
 
 
 def _coerce(value: Any, annotation: str, where: str) -> Any:
-    """Match a parsed value to its field type (YAML 1.1 reads '3e-4' as a string)."""
-    if value is None:
-        return None
-    base = annotation.replace("Optional[", "").rstrip("]")
-    try:
-        if base == "float" and isinstance(value, (str, int)) and not isinstance(value, bool):
-            return float(value)
-        if base == "int" and isinstance(value, str):
-            return int(value)
-        if base == "bool" and isinstance(value, str):
-            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(value)
-            return value.lower() in ("true", "1", "yes")
-    except ValueError:
-        raise ValueError(f"config {where}: expected {base}, got {value!r}") from None
-    if base in ("int", "float") and (isinstance(value, bool) or not isinstance(value, (int, float))):
-        raise ValueError(f"config {where}: expected {base}, got {value!r}")
-    if base == "int" and isinstance(value, float):
-        if not value.is_integer():
-            raise ValueError(f"config {where}: expected an integer, got {value!r}")
-        return int(value)
-    if base == "bool" and not isinstance(value, bool):
-        raise ValueError(f"config {where}: expected true or false, got {value!r}")
-    if base == "str" and not isinstance(value, str):
-        raise ValueError(f"config {where}: expected a string, got {value!r}")
-    return value
+    """Match a parsed value to its field type (one rule for the run config and the model
+    config: :func:`rexfast.models.base.coerce_value`)."""
+    from ..models.base import coerce_value
+
+    return coerce_value(value, annotation, where)
 
 
 def _parse_value(text: str) -> Any:

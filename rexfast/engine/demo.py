@@ -18,7 +18,7 @@ import torch
 
 from ..io import atomic_write_json, atomic_write_text, check_output_dir
 from . import builders
-from .checkpoint import load_model
+from .builders import load_model
 from .config import Config, DataConfig, TrainConfig, model_section, save_config
 from .evaluator import evaluate
 from .inference import predict_batch

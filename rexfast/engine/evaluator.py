@@ -13,14 +13,16 @@ import torch
 from ..data.predictions import prediction_record, record_line
 from ..io import atomic_write_bytes, atomic_write_json, check_output_file
 from . import builders
-from .checkpoint import load_model
-from .inference import predict_batch
+from .builders import load_model
+from .inference import MASK_THRESHOLD, NO_TARGET_THRESHOLD, predict_batch
 
 
 @torch.no_grad()
-def evaluate(model, dataset, *, task: str, batch_size: int = 8, device="cpu", amp_dtype=None, threshold=0.5,
+def evaluate(model, dataset, *, task: str, batch_size: int = 8, device="cpu", amp_dtype=None,
+             mask_threshold: float = MASK_THRESHOLD, no_target_threshold: float = NO_TARGET_THRESHOLD,
              max_samples: int | None = None, progress: bool = False, on_prediction=None) -> dict:
-    """The metric table of ``model`` on the first ``max_samples`` samples of ``dataset`` (all by default).
+    """The metric table of ``model`` on the first ``max_samples`` samples of ``dataset`` (all by default),
+    at the evaluators' thresholds (0.5 and 0.5; see :mod:`rexfast.engine.inference`).
     ``on_prediction(index, item, pred)``, when given, sees every sample's
     :class:`~rexfast.engine.inference.SamplePrediction` (at the evaluation size) as it is scored."""
     from rexfast.metrics import GRESMetrics, RESMetrics
@@ -43,8 +45,8 @@ def evaluate(model, dataset, *, task: str, batch_size: int = 8, device="cpu", am
             items = [dataset.get(i, None) for i in range(start, min(start + batch_size, count))]
             batch = builders.collate(items, device)
             gts = [builders.eval_mask(item) for item in items]
-            preds = predict_batch(model, batch, [tuple(g.shape[-2:]) for g in gts], threshold=threshold,
-                                  amp_dtype=amp_dtype)
+            preds = predict_batch(model, batch, [tuple(g.shape[-2:]) for g in gts], mask_threshold=mask_threshold,
+                                  no_target_threshold=no_target_threshold, amp_dtype=amp_dtype)
             for offset, (pred, gt, item) in enumerate(zip(preds, gts, items)):
                 if on_prediction is not None:
                     on_prediction(start + offset, item, pred)
@@ -86,7 +88,7 @@ def evaluate_checkpoint(path, *, split=None, overrides=(), out=None, batch_size=
         check_output_file(save_predictions, "--save-predictions")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    loaded = load_model(path, overrides=overrides, tokenizer_path=tokenizer, device=device)
+    loaded = load_model(path, overrides=overrides, tokenizer=tokenizer, device=device)
     cfg = loaded.config
     split = split or cfg.data.val_split
     try:

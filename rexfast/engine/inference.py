@@ -1,26 +1,37 @@
 """Inference as the official evaluations do it, for any registered model; used by
-the evaluator, the predictor and the demo.
+the evaluator, :class:`rexfast.Segmenter` and the demo.
 
 The model's ``predict`` gives the mask probability at its input size and, with a
 no-target head, the no-target probability. The probability map is resized to
 each sample's evaluation size (bicubic, align_corners=True, as CGFormer's
-``engine.inference``; a no-op when the sizes already agree) and thresholded. A
-sample whose no-target probability exceeds the threshold is predicted "no
-target"; its thresholded mask is kept as is (the GRES metrics count its pixels
-in the union, as ReLA's evaluator does) and :attr:`SamplePrediction.shown_mask`
-is the empty mask a user sees. Without a no-target head an empty mask is the
-no-target prediction; a model whose config sets ``no_target_if_empty`` (the demo
-presets; never the released ones) also says "no target" where its thresholded
-mask is empty, as it would without a head — an empty mask names nothing.
+``engine.inference``; a no-op when the sizes already agree) and thresholded at
+``mask_threshold``. Two thresholds, because they decide two different things:
+
+* a pixel is in the mask where its probability exceeds ``mask_threshold``;
+* a sample is "no target" where its no-target probability exceeds
+  ``no_target_threshold`` (the **head** rule). Its thresholded mask is kept as is
+  (the GRES metrics count its pixels in the union, as ReLA's evaluator does) and
+  :attr:`SamplePrediction.shown_mask` is the empty mask a user sees.
+
+Without a no-target head an empty mask is the no-target prediction (the **empty
+mask** rule); a model whose config sets ``no_target_if_empty`` (the demo presets;
+never the released ones) also says "no target" where its thresholded mask is
+empty, as it would without a head — an empty mask names nothing. Both thresholds
+default to 0.5, what the authors' evaluators use (CGFormer: probability > 0.5;
+ReLA: the argmax of two classes, i.e. softmax probability > 0.5).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+
+MASK_THRESHOLD = 0.5
+NO_TARGET_THRESHOLD = 0.5
+HEAD, EMPTY_MASK = "head", "empty_mask"  # which rule said "no target"
 
 
 @dataclass
@@ -28,6 +39,8 @@ class SamplePrediction:
     mask: torch.Tensor  # (H, W) bool at the requested size: the thresholded probability
     no_target: bool  # the prediction says nothing is referred
     no_target_prob: Optional[float]  # the no-target head's probability; None without one
+    probability: Optional[torch.Tensor] = None  # (H, W) float32 mask probability at the requested size
+    reason: Optional[str] = None  # why "no target": HEAD or EMPTY_MASK; None for a target
 
     @property
     def shown_mask(self) -> torch.Tensor:
@@ -35,27 +48,47 @@ class SamplePrediction:
         return torch.zeros_like(self.mask) if self.no_target else self.mask
 
 
+def check_threshold(value, name: str) -> float:
+    """A threshold strictly inside (0, 1): TypeError / ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number strictly between 0 and 1, got {value!r}")
+    if not 0.0 < float(value) < 1.0:
+        raise ValueError(f"{name} must lie strictly between 0 and 1, got {value}")
+    return float(value)
+
+
 @torch.no_grad()
-def predict_batch(model, batch: dict, sizes: list[tuple[int, int]], *, threshold: float = 0.5,
-                  amp_dtype=None) -> list[SamplePrediction]:
-    """Predictions for a collated batch, one per sample, at the given (H, W) sizes."""
+def predict_batch(model, batch: dict, sizes: list[tuple[int, int]], *, mask_threshold: float = MASK_THRESHOLD,
+                  no_target_threshold: float = NO_TARGET_THRESHOLD, amp_dtype=None,
+                  sample_seeds: Optional[Sequence[int]] = None) -> list[SamplePrediction]:
+    """Predictions for a collated batch, one per sample, at the given (H, W) sizes.
+    ``sample_seeds`` (one int per sample) goes to ``model.predict`` for a model that draws
+    noise at inference: each sample's noise then comes from its own seed, so its answer does
+    not depend on the batch it is in."""
     device = batch["image"].device
+    extra = {} if sample_seeds is None else {"sample_seeds": list(sample_seeds)}
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        pred = model.predict(batch["image"], batch["input_ids"], batch["attention_mask"])
+        pred = model.predict(batch["image"], batch["input_ids"], batch["attention_mask"], **extra)
     probs = pred.mask.float()
     out = []
     for i, (h, w) in enumerate(sizes):
         p = probs[i : i + 1, None]
         if tuple(p.shape[-2:]) != (h, w):
             p = F.interpolate(p, size=(h, w), mode="bicubic", align_corners=True)
-        mask = p[0, 0] > threshold
+        prob = p[0, 0]
+        mask = prob > mask_threshold
         nt_prob = None if pred.no_target is None else float(pred.no_target[i])
-        if nt_prob is None:
-            no_target = not bool(mask.any())
+        empty = not bool(mask.any())
+        if nt_prob is not None and nt_prob > no_target_threshold:
+            reason = HEAD
+        elif empty and (nt_prob is None or pred.no_target_if_empty):
+            reason = EMPTY_MASK
         else:
-            no_target = nt_prob > threshold or (pred.no_target_if_empty and not bool(mask.any()))
-        out.append(SamplePrediction(mask=mask, no_target=no_target, no_target_prob=nt_prob))
+            reason = None
+        out.append(SamplePrediction(mask=mask, no_target=reason is not None, no_target_prob=nt_prob,
+                                    probability=prob, reason=reason))
     return out
 
 
-__all__ = ["SamplePrediction", "predict_batch"]
+__all__ = ["MASK_THRESHOLD", "NO_TARGET_THRESHOLD", "HEAD", "EMPTY_MASK", "SamplePrediction", "check_threshold",
+           "predict_batch"]

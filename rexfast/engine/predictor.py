@@ -1,72 +1,74 @@
-"""Single-image prediction: ``<image>_mask.png`` and ``<image>_overlay.png`` for one sentence."""
+"""``rexfast predict`` for one image and one sentence: a mask PNG and an overlay PNG,
+named so that no two sentences on one image overwrite each other.
+
+The files are ``<image stem>_<sentence slug>_<hash>_mask.png`` and ``…_overlay.png``:
+the slug (the sentence in lower-case ASCII words, at most 40 characters) makes them
+readable, the hash (the first 8 hex digits of the SHA-1 of the sentence) makes them
+distinct for any two different sentences, and both are the same on every run.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import re
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..io import atomic_write_png, check_output_dir, load_image
-from . import builders
-from .checkpoint import load_model
-from .inference import SamplePrediction, predict_batch
-from .optimize import optimize
+from .inference import MASK_THRESHOLD, NO_TARGET_THRESHOLD, check_threshold
 from .precision import check_precision
+from .segmenter import Segmentation, Segmenter, overlay_pixels
 
-OVERLAY_COLOUR = np.array([255, 0, 255], dtype=np.float32)  # magenta: unlike any scene colour
-
-
-class Predictor:
-    """Loads a training checkpoint or a model folder once; call it with
-    (PIL image, sentence) → :class:`~rexfast.engine.inference.SamplePrediction`
-    at the image's resolution. The model runs as :func:`rexfast.optimize` prepares it
-    (``precision``: fp32 | bf16 | auto; ``compile``: torch.compile, the first call compiles)."""
-
-    def __init__(self, checkpoint_path, device="auto", *, tokenizer=None, overrides=(), precision="auto",
-                 compile=False):
-        check_precision(precision, "--precision")
-        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
-                                   else ("cpu" if device == "auto" else device))
-        loaded = load_model(checkpoint_path, overrides=overrides, tokenizer_path=tokenizer, device=self.device)
-        self.model = optimize(loaded.model, precision=precision, compile=compile)
-        self.cfg, self.tokenizer = loaded.config, loaded.tokenizer
-        self.precision = self.model.optimization.precision
-
-    @torch.no_grad()
-    def __call__(self, image, text: str, threshold: float = 0.5) -> SamplePrediction:
-        item = builders.inference_item(image, text, self.tokenizer, self.cfg.data)
-        batch = builders.collate([item], self.device)
-        (pred,) = predict_batch(self.model, batch, [(image.height, image.width)], threshold=threshold)
-        return pred
+SLUG_CHARS = 40
 
 
-def overlay(image, mask: np.ndarray, alpha: float = 0.6) -> np.ndarray:
-    pixels = np.asarray(image, dtype=np.float32).copy()
-    pixels[mask] = (1 - alpha) * pixels[mask] + alpha * OVERLAY_COLOUR
-    return pixels.clip(0, 255).astype(np.uint8)
+def sentence_slug(text: str) -> str:
+    """The sentence as lower-case ASCII words joined by '-', cut at a word boundary to at
+    most 40 characters ('' when it has no ASCII letter or digit)."""
+    words = re.findall(r"[a-z0-9]+", text.lower())
+    slug = ""
+    for word in words:
+        candidate = f"{slug}-{word}" if slug else word
+        if len(candidate) > SLUG_CHARS:
+            break
+        slug = candidate
+    return slug or (words[0][:SLUG_CHARS] if words else "")
 
 
-def predict_to_files(checkpoint_path, image_path, text, *, out_dir=".", threshold=0.5, device="auto",
-                     tokenizer=None, precision="auto", compile=False) -> tuple[list[str], SamplePrediction]:
-    """Write the mask and overlay PNGs (the mask is empty when the model says "no target")."""
+def output_stem(image_path, text: str) -> str:
+    """``<image stem>_<slug>_<hash8>``: stable, readable, distinct for distinct sentences."""
+    digest = hashlib.sha1(text.strip().encode("utf-8")).hexdigest()[:8]
+    slug = sentence_slug(text)
+    return "_".join(part for part in (Path(image_path).stem, slug, digest) if part)
+
+
+def predict_to_files(checkpoint_path, image_path, text, *, out_dir=".", mask_threshold=MASK_THRESHOLD,
+                     no_target_threshold=NO_TARGET_THRESHOLD, device="auto", tokenizer=None, overrides=(),
+                     precision="auto", compile=False) -> tuple[list[str], Segmentation]:
+    """Write the mask and overlay PNGs (the mask is empty when the model says "no target");
+    every input is checked before the model loads."""
     check_precision(precision, "--precision")
     if not isinstance(text, str) or not text.strip():
         raise ValueError("the text is empty: say what to segment, e.g. --text \"the red circle\"")
-    if not 0.0 < threshold < 1.0:
-        raise ValueError(f"--threshold must lie strictly between 0 and 1, got {threshold}")
+    mask_threshold = check_threshold(mask_threshold, "--mask-threshold")
+    no_target_threshold = check_threshold(no_target_threshold, "--no-target-threshold")
     out = check_output_dir(out_dir, "--out-dir")
     image = load_image(image_path)  # fail fast, before loading the model
-    predictor = Predictor(checkpoint_path, device=device, tokenizer=tokenizer, precision=precision, compile=compile)
-    torch.manual_seed(0)  # a model that draws noise at inference (CGFormer eval_noise) answers the same every run
-    pred = predictor(image, text, threshold)
-    mask = pred.shown_mask.cpu().numpy()
+    segmenter = Segmenter.from_pretrained(checkpoint_path, device=device, tokenizer=tokenizer, overrides=overrides,
+                                          precision=precision, compile=compile)
+    result = segmenter(image, text, mask_threshold=mask_threshold, no_target_threshold=no_target_threshold)
     out.mkdir(parents=True, exist_ok=True)
-    stem = Path(image_path).stem
+    stem = output_stem(image_path, text)
     mask_path, overlay_path = out / f"{stem}_mask.png", out / f"{stem}_overlay.png"
-    atomic_write_png(mask_path, (mask * 255).astype(np.uint8))
-    atomic_write_png(overlay_path, overlay(image, mask))
-    return [str(mask_path), str(overlay_path)], pred
+    atomic_write_png(mask_path, (result.mask * 255).astype(np.uint8))
+    atomic_write_png(overlay_path, overlay_pixels(np.asarray(image), result.mask))
+    return [str(mask_path), str(overlay_path)], result
 
 
-__all__ = ["Predictor", "overlay", "predict_to_files"]
+def overlay(image, mask: np.ndarray, alpha: float = 0.6) -> np.ndarray:
+    """uint8 (H, W, 3): the image with the mask painted magenta (the demo's overlays)."""
+    return overlay_pixels(np.asarray(image), mask, alpha=alpha)
+
+
+__all__ = ["sentence_slug", "output_stem", "predict_to_files", "overlay"]

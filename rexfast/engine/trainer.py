@@ -30,6 +30,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from ..io import check_output_dir
+from ..models.preprocessing import Preprocessing
 from . import builders, checkpoint, distributed, sampling
 from .config import Config, save_config
 from .evaluator import evaluate
@@ -200,6 +201,10 @@ def _train(cfg: Config, info: distributed.DistInfo, *, resume: str | None, progr
 
     logger = JsonlLog(out_dir / "log.jsonl", info.is_main)
     vocab = builders.vocab_of(tokenizer)
+    # best/ is a self-contained model folder: its tokenizer, its input size, and a card
+    preprocessing = Preprocessing(image_size=cfg.data.image_size, max_tokens=cfg.data.max_tokens)
+    best_card = {"preset": cfg.model.preset, "dataset": cfg.data.dataset,
+                 "trained_on": f"{cfg.data.dataset}, split {cfg.data.train_split} (data.root {cfg.data.root})"}
 
     def save(name: str) -> Path | None:
         rngs = distributed.all_gather_objects(checkpoint.rng_state(), info)
@@ -232,7 +237,10 @@ def _train(cfg: Config, info: distributed.DistInfo, *, resume: str | None, progr
                 state["best"], state["best_step"] = metrics[metric_name], state["step"]
                 checkpoint.atomic_save({"format": checkpoint.FORMAT, "config": cfg.to_dict(), "vocab": vocab,
                                         "model": core.state_dict(), "metrics": metrics}, out_dir / "best.pt")
-                core.save_pretrained(out_dir / "best")
+                where = f"{cfg.data.dataset} {cfg.data.val_split}" + (f" (its first {subset} samples)" if subset
+                                                                      else "")
+                core.save_pretrained(out_dir / "best", tokenizer=tokenizer, preprocessing=preprocessing,
+                                     card=dict(best_card, metrics=metrics, metrics_on=f"{where}, at step {state['step']}"))
             clock["eval_seconds"] = clock.get("eval_seconds", 0.0) + time.perf_counter() - started
         # rank 0 owns the best-metric bookkeeping; every rank checkpoints the same state
         state.update(distributed.all_gather_objects(dict(state), info)[0])

@@ -8,10 +8,12 @@ this protocol and the registry (:mod:`rexfast.models.registry`):
     attention_mask (B, L) int. Without targets: the model's outputs; with
     targets (B, H, W) binary masks: ``(outputs, losses)``, ``losses`` a dict of
     scalar tensors whose sum is the training loss.
-``predict(images, input_ids, attention_mask)`` → :class:`Prediction`
+``predict(images, input_ids, attention_mask, *, sample_seeds=None)`` → :class:`Prediction`
     the mask probability (B, H, W) at the input size and the no-target
     probability (B,) — ``None`` for a model without a no-target head (then an
-    empty mask means "no target").
+    empty mask means "no target"). A model that draws noise at inference draws
+    sample b's from ``sample_seeds[b]`` when given, so that a sample's answer does not
+    depend on its batch (:class:`rexfast.Segmenter` passes them); others ignore them.
 ``inference_outputs(images, input_ids, attention_mask)`` → dict of tensors
     what an inference engine returns, by name (the outputs of an exported
     graph, :mod:`rexfast.export`): the logits the model's ``predict`` is made from.
@@ -71,6 +73,60 @@ class ConfigBase:
         if unknown:
             raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}; valid: {sorted(cls.field_names())}")
         return cls(**dict(raw))
+
+    @classmethod
+    def coerce_overrides(cls, overrides: Mapping, where: str = "model") -> dict:
+        """``overrides`` checked against the fields (an unknown one is a ValueError listing the
+        valid ones) and coerced to their types (:func:`coerce_value`: values parsed from text,
+        e.g. ``--set model.eval_noise=false``)."""
+        if not isinstance(overrides, Mapping):
+            raise TypeError(f"{where} overrides must be a mapping of field names to values, got "
+                            f"{type(overrides).__name__}")
+        types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+        unknown = set(overrides) - set(types)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)} in {where}; valid: {sorted(types)}")
+        return {k: coerce_value(v, types[k], f"{where}.{k}") for k, v in overrides.items()}
+
+    def with_overrides(self, overrides: Mapping, where: str = "model"):
+        """A copy with some fields replaced (see :meth:`coerce_overrides`)."""
+        if not overrides:
+            return self
+        values = self.coerce_overrides(overrides, where)
+        try:
+            return dataclasses.replace(self, **values)
+        except TypeError as exc:  # a value of the wrong type in a nested field
+            raise ValueError(f"{where}: {exc}") from None
+
+
+def coerce_value(value: Any, annotation: str, where: str) -> Any:
+    """Match a parsed value to its field's type annotation (YAML 1.1 reads '3e-4' as a
+    string): ValueError naming ``where`` when it cannot be."""
+    if value is None:
+        return None
+    base = annotation.replace("Optional[", "").rstrip("]")
+    try:
+        if base == "float" and isinstance(value, (str, int)) and not isinstance(value, bool):
+            return float(value)
+        if base == "int" and isinstance(value, str):
+            return int(value)
+        if base == "bool" and isinstance(value, str):
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(value)
+            return value.lower() in ("true", "1", "yes")
+    except ValueError:
+        raise ValueError(f"config {where}: expected {base}, got {value!r}") from None
+    if base in ("int", "float") and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ValueError(f"config {where}: expected {base}, got {value!r}")
+    if base == "int" and isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(f"config {where}: expected an integer, got {value!r}")
+        return int(value)
+    if base == "bool" and not isinstance(value, bool):
+        raise ValueError(f"config {where}: expected true or false, got {value!r}")
+    if base == "str" and not isinstance(value, str):
+        raise ValueError(f"config {where}: expected a string, got {value!r}")
+    return value
 
 
 _SCALARS = {"bool": bool, "int": int, "float": float, "str": str}
@@ -154,15 +210,18 @@ class ReferringModel(nn.Module):
             images = images.contiguous(memory_format=self.input_memory_format)
         return images
 
-    def save_pretrained(self, directory):
-        """Write ``config.json`` + ``model.safetensors`` to ``directory`` (see :mod:`rexfast.models.pretrained`)."""
+    def save_pretrained(self, directory, *, tokenizer=None, preprocessing=None, card=None):
+        """Write a model folder (see :func:`rexfast.models.pretrained.save_pretrained`):
+        ``config.json``, ``model.safetensors``, ``preprocessor_config.json``, ``README.md``
+        and, given a ``tokenizer``, ``vocab.txt`` + ``tokenizer_config.json``."""
         from .pretrained import save_pretrained
 
-        return save_pretrained(self, directory)
+        return save_pretrained(self, directory, tokenizer=tokenizer, preprocessing=preprocessing, card=card)
 
     @classmethod
     def from_pretrained(cls, directory):
-        """The model of a :meth:`save_pretrained` folder (no code runs while reading it), in eval mode."""
+        """The model of a :meth:`save_pretrained` folder (no code runs while reading it), in eval mode.
+        (:func:`rexfast.models.loading.load_model_source` also gives its tokenizer and preprocessing.)"""
         from .pretrained import read_pretrained_config, read_pretrained_weights
 
         model_type, fields = read_pretrained_config(directory)
@@ -173,6 +232,17 @@ class ReferringModel(nn.Module):
         model = cls(config)
         load_state_strict(model, state, directory)
         return model.eval()
+
+    @classmethod
+    def from_official(cls, checkpoint, config=None, **kwargs):
+        """The authors' released checkpoint (a path, read with ``weights_only=True``, or a loaded
+        dict; wrappers and DDP ``module.`` prefixes handled), loaded strictly, in eval mode. The
+        architecture is inferred from the weights unless ``config`` is given; keyword arguments
+        override config fields (ReLA also takes ``honour_lang_weight``). Runs the loader the
+        model's registry entry names (:mod:`rexfast.models.registry`)."""
+        from .registry import get
+
+        return get(cls.model_type).official_loader(checkpoint, config=config, **kwargs)
 
     def text_limits(self) -> tuple[int, int]:
         """(vocabulary size, maximum positions) of the text encoder."""
@@ -250,5 +320,5 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-__all__ = ["ConfigBase", "Prediction", "check_field_types", "ReferringModel", "count_parameters", "load_state_strict",
+__all__ = ["ConfigBase", "Prediction", "check_field_types", "coerce_value", "ReferringModel", "count_parameters", "load_state_strict",
            "state_dict_mismatch"]

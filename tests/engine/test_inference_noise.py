@@ -35,23 +35,22 @@ def test_predict_and_eval_are_reproducible(noisy_run, tmp_path):
     from rexfast.engine.evaluator import evaluate_checkpoint
     from rexfast.engine.predictor import predict_to_files
 
+    from rexfast import Segmenter
     from rexfast.engine import builders
-    from rexfast.engine.predictor import Predictor
 
     # thresholds inside this barely-trained model's narrow probability range (~0.52-0.54)
-    predictor = Predictor(noisy_run["best"], device="cpu", precision="fp32")
-    item = builders.inference_item(Image.open(noisy_run["image"]).convert("RGB"), "the red circle",
-                                   predictor.tokenizer, predictor.cfg.data)
-    batch = builders.collate([item], predictor.device)
+    seg = Segmenter.from_pretrained(noisy_run["best"], device="cpu", precision="fp32")
+    batch = builders.collate([seg.processor(noisy_run["image"], "the red circle")], seg.device)
     with torch.no_grad():
-        probs = predictor.model.predict(batch["image"], batch["input_ids"], batch["attention_mask"]).mask
+        probs = seg.model.predict(batch["image"], batch["input_ids"], batch["attention_mask"],
+                                  sample_seeds=[seg.seed]).mask
     for threshold in torch.quantile(probs.flatten(), torch.tensor([0.2, 0.4, 0.5, 0.6, 0.8])).tolist():
         masks = []
         for state in (1, 2):
             torch.manual_seed(state)
             written, _ = predict_to_files(noisy_run["best"], noisy_run["image"], "the red circle",
                                           out_dir=tmp_path / f"t{threshold}-{state}", device="cpu",
-                                          precision="fp32", threshold=threshold)
+                                          precision="fp32", mask_threshold=threshold)
             masks.append(np.asarray(Image.open(written[0])))
         assert np.array_equal(masks[0], masks[1]), threshold
     tables = []

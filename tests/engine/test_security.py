@@ -98,7 +98,7 @@ def test_cli_refuses_hostile_checkpoints_before_anything_runs(genuine, tmp_path,
 def test_apis_refuse_hostile_checkpoints(genuine, tmp_path, marker):
     from rexfast import CGFormer
     from rexfast.engine.evaluator import evaluate_checkpoint
-    from rexfast.engine.predictor import Predictor
+    from rexfast import Segmenter
 
     hostile = _hostile_checkpoint(tmp_path, marker)
     poisoned = _poisoned_genuine(genuine, tmp_path, marker)
@@ -108,7 +108,7 @@ def test_apis_refuse_hostile_checkpoints(genuine, tmp_path, marker):
         with pytest.raises(CheckpointError, match="refusing"):
             load_model(path)
         with pytest.raises(CheckpointError, match="refusing"):
-            Predictor(path)
+            Segmenter.from_pretrained(path)
         with pytest.raises(CheckpointError, match="refusing"):
             evaluate_checkpoint(path)
         with pytest.raises(ValueError, match="weights_only=True"):

@@ -168,24 +168,28 @@ def _written(proc) -> tuple[Path, Path]:
 def test_predict_writes_mask_and_overlay(trained_checkpoint, data_root, tmp_path):
     from PIL import Image
 
+    from rexfast.engine.predictor import output_stem
+
     image = next((data_root / "synthetic" / "images").glob("*.png"))
     proc = _rexfast("predict", "--checkpoint", trained_checkpoint, "--image", image, "--text", "the red circle",
                     "--out-dir", tmp_path)
     mask_path, overlay_path = _written(proc)
-    assert mask_path.name == f"{image.stem}_mask.png" and overlay_path.name == f"{image.stem}_overlay.png"
+    stem = output_stem(image, "the red circle")
+    assert stem.startswith(f"{image.stem}_the-red-circle_")
+    assert mask_path.name == f"{stem}_mask.png" and overlay_path.name == f"{stem}_overlay.png"
     with Image.open(image) as src, Image.open(mask_path) as mask, Image.open(overlay_path) as over:
         assert mask.size == src.size == over.size
         assert set(np.unique(np.asarray(mask)).tolist()) <= {0, 255}
-    # the same model from its model folder (config.json + model.safetensors) and the run's vocabulary
+    # the same model from its self-contained model folder, which needs no other file
     folder = trained_checkpoint.parent / "best"
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
-    proc = _rexfast("predict", "--checkpoint", folder, "--tokenizer", data_root / "vocab.txt", "--image", image,
-                    "--text", "the red circle", "--out-dir", tmp_path / "from_folder")
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors",
+                                                        "preprocessor_config.json", "tokenizer_config.json",
+                                                        "vocab.txt"]
+    proc = _rexfast("predict", "--checkpoint", folder, "--image", image, "--text", "the red circle", "--out-dir",
+                    tmp_path / "from_folder")
     mask2, _ = _written(proc)
     with Image.open(mask_path) as m1, Image.open(mask2) as m2:
         assert np.array_equal(np.asarray(m1), np.asarray(m2))
-    assert "--tokenizer" in _error(_rexfast("predict", "--checkpoint", folder, "--image", image, "--text", "x",
-                                            check=False))
 
 
 def test_eval_from_another_folder_finds_the_data(trained_checkpoint, data_root, tmp_path):

@@ -137,15 +137,6 @@ def load_official(checkpoint, config=None, **overrides):
     return model.eval()
 
 
-def from_official(cls, checkpoint, config: Optional[CGFormerConfig] = None, **overrides) -> CGFormer:
-    """Load the released checkpoint (path or loaded dict; DDP ``module.``
-    prefixes and the ``model_state_dict`` wrapper are handled). The
-    architecture is inferred from the weights unless ``config`` is given.
-    Unknown or missing keys raise a ``ValueError`` listing them. (Bound as the
-    classmethod ``CGFormer.from_official`` by the package.)"""
-    return load_official(checkpoint, config=config, **overrides)
-
-
 def to_official_state_dict(model: torch.nn.Module, *, ddp_prefix: bool = False) -> dict:
     """The released on-disk layout: ``{"model_state_dict": {...}}`` with the
     official key names (``module.``-prefixed when ``ddp_prefix``)."""
@@ -154,5 +145,5 @@ def to_official_state_dict(model: torch.nn.Module, *, ddp_prefix: bool = False) 
     return {"model_state_dict": state}
 
 
-__all__ = ["from_official", "read_checkpoint", "config_from_state_dict", "check_keys", "load_official",
+__all__ = ["read_checkpoint", "config_from_state_dict", "check_keys", "load_official",
            "to_official_state_dict"]

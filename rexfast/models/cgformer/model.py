@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...ops import group_assign
+from ...ops.gumbel import gumbel_noise
 from ..backbones.swin import MultiModalSwinTransformer
 from ..base import Prediction, ReferringModel
 from ..layers import CrossAttn, Mlp, ReluMLP, conv_bn_relu
@@ -284,9 +285,6 @@ class CGFormer(ReferringModel):
         if config.channels_last:
             self.to(memory_format=torch.channels_last)
 
-    # (``CGFormer.from_official`` is defined by the loader, ``checkpoint.py``: the loader
-    # imports the model, never the reverse.)
-
     def fp32_modules(self) -> tuple[str, ...]:
         # the Swin backbone's pixel-word attentions stay float32 under bf16 (see its fp32_modules)
         return tuple(f"backbone.{name}" for name in self.backbone.fp32_modules())
@@ -313,25 +311,33 @@ class CGFormer(ReferringModel):
                 for g in ("decoder", "pwam", "backbone", "text") if groups[g]]
 
     # -- forward ----------------------------------------------------------------
-    def _noise_plan(self, gumbel_noise):
-        """Per group block: explicit noise, or a seed drawn from torch's RNG (so
-        ``torch.manual_seed`` reproduces runs), or nothing (deterministic eval)."""
+    def _noise_plan(self, gumbel_noise, sample_seeds=None):
+        """Per group block: explicit noise, or noise drawn per sample from ``sample_seeds``,
+        or a seed drawn from torch's RNG (so ``torch.manual_seed`` reproduces runs), or
+        nothing (deterministic eval)."""
         if gumbel_noise is not None:
             if len(gumbel_noise) != 3:
                 raise ValueError(f"gumbel_noise needs one (B, N, P) tensor per group block (3), got {len(gumbel_noise)}")
             return list(gumbel_noise), [None] * 3
         if not (self.training or self.config.eval_noise):
             return [None] * 3, [None] * 3
+        if sample_seeds is not None:
+            return ["per_sample"] * 3, [None] * 3
         if torch.compiler.is_compiling():
             return ["torch_rng"] * 3, [None] * 3  # materialised per block: a Python int seed would recompile
         return [None] * 3, [int(torch.randint(0, 2**31 - 1, (1,))) for _ in range(3)]
 
     def forward_features(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor, *,
-                         gumbel_noise: Optional[Sequence[Tensor]] = None) -> dict[str, Any]:
+                         gumbel_noise: Optional[Sequence[Tensor]] = None,
+                         sample_seeds: Optional[Sequence[int]] = None) -> dict[str, Any]:
         """Everything the forward computes: ``logits`` (B,1,H,W), ``hit_maps``
         (three (B,N,h,w) assignments, coarse to fine), ``tokens`` (B,N,C),
-        ``words`` (B,L,768) and ``sentence`` (paper variant)."""
+        ``words`` (B,L,768) and ``sentence`` (paper variant). Where noise is drawn (training,
+        ``eval_noise``), ``sample_seeds`` (one int per sample) draws each sample's from its
+        own seed, so that a sample's answer does not depend on the batch it is in."""
         self.check_inputs(images, input_ids, attention_mask)
+        if sample_seeds is not None and len(sample_seeds) != images.shape[0]:
+            raise ValueError(f"sample_seeds needs one int per sample ({images.shape[0]}), got {len(sample_seeds)}")
         images = self.prepare_images(images)
         cfg = self.config
         words = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -341,8 +347,10 @@ class CGFormer(ReferringModel):
         features = self.backbone(images, words, word_mask)
         memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         features = [f.contiguous(memory_format=memory_format) for f in features]
-        noises, seeds = self._noise_plan(gumbel_noise)
-        if any(isinstance(n, str) for n in noises):
+        noises, seeds = self._noise_plan(gumbel_noise, sample_seeds)
+        if noises[0] == "per_sample":
+            noises = [self._sample_noise(features, i, sample_seeds) for i in range(3)]
+        elif any(isinstance(n, str) for n in noises):
             noises = [self._torch_noise(features, i) for i in range(3)]
         logits, maps, tokens = self.decoder(features, words, word_mask, noises=noises, seeds=seeds, fused=cfg.fused,
                                             backend=cfg.ops_backend)
@@ -360,6 +368,15 @@ class CGFormer(ReferringModel):
         b, n = c1.shape[0], self.config.num_tokens
         h, w = c1.shape[-2] // 2 ** (2 - i), c1.shape[-1] // 2 ** (2 - i)
         return _gumbel_from_torch_rng((b, n, h * w), c1)
+
+    def _sample_noise(self, features, i: int, sample_seeds: Sequence[int]) -> Tensor:
+        """Block ``i``'s (B, N, P) Gumbel noise, sample b's drawn from the counter-based
+        generator (:mod:`rexfast.ops.gumbel`) for the seed 3·sample_seeds[b] + i."""
+        c1 = features[0]
+        n = self.config.num_tokens
+        h, w = c1.shape[-2] // 2 ** (2 - i), c1.shape[-1] // 2 ** (2 - i)
+        return torch.stack([gumbel_noise(3 * int(seed) + i, (n, h * w), dtype=torch.float32, device=c1.device)
+                            for seed in sample_seeds])
 
     def losses(self, outputs: Mapping[str, Any], targets: Tensor) -> dict[str, Tensor]:
         cfg = self.config
@@ -389,13 +406,15 @@ class CGFormer(ReferringModel):
         out = self.forward_features(images, input_ids, attention_mask)
         return {name: out[name] for name in ("logits", "nt_logits") if name in out}
 
-    def predict(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Prediction:
+    def predict(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor, *,
+                sample_seeds: Optional[Sequence[int]] = None) -> Prediction:
         """The mask probability (B, H, W) = sigmoid of the logits, as the released
         evaluation computes it. Without the no-target head (the released model)
         ``no_target`` is None and an empty mask means "no target"; with it, the
         probability softmax(nt_logits)[1] (and with ``config.no_target_if_empty`` an empty
-        thresholded mask says "no target" too)."""
-        out = self.forward_features(images, input_ids, attention_mask)
+        thresholded mask says "no target" too). ``sample_seeds``: see :meth:`forward_features`
+        (only a model with ``eval_noise`` draws noise here)."""
+        out = self.forward_features(images, input_ids, attention_mask, sample_seeds=sample_seeds)
         nt = out["nt_logits"].float().softmax(-1)[:, 1] if "nt_logits" in out else None
         return Prediction(mask=out["logits"].float().sigmoid()[:, 0], no_target=nt,
                           no_target_if_empty=nt is not None and self.config.no_target_if_empty)

@@ -2,11 +2,8 @@
 ``pixel_decoder.py`` and ``decoder.py`` it is built from), ``losses.py``, and
 ``checkpoint.py`` (the authors' released checkpoint format)."""
 
-from . import checkpoint
+from . import checkpoint  # noqa: F401 (the released format; the registry names its loader)
 from .config import ReLAConfig
 from .model import ReLA
-
-# The loader knows the model; the model does not import the loader.
-ReLA.from_official = classmethod(checkpoint.from_official)
 
 __all__ = ["ReLA", "ReLAConfig"]

@@ -154,19 +154,10 @@ def load_official(checkpoint, config: Optional[ReLAConfig] = None, *, honour_lan
     return model.eval()
 
 
-def from_official(cls, checkpoint, config: Optional[ReLAConfig] = None, *, honour_lang_weight: bool = False,
-                  **overrides) -> ReLA:
-    """The authors' released checkpoint (path or loaded dict), strict key check, architecture
-    inferred from the weights. By default ``lang_weight`` is not loaded, as the authors'
-    loader leaves it (word attention gated at σ(0) = 0.5); ``honour_lang_weight=True`` loads it.
-    (Bound as the classmethod ``ReLA.from_official`` by the package.)"""
-    return load_official(checkpoint, config=config, honour_lang_weight=honour_lang_weight, **overrides)
-
-
 def to_official_state_dict(model: torch.nn.Module) -> dict:
     """The released on-disk layout: ``{"model": state_dict}`` with the official key names."""
     return {"model": dict(model.state_dict())}
 
 
-__all__ = ["config_from_state_dict", "check_keys", "load_official", "from_official", "to_official_state_dict",
+__all__ = ["config_from_state_dict", "check_keys", "load_official", "to_official_state_dict",
            "LANG_WEIGHT"]

@@ -21,7 +21,7 @@ mean/std on [0, 1] pixels), which is the authors' in-model normalisation
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -151,7 +151,8 @@ class ReLA(ReferringModel):
                            minimap_weight=cfg.minimap_weight, nt_weight=cfg.nt_weight, mask_weight=cfg.mask_weight,
                            dice_weight=cfg.dice_weight)
 
-    def predict(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Prediction:
+    def predict(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor, *,
+                sample_seeds: Optional[Sequence[int]] = None) -> Prediction:
         """As the released inference and evaluator: the target-mask logits resized
         (bilinear, align_corners=False) to the input size; a pixel is the target
         where sigmoid(target) > sigmoid(background), the sentence names nothing
@@ -159,7 +160,8 @@ class ReLA(ReferringModel):
         ``"logits"``: where target − background > 0, no target − target > 0). Returned as
         probabilities (softmax of the two logits) that exceed 0.5 exactly where those
         decisions pick. With ``config.no_target_if_empty`` an empty thresholded mask says "no
-        target" too (:func:`rexfast.engine.inference.predict_batch`)."""
+        target" too (:func:`rexfast.engine.inference.predict_batch`). ReLA draws no noise at
+        inference: ``sample_seeds`` (the protocol's) changes nothing."""
         out = self.forward_features(images, input_ids, attention_mask)
         logits = F.interpolate(out["mask_logits"].float(), size=images.shape[-2:], mode="bilinear",
                                align_corners=False)
