@@ -142,8 +142,7 @@ def _predict_thresholds(args) -> tuple:
 
 # ----------------------------------------------------------------------------- predict: the batch forms
 BATCH_FLAGS = (("--batch-size", "batch_size"), ("--workers", "workers"), ("--save-masks", "save_masks"),
-               ("--save-overlays", "save_overlays"), ("--skip-bad", "skip_bad"), ("--no-progress", "no_progress"),
-               ("--overwrite", "overwrite"))
+               ("--save-overlays", "save_overlays"), ("--skip-bad", "skip_bad"), ("--overwrite", "overwrite"))
 
 
 def _predict_form(args) -> str:
