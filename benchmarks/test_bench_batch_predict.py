@@ -24,6 +24,7 @@ The aim (issue 33): batch 8 ≥ 1.5× the single-pair loop.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
@@ -61,12 +62,12 @@ def _segmenter(preset: str, size: int, folder):
     config = getattr(ReLAConfig, preset)()
     bert = bert_for_vocab(config.bert, len(tokenizer), has_weights=config.bert_weights is not None)
     torch.manual_seed(0)
-    model = ReLA(type(config)(**{**config.__dict__, "bert": bert}))
+    model = ReLA(dataclasses.replace(config, bert=bert))
     model = rexfast.optimize(model, precision="fp32")
     return Segmenter(model, tokenizer, Preprocessing(image_size=size))
 
 
-def _pairs_file(folder, count: int, shape) -> "Path":  # noqa: F821
+def _pairs_file(folder, count: int, shape):
     rng = np.random.default_rng(0)
     (folder / "images").mkdir()
     rows = []
