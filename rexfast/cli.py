@@ -113,8 +113,7 @@ def _cmd_predict(args) -> int:
         args.checkpoint, args.image, args.text, out_dir=args.out_dir or ".", mask_threshold=mask_threshold,
         no_target_threshold=no_target_threshold, device=args.device, tokenizer=args.tokenizer,
         overrides=args.set or [], precision=args.precision, compile=args.compile)
-    if result.no_target:
-        print(f"no target: nothing in the image matches the sentence. {result.explanation[len('no target: '):]}")
+    print(result.explanation)  # what was found, or which rule said "no target"
     for path in written:
         print(path)
     return 0

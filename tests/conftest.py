@@ -13,9 +13,16 @@ import pytest  # noqa: E402
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running; excluded from the default run (-m 'not slow')")
     config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped without one")
+    config.addinivalue_line("markers", "fuzz: atheris fuzzing of the file readers; runs only with -m fuzz")
 
 
 def pytest_collection_modifyitems(config, items):
+    # the fuzzers run only when asked for (-m fuzz, or a -m expression naming them)
+    if "fuzz" not in (config.getoption("markexpr", "") or ""):
+        skip_fuzz = pytest.mark.skip(reason="fuzzing runs with -m fuzz (REXFAST_FUZZ_SECONDS per target)")
+        for item in items:
+            if item.get_closest_marker("fuzz") is not None:
+                item.add_marker(skip_fuzz)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

@@ -106,19 +106,6 @@ def sentence_of(item: dict) -> str:
     return item["sentence"]
 
 
-def inference_item(image, text: str, tokenizer, data_cfg: DataConfig) -> dict:
-    """A sample for ``collate`` from an image (PIL or uint8 (H,W,3)) and a sentence,
-    preprocessed exactly as the evaluation data is."""
-    from rexfast.data import tokenize
-    from rexfast.data.datasets import preprocess_image
-
-    if not isinstance(text, str) or not text.strip():
-        raise ValueError("the text is empty: say what to segment, e.g. --text \"the red circle\"")
-    ids, mask = tokenize(tokenizer, text, data_cfg.max_tokens)
-    return {"image": preprocess_image(image, data_cfg.image_size), "input_ids": ids, "attention_mask": mask,
-            "sentence": text}
-
-
 def generate_synthetic_data(data_cfg: DataConfig, *, n_train: int, n_val: int, n_test: int, seed: int = 0) -> Path:
     from rexfast.data import generate_synthetic
 
@@ -202,8 +189,9 @@ def load_model(source, *, overrides=(), tokenizer=None, device="cpu", require_to
     tokenizer = tokenizer or data_over.get("tokenizer")
     loaded = load_model_source(source, tokenizer=tokenizer, model_overrides=model_over, device=device,
                                require_tokenizer=require_tokenizer)
-    for note in loaded.notes:
-        logging.getLogger("rexfast").warning(note)
+    if "image_size" not in data_over:  # (the one note: a folder without preprocessor_config.json)
+        for note in loaded.notes:
+            logging.getLogger("rexfast").warning(note)
     if loaded.run_config is not None:
         cfg = Config.from_dict(apply_overrides(copy.deepcopy(loaded.run_config), overrides))
     else:  # the model section is the loaded model's (its overrides are applied above)
@@ -229,6 +217,6 @@ def describe(model: torch.nn.Module) -> str:
 
 __all__ = [
     "build_tokenizer", "vocab_of", "tokenizer_from_vocab", "task_of", "build_dataset", "collate", "original_mask", "eval_mask",
-    "original_image", "sentence_of", "inference_item", "generate_synthetic_data", "model_class",
+    "original_image", "sentence_of", "generate_synthetic_data", "model_class",
     "check_input_size", "build_model", "Loaded", "load_model", "describe",
 ]

@@ -15,14 +15,17 @@ from pathlib import Path
 from ..io import check_output_dir
 
 
-def convert_official(path, out, *, model: str = "auto", tokenizer=None) -> str:
+def convert_official(path, out, *, model: str = "auto", tokenizer=None, model_overrides=None) -> str:
+    """Write the model folder of ``path`` to ``out`` (with ``tokenizer``: self-contained).
+    ``model_overrides`` are config fields the weights cannot tell (e.g. the head counts of a
+    Swin or BERT of a width the authors never released)."""
     from rexfast.models import registry
     from rexfast.models.loading import load_model_source
 
     out = check_output_dir(out, "--out")
     if model != "auto":
         registry.get(model)  # a ValueError naming the choices, before anything is read
-    loaded = load_model_source(path, tokenizer=tokenizer, require_tokenizer=False,
+    loaded = load_model_source(path, tokenizer=tokenizer, require_tokenizer=False, model_overrides=model_overrides,
                                official_model=None if model == "auto" else model)
     if model != "auto" and loaded.model.model_type != model:
         raise ValueError(f"--model {model}: {path} holds a {loaded.model.model_type} model")

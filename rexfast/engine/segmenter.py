@@ -24,7 +24,10 @@ the probability map is resized (bicubic) to the image's size and thresholded at
 
 A model that draws noise at inference (CGFormer with ``eval_noise``, the demo preset)
 draws each sample's noise from the Segmenter's ``seed``: the same answer on every run, and
-the same answer in a batch as alone.
+the same answer in a batch as alone. In fp32 a batch gives the masks of one call per pair
+(the probabilities agree to float rounding, ~1e-6); in bf16 (``precision="auto"`` on a CPU
+with native bf16) the rounding depends on the batch, so a pixel right at a threshold can
+differ.
 """
 
 from __future__ import annotations
@@ -84,15 +87,16 @@ class Segmentation:
         if not self.no_target:
             pixels = int(self.mask.sum())
             return f"{pixels} of {h * w} pixels ({100.0 * pixels / (h * w):.1f}%) match the sentence"
+        lead = "no target (nothing in the image matches the sentence; the mask is empty): "
         if self.no_target_reason == HEAD:
-            return (f"no target: the no-target head's probability {self.no_target_prob:.2f} exceeds the no-target "
-                    f"threshold {self.no_target_threshold:.2f}; the mask is empty")
+            return (f"{lead}the no-target head's probability {self.no_target_prob:.3f} exceeds the no-target "
+                    f"threshold {self.no_target_threshold:g}")
         if self.no_target_prob is None:
             why = "this model has no no-target head, so an empty mask is its no-target answer"
         else:
-            why = (f"the no-target head's probability {self.no_target_prob:.2f} is below the no-target threshold "
-                   f"{self.no_target_threshold:.2f}, but this model also says no target for an empty mask")
-        return f"no target: no pixel's mask probability exceeds the mask threshold {self.mask_threshold:.2f} ({why})"
+            why = (f"the no-target head's probability {self.no_target_prob:.3f} does not exceed the no-target "
+                   f"threshold {self.no_target_threshold:g}, but this model also says no target for an empty mask")
+        return f"{lead}no pixel's mask probability exceeds the mask threshold {self.mask_threshold:g} ({why})"
 
     def overlay(self, image=None, *, colour=OVERLAY_COLOUR, alpha: float = 0.6):
         """The image with the mask painted over it in ``colour`` (magenta by default) as a PIL image.
