@@ -83,33 +83,47 @@ class PairList:
         return [p for p in self.pairs if p.error is not None]
 
 
-def check_image(path: Path) -> Optional[str]:
-    """None when ``path`` is a file whose header PIL identifies, else why not. Only the
-    header is read (no pixel decoding), so checking thousands of images is quick."""
+def check_image(path: Path, limit: Optional[int] = None) -> Optional[str]:
+    """None when ``path`` is a file whose header PIL identifies, of at most ``limit`` pixels
+    (default :func:`rexfast.io.max_image_pixels`, the limit :func:`rexfast.io.load_image`
+    applies), else why not. Only the header is read (no pixel decoding), so checking
+    thousands of images is quick."""
+    import warnings
+
     from PIL import Image
+
+    from ..io import max_image_pixels
 
     if not path.exists():
         return f"image not found: {path}"
     if not path.is_file():
         return f"image is not a file: {path}"
+    limit = max_image_pixels() if limit is None else limit
     try:
-        with Image.open(path) as im:
-            width, height = im.size
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below decides
+            with Image.open(path) as im:
+                width, height = im.size
     except Exception as exc:  # noqa: BLE001 - PIL raises many types on a bad header
         return f"cannot read image {path}: {type(exc).__name__}: {exc}"
     if width < 1 or height < 1:
         return f"image {path} is empty ({width}x{height})"
+    if width * height > limit:
+        return f"image {path} is {width}x{height} pixels, more than {limit} (REXFAST_MAX_IMAGE_PIXELS)"
     return None
 
 
 def _check_images(rows: list[dict]) -> None:
     """Fill in the image errors of the rows that are otherwise good (in threads: the
     header reads are I/O)."""
+    from ..io import max_image_pixels
+
     todo = [row for row in rows if row["error"] is None]
     if not todo:
         return
+    limit = max_image_pixels()  # a bad REXFAST_MAX_IMAGE_PIXELS is one error, before any row
     with ThreadPoolExecutor(max_workers=min(16, 4 * (os.cpu_count() or 1))) as pool:
-        for row, error in zip(todo, pool.map(check_image, [row["image"] for row in todo])):
+        for row, error in zip(todo, pool.map(lambda image: check_image(image, limit), [row["image"] for row in todo])):
             row["error"] = error
 
 

@@ -84,6 +84,15 @@ def test_every_bad_row_is_found_and_the_first_is_named(images, tmp_path):
     assert [p.id for p in pairs][:2] == ["0", "1"] and pairs[0].error is None
 
 
+def test_an_image_over_the_pixel_limit_is_a_bad_row_from_its_header(images, tmp_path, monkeypatch):
+    monkeypatch.setenv("REXFAST_MAX_IMAGE_PIXELS", "34")  # the images are 7x5 = 35 pixels
+    with pytest.raises(ValueError, match=r"the first, image a.jpg: image .*a.jpg is 7x5 pixels, more than 34 "
+                                         r"\(REXFAST_MAX_IMAGE_PIXELS\)"):
+        folder_pairs(images, "x")
+    monkeypatch.setenv("REXFAST_MAX_IMAGE_PIXELS", "35")
+    assert len(folder_pairs(images, "x", skip_bad=True).bad) == 1  # broken.png only
+
+
 def test_csv_header_and_field_count_problems(images, tmp_path):
     path = tmp_path / "p.csv"
     path.write_text("image,caption\nimgs/a.jpg,x\n")
