@@ -10,9 +10,11 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from rexfast.cli import main
+from rexfast.data.masks import encode_mask
 
 METRIC_KEYS_SKIPPED = {"checkpoint", "predictions", "model", "precision"}
 
@@ -98,9 +100,6 @@ def test_scoring_tells_missing_unknown_and_repeated_ids(tiny_cgformer_run, tmp_p
 
     wrong_size = tmp_path / "size.jsonl"
     first = json.loads(lines[0])
-    from rexfast.data.masks import encode_mask
-    import numpy as np
-
     first["segmentation"] = encode_mask(np.zeros((7, 9), bool))
     wrong_size.write_text("\n".join([json.dumps(first), *lines[1:]]) + "\n")
     with pytest.raises(ValueError, match=rf"line 1: id '{ids[0]}' has a \[7, 9\] mask; the evaluation compares "
@@ -137,17 +136,19 @@ def test_a_foreign_file_scores_with_integer_ids_and_no_no_target_field(tiny_cgfo
     assert table["gIoU"] == pytest.approx(100.0) and table["cIoU"] == pytest.approx(100.0)
 
 
-def test_eval_flag_mistakes_are_one_error_line(tiny_cgformer_run, tmp_path):
+def test_eval_flag_mistakes_are_one_error_line(tiny_cgformer_run, tmp_path, capsys):
+    """In-process (each check comes before any model or dataset loads), and once through a real process."""
     run = tiny_cgformer_run
-    env = dict(os.environ, OMP_NUM_THREADS="1")
 
     def one_error(*args) -> str:
-        proc = subprocess.run([sys.executable, "-m", "rexfast", "eval", *map(str, args)], capture_output=True,
-                              text=True, env=env, timeout=300)
-        assert proc.returncode == 2, proc.stderr
-        lines = proc.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("rexfast: error:"), proc.stderr
-        return lines[0]
+        capsys.readouterr()
+        try:
+            code = main(["eval", *map(str, args)])
+        except SystemExit as exc:  # argparse's usage errors
+            code = exc.code
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and err[0].startswith("rexfast: error:"), err
+        return err[0]
 
     assert "--checkpoint M" in one_error("--split", "val")
     assert "needs --config" in one_error("--predictions", tmp_path / "p.jsonl")
@@ -155,9 +156,15 @@ def test_eval_flag_mistakes_are_one_error_line(tiny_cgformer_run, tmp_path):
                                                      _config(tmp_path, run))
     assert "--save-predictions" in one_error("--predictions", tmp_path / "p.jsonl", "--config", _config(tmp_path, run),
                                              "--save-predictions", tmp_path / "x.jsonl")
+    assert "--config goes with --predictions" in one_error("--checkpoint", run["best"], "--config",
+                                                           _config(tmp_path, run))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "1", "segmentation": {"size": [4, 4], "counts": "0"}}\n[1, 2]\n')
     assert "line 2: not a JSON object" in one_error("--predictions", bad, "--config", _config(tmp_path, run))
     folder = tmp_path / "a_folder"
     folder.mkdir()
-    assert "is a folder" in one_error("--checkpoint", run["best"], "--save-predictions", folder)
+    proc = subprocess.run([sys.executable, "-m", "rexfast", "eval", "--checkpoint", str(run["best"]),
+                           "--save-predictions", str(folder)], capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "is a folder" in lines[0], proc.stderr
