@@ -20,11 +20,12 @@ from .inference import MASK_THRESHOLD, NO_TARGET_THRESHOLD, predict_batch
 @torch.no_grad()
 def evaluate(model, dataset, *, task: str, batch_size: int = 8, device="cpu", amp_dtype=None,
              mask_threshold: float = MASK_THRESHOLD, no_target_threshold: float = NO_TARGET_THRESHOLD,
-             max_samples: int | None = None, progress: bool = False, on_prediction=None) -> dict:
+             max_samples: int | None = None, progress: bool = False, lines: list | None = None) -> dict:
     """The metric table of ``model`` on the first ``max_samples`` samples of ``dataset`` (all by default),
     at the evaluators' thresholds (0.5 and 0.5; see :mod:`rexfast.engine.inference`).
-    ``on_prediction(index, item, pred)``, when given, sees every sample's
-    :class:`~rexfast.engine.inference.SamplePrediction` (at the evaluation size) as it is scored."""
+
+    ``lines``: a list to which each sample's predictions-file line is appended (see
+    :func:`evaluate_checkpoint`'s ``save_predictions``; needs ``dataset.sample_id``)."""
     from rexfast.metrics import GRESMetrics, RESMetrics
 
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
@@ -48,8 +49,10 @@ def evaluate(model, dataset, *, task: str, batch_size: int = 8, device="cpu", am
             preds = predict_batch(model, batch, [tuple(g.shape[-2:]) for g in gts], mask_threshold=mask_threshold,
                                   no_target_threshold=no_target_threshold, amp_dtype=amp_dtype)
             for offset, (pred, gt, item) in enumerate(zip(preds, gts, items)):
-                if on_prediction is not None:
-                    on_prediction(start + offset, item, pred)
+                if lines is not None:  # the thresholded mask, also for "no target": the metrics count it
+                    lines.append(record_line(prediction_record(
+                        dataset.sample_id(start + offset), item["image_path"], item["sentence"],
+                        pred.mask.cpu().numpy(), pred.no_target, pred.no_target_prob)))
                 if task == "gres":
                     meter.update(pred.mask.cpu(), gt, no_target=bool(item.get("no_target", not gt.any())),
                                  pred_no_target=pred.no_target)
@@ -97,16 +100,10 @@ def evaluate_checkpoint(path, *, split=None, overrides=(), out=None, batch_size=
         raise FileNotFoundError(f"{exc} (data.root is {cfg.data.root}; point it elsewhere with "
                                 "--set data.root=PATH)") from None
     model = optimize(loaded.model, precision=precision, compile=compile)
-    lines = []
-
-    def keep(index, item, pred):
-        lines.append(record_line(prediction_record(
-            dataset.sample_id(index), item["image_path"], item["sentence"], pred.mask.cpu().numpy(), pred.no_target,
-            pred.no_target_prob)))
-
+    lines = [] if save_predictions else None
     torch.manual_seed(0)  # a model that draws noise at inference (CGFormer eval_noise) scores the same every run
     metrics = evaluate(model, dataset, task=builders.task_of(cfg.data), batch_size=batch_size, device=device,
-                       max_samples=max_samples, progress=True, on_prediction=keep if save_predictions else None)
+                       max_samples=max_samples, progress=True, lines=lines)
     metrics = {"checkpoint": str(path), "model": cfg.model.name, "dataset": cfg.data.dataset, "split": split,
                "precision": model.optimization.precision, **metrics}
     if save_predictions:

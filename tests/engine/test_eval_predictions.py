@@ -1,6 +1,6 @@
 """``rexfast eval --save-predictions`` writes a predictions file and ``rexfast eval --predictions``
 scores one: the table equals the model's own (GRES and RES, at the original and at the
-input resolution), and missing, unknown, repeated or wrongly sized predictions are one
+input resolution, also where "no target" answers keep pixels), and missing, unknown, repeated or wrongly sized predictions are one
 clear error."""
 
 from __future__ import annotations
@@ -9,9 +9,11 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 from rexfast.cli import main
 from rexfast.data.masks import encode_mask
@@ -62,6 +64,38 @@ def test_saved_predictions_score_to_the_models_own_table(tiny_cgformer_run, tmp_
     printed = capsys.readouterr().out
     assert "gIoU" in printed if dataset == "synthetic" else "mIoU" in printed
     assert _table(file_table) == _table(model_table)
+
+
+class _Guesser(torch.nn.Module):
+    """A stand-in model with a no-target head that answers at random (seeded by its input):
+    many "no target" answers keep pixels, the case where a file must keep the thresholded mask."""
+
+    def predict(self, images, input_ids, attention_mask):
+        g = torch.Generator().manual_seed(int(input_ids.sum()) + int(1000 * images.abs().sum()))
+        b, _, h, w = images.shape
+        return SimpleNamespace(mask=torch.rand(b, h // 4, w // 4, generator=g), no_target=torch.rand(b, generator=g),
+                               no_target_if_empty=False)
+
+
+@pytest.mark.parametrize("dataset", ["synthetic", "synthetic_res"])
+def test_a_file_of_no_target_answers_with_pixels_scores_to_the_same_table(tiny_cgformer_run, tmp_path, dataset):
+    from rexfast.data import ReferringDataset
+    from rexfast.engine.evaluator import evaluate, score_predictions
+
+    run = tiny_cgformer_run
+    ds = ReferringDataset(run["root"], dataset, "val", image_size=32)
+    lines = []
+    table = evaluate(_Guesser(), ds, task=ds.task, batch_size=5, lines=lines)
+    recs = [json.loads(line) for line in lines]
+    kept = [r for r in recs if r["no_target"] and r["segmentation"]["counts"] != encode_mask(
+        np.zeros((r["height"], r["width"]), bool))["counts"]]
+    assert len(kept) >= 3  # "no target" answers whose thresholded mask has pixels
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b"".join(lines))
+    scored = score_predictions(path, _config(tmp_path, run, dataset=dataset), split="val")
+    assert {k: v for k, v in scored.items() if k in table} == table
+    if dataset == "synthetic":
+        assert 0 < table["N-acc"] < 100 and 0 < table["T-acc"] < 100
 
 
 def test_scoring_tells_missing_unknown_and_repeated_ids(tiny_cgformer_run, tmp_path):
