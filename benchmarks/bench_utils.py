@@ -33,6 +33,7 @@ import os
 import platform
 import re
 import subprocess
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -259,6 +260,41 @@ def results_dir() -> Path:
         raise RuntimeError(f"{RECORD_ENV}=1 records into benchmarks/results/ only from a clean tree "
                            f"(commit {commit}): commit or stash first")
     return RESULTS_DIR
+
+
+# ----------------------------------------------------------------------------- memory
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+class PeakRSS:
+    """Peak resident memory above the level at entry, sampled every 2 ms in a thread
+    (torch ops release the GIL)."""
+
+    def __enter__(self):
+        self.base = self.peak = rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss())
+
+    @property
+    def mib(self) -> float:
+        return (self.peak - self.base) / 2**20
 
 
 # ----------------------------------------------------------------------------- whole models

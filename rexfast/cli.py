@@ -86,40 +86,155 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from .engine.evaluator import evaluate_checkpoint
     from .metrics import format_table
 
-    metrics = evaluate_checkpoint(
-        args.checkpoint, split=args.split, overrides=args.set or [], out=args.out, batch_size=args.batch_size,
-        device=args.device, max_samples=args.max_samples, tokenizer=args.tokenizer, precision=args.precision,
-        compile=args.compile, progress=not args.no_progress,
-    )
+    if args.predictions is not None:
+        metrics = _eval_predictions_file(args)
+    else:
+        from .engine.evaluator import evaluate_checkpoint
+
+        if args.checkpoint is None:
+            raise ValueError("eval needs --checkpoint M (evaluate a model) or --predictions F --config C "
+                             "(score a predictions file)")
+        if args.config is not None:
+            raise ValueError("--config goes with --predictions; a checkpoint carries its own config "
+                             "(change it with --set)")
+        metrics = evaluate_checkpoint(
+            args.checkpoint, split=args.split, overrides=args.set or [], out=args.out, batch_size=args.batch_size,
+            device=args.device, max_samples=args.max_samples, tokenizer=args.tokenizer, precision=args.precision,
+            compile=args.compile, save_predictions=args.save_predictions, progress=not args.no_progress,
+        )
     print(format_table(metrics))
     return 0
 
 
+def _eval_predictions_file(args) -> dict:
+    """``eval --predictions F --config C``: score a file; the model-only flags make no sense here."""
+    from .engine.evaluator import score_predictions
+
+    given = [flag for flag, value in (("--checkpoint", args.checkpoint), ("--save-predictions", args.save_predictions),
+                                      ("--tokenizer", args.tokenizer), ("--compile", args.compile)) if value]
+    if given:
+        raise ValueError(f"--predictions scores a file; {', '.join(given)} belong(s) to evaluating a model")
+    if args.config is None:
+        raise ValueError("--predictions needs --config C: the config whose data section names the dataset")
+    return score_predictions(args.predictions, args.config, split=args.split, overrides=args.set or [],
+                             out=args.out, max_samples=args.max_samples)
+
+
 def _cmd_predict(args) -> int:
-    from .engine.inference import MASK_THRESHOLD, NO_TARGET_THRESHOLD
+    if _predict_form(args) != "--image":
+        return _cmd_predict_batch(args)
     from .engine.predictor import predict_to_files
+
+    mask_threshold, no_target_threshold = _predict_thresholds(args)
+    written, result = predict_to_files(
+        args.checkpoint, args.image, args.text, out_dir=args.out_dir or ".", mask_threshold=mask_threshold,
+        no_target_threshold=no_target_threshold, device=args.device, tokenizer=args.tokenizer,
+        overrides=args.set or [], precision=args.precision, compile=args.compile)
+    print(result.explanation)  # what was found, or which rule said "no target"
+    for path in written:
+        print(path)
+    return 0
+
+
+def _predict_thresholds(args) -> tuple:
+    """(mask threshold, no-target threshold) from --mask-threshold / --no-target-threshold, or
+    the deprecated --threshold that sets both (with a warning on stderr)."""
+    from .engine.inference import MASK_THRESHOLD, NO_TARGET_THRESHOLD, check_threshold
 
     mask_threshold, no_target_threshold = args.mask_threshold, args.no_target_threshold
     if args.threshold is not None:
         if mask_threshold is not None or no_target_threshold is not None:
             raise ValueError("--threshold (deprecated) sets both thresholds: give it alone, or use --mask-threshold "
                              "and --no-target-threshold")
-        print("rexfast: warning: --threshold is deprecated: it sets both --mask-threshold and "
-              "--no-target-threshold; give those instead", file=sys.stderr)
+        if _rank() == 0:
+            print("rexfast: warning: --threshold is deprecated: it sets both --mask-threshold and "
+                  "--no-target-threshold; give those instead", file=sys.stderr)
         mask_threshold = no_target_threshold = args.threshold
-    written, result = predict_to_files(
-        args.checkpoint, args.image, args.text, out_dir=args.out_dir,
-        mask_threshold=MASK_THRESHOLD if mask_threshold is None else mask_threshold,
-        no_target_threshold=NO_TARGET_THRESHOLD if no_target_threshold is None else no_target_threshold,
-        device=args.device, tokenizer=args.tokenizer, overrides=args.set or [], precision=args.precision,
-        compile=args.compile)
-    print(result.explanation)  # what was found, or which rule said "no target"
-    for path in written:
-        print(path)
+    mask_threshold = MASK_THRESHOLD if mask_threshold is None else mask_threshold
+    no_target_threshold = NO_TARGET_THRESHOLD if no_target_threshold is None else no_target_threshold
+    return (check_threshold(mask_threshold, "--mask-threshold"),
+            check_threshold(no_target_threshold, "--no-target-threshold"))
+
+
+# ----------------------------------------------------------------------------- predict: the batch forms
+BATCH_FLAGS = (("--batch-size", "batch_size"), ("--workers", "workers"), ("--save-masks", "save_masks"),
+               ("--save-overlays", "save_overlays"), ("--skip-bad", "skip_bad"), ("--overwrite", "overwrite"))
+
+
+def _predict_form(args) -> str:
+    """Which of the three forms: --image (one pair), --pairs (a pairs file), --images (a folder)."""
+    forms = [flag for flag, value in (("--image", args.image), ("--pairs", args.pairs), ("--images", args.images))
+             if value is not None]
+    if len(forms) != 1:
+        raise ValueError("give exactly one of --image FILE (with --text), --pairs FILE (a .jsonl or .csv of image, "
+                         f"text[, id] rows) or --images DIR (with --text){'; got ' + ' and '.join(forms) if forms else ''}")
+    form = forms[0]
+    if form == "--pairs" and args.text is not None:
+        raise ValueError("--text goes with --image or --images; a pairs file has a text column")
+    if form != "--pairs" and args.text is None:
+        raise ValueError(f"{form} needs --text \"...\": the sentence naming what to segment")
+    if form == "--image":
+        given = [flag for flag, dest in BATCH_FLAGS if getattr(args, dest) not in (None, False)]
+        if given:
+            raise ValueError(f"{', '.join(given)} belong(s) to the batch forms (--pairs, --images)")
+    elif args.out_dir is None:
+        raise ValueError(f"{form} needs --out-dir D: predictions.jsonl (and the PNGs) go there")
+    return form
+
+
+def _cmd_predict_batch(args) -> int:
+    from .data.pairs import folder_pairs, read_pairs
+    from .engine.batch_predict import predict_pairs, run_arguments
+    from .engine.precision import check_precision
+
+    check_precision(args.precision, "--precision")
+    mask_threshold, no_target_threshold = _predict_thresholds(args)
+    # every row and image is checked here, before the model loads
+    if args.pairs is not None:
+        pairs = read_pairs(args.pairs, skip_bad=args.skip_bad)
+    else:
+        pairs = folder_pairs(args.images, args.text, skip_bad=args.skip_bad)
+    overrides = list(args.set or [])
+    record = run_arguments(args.checkpoint, pairs, mask_threshold=mask_threshold,
+                           no_target_threshold=no_target_threshold, precision=args.precision, overrides=overrides,
+                           tokenizer=args.tokenizer, save_masks=args.save_masks, save_overlays=args.save_overlays)
+
+    def load(device):
+        from .engine.segmenter import Segmenter
+
+        return Segmenter.from_pretrained(args.checkpoint, device=device, precision=args.precision,
+                                         compile=args.compile, tokenizer=args.tokenizer, overrides=overrides,
+                                         mask_threshold=mask_threshold, no_target_threshold=no_target_threshold)
+
+    summary = predict_pairs(pairs, args.out_dir, load, record, batch_size=args.batch_size or 8, workers=args.workers,
+                            save_masks=args.save_masks, save_overlays=args.save_overlays, skip_bad=args.skip_bad,
+                            overwrite=args.overwrite, progress=not args.no_progress, device=args.device)
+    if _rank() == 0:
+        print(f"rexfast predict: {summary.line()}")
     return 0
+
+
+def _predict_batch_flags(p) -> None:
+    p.add_argument("--pairs", metavar="FILE",
+                   help="predict every row of a .jsonl or .csv pairs file (columns image, text, optional id; image "
+                        "paths relative to the file) into --out-dir/predictions.jsonl")
+    p.add_argument("--images", metavar="DIR",
+                   help="predict --text on every image in DIR (sorted; the id is the file name)")
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="pairs per model call (default 8)")
+    p.add_argument("--workers", type=_non_negative_int, default=None,
+                   help="DataLoader workers decoding the images (default min(2, CPUs); 0: in the main process)")
+    p.add_argument("--save-masks", action="store_true", help="also write D/masks/<id>.png (0/255, empty for "
+                                                              "'no target')")
+    p.add_argument("--save-overlays", action="store_true", help="also write D/overlays/<id>.png")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="write bad rows (missing or unreadable image, empty text, ...) as {\"id\", \"error\"} lines "
+                        "and go on, instead of stopping before the model loads")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an --out-dir that holds predictions of a run with other arguments (a rerun "
+                        "with the same arguments continues where it stopped)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs and CI)")
 
 
 def _cmd_demo(args) -> int:
@@ -206,6 +321,16 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
         return help + " (default: %(default)s)"
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, with its usage errors in the same one-line form (exit 2) and the defaults in the help."""
 
@@ -241,6 +366,15 @@ def _precision_flags(p, default, compile_too=True):
                        help="torch.compile the inference graph (the first call compiles: minutes on a small CPU)")
 
 
+def _eval_predictions_flags(p) -> None:
+    p.add_argument("--predictions", metavar="F",
+                   help="score this predictions file (JSONL, one line per sentence: id = the dataset's sentence id, "
+                        "segmentation = COCO RLE) instead of a model; needs --config")
+    p.add_argument("--config", metavar="C", help="with --predictions: the config whose data section names the dataset")
+    p.add_argument("--save-predictions", metavar="F",
+                   help="with --checkpoint: also write every prediction to this JSONL file (what --predictions reads)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="rexfast", description=DESCRIPTION, epilog="Each command's options: rexfast COMMAND --help.")
     parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
@@ -261,8 +395,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"CPU training precision (train.precision; bf16 is autocast): {PRECISION_HELP}")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("eval", help="evaluate a checkpoint on a split; prints and writes the metric table")
-    p.add_argument("--checkpoint", required=True, help=MODEL_SOURCE_HELP)
+    p = sub.add_parser("eval", help="evaluate a checkpoint, or score a predictions file, on a split; prints and "
+                                     "writes the metric table")
+    p.add_argument("--checkpoint", help=MODEL_SOURCE_HELP)
+    _eval_predictions_flags(p)
     p.add_argument("--split", default=None, help="split name (default: the config's val split)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override e.g. data.root")
     p.add_argument("--out", help="write the metrics as JSON here")
@@ -274,12 +410,13 @@ def build_parser() -> argparse.ArgumentParser:
     _precision_flags(p, "fp32")
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("predict", help="segment what a sentence names in one image")
+    p = sub.add_parser("predict", help="segment what a sentence names in an image, or in every pair of a pairs file or folder")
     p.add_argument("--checkpoint", required=True, help=MODEL_SOURCE_HELP)
-    p.add_argument("--image", required=True, help="the image file (JPEG, PNG, ...)")
-    p.add_argument("--text", required=True, help='the referring expression, e.g. "the red circle on the left"')
-    p.add_argument("--out-dir", default=".",
-                   help="where <image>_<sentence>_<hash>_mask.png and ..._overlay.png go (one pair per sentence)")
+    p.add_argument("--image", help="one image file (JPEG, PNG, ...; with --text); or see --pairs, --images")
+    p.add_argument("--text", help="the sentence naming what to segment (with --image or --images)")
+    p.add_argument("--out-dir", default=None,
+                   help="--image: where <image>_<sentence>_<hash>_mask.png and ..._overlay.png go (one pair per "
+                        "sentence; default .); --pairs/--images: where predictions.jsonl goes")
     p.add_argument("--mask-threshold", type=float, default=None, metavar="P",
                    help="a pixel is in the mask where its mask probability exceeds P (0 < P < 1; default 0.5, "
                         "the authors' evaluators')")
@@ -295,6 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--tokenizer", help=TOKENIZER_HELP)
     _precision_flags(p, "auto")
+    _predict_batch_flags(p)
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("demo", help="synthetic GRES data → train a small ReLA or CGFormer → evaluate → overlays")

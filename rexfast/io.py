@@ -546,6 +546,9 @@ def safe_torch_load(path: PathLike, what: str = "file", *, map_location="cpu"):
         raise ValueError(f"cannot read {what} {path}: its pickle nests too deeply") from None
     except Exception as exc:  # noqa: BLE001 - ValueError and what the pure-Python unpickler raises on bad input
         detail = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+        kind = describe_file(path)
+        if kind != "a torch.save file" and not kind.startswith("a pickle"):  # an image, an ONNX file, a cut zip...
+            raise ValueError(_unreadable(path, what, exc, detail)) from None
         raise ValueError(f"cannot read {what} {path}: {detail}") from None
     try:
         return torch.load(path, map_location=map_location, weights_only=True)

@@ -58,7 +58,9 @@ def task_of(data_cfg: DataConfig) -> str:
     return DATASETS[data_cfg.dataset].task
 
 
-def build_dataset(data_cfg: DataConfig, split: str, *, train: bool, tokenizer):
+def build_dataset(data_cfg: DataConfig, split: str, *, train: bool, tokenizer, targets_only: bool = False):
+    """The configured dataset split; ``targets_only``: the ground truth only, to score
+    predictions (no tokenizer; see :class:`rexfast.data.ReferringDataset`)."""
     from rexfast.data import ReferringDataset
 
     task_of(data_cfg)  # validates the name
@@ -66,6 +68,7 @@ def build_dataset(data_cfg: DataConfig, split: str, *, train: bool, tokenizer):
         data_cfg.root, data_cfg.dataset, split, image_root=data_cfg.image_root, image_size=data_cfg.image_size,
         tokenizer=tokenizer, max_tokens=data_cfg.max_tokens, train=train, mask_resize=data_cfg.mask_resize,
         eval_resolution=data_cfg.eval_resolution, no_target_repeat=data_cfg.no_target_repeat if train else 1,
+        targets_only=targets_only,
     )
 
 
