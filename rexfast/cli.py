@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 
 USER_ERRORS = (FileNotFoundError, ValueError, TypeError, KeyError, PermissionError, IsADirectoryError,
                NotADirectoryError, FileExistsError)
@@ -50,10 +51,28 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _config_needed() -> str:
+    """The message for ``train`` without ``--config``: what a config is and the ones at hand
+    (the repository's ``configs/``, looked for beside the package and in the current folder)."""
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent.parent
+    for folder in (here / "configs", Path.cwd() / "configs"):
+        found = sorted(p.name for p in folder.glob("*.y*ml")) + sorted(p.name for p in folder.glob("*.json"))
+        if found:
+            return (f"train needs a config: --config FILE (YAML or JSON with sections data, model, train); the "
+                    f"configs in {folder}: {', '.join(found)} (or `rexfast demo` trains on synthetic data with none)")
+    return ("train needs a config: --config FILE (YAML or JSON with sections data, model, train); no configs/ folder "
+            "was found beside the package or in the current folder (the source repository's configs/ holds "
+            "examples; `rexfast demo` trains on synthetic data with none)")
+
+
 def _cmd_train(args) -> int:
     from .engine.config import load_config
     from .engine.trainer import train
 
+    if not args.config and not args.set:  # a run may be given entirely as --set section.key=value
+        raise ValueError(_config_needed())
     overrides = list(args.set or [])
     if args.out:
         overrides.append(f"train.out_dir={args.out}")
@@ -73,7 +92,7 @@ def _cmd_eval(args) -> int:
     metrics = evaluate_checkpoint(
         args.checkpoint, split=args.split, overrides=args.set or [], out=args.out, batch_size=args.batch_size,
         device=args.device, max_samples=args.max_samples, tokenizer=args.tokenizer, precision=args.precision,
-        compile=args.compile,
+        compile=args.compile, progress=not args.no_progress,
     )
     print(format_table(metrics))
     return 0
@@ -114,7 +133,8 @@ def _cmd_demo(args) -> int:
 def _cmd_convert(args) -> int:
     from .engine.convert import convert_official
 
-    out = convert_official(args.official, args.out, model=args.model, tokenizer=args.tokenizer)
+    out = convert_official(args.official, args.out, model=args.model, tokenizer=args.tokenizer,
+                          overrides=args.set or [])
     if not args.tokenizer:
         print("rexfast: note: no --tokenizer given, so the folder holds none; predict and eval will need "
               "--tokenizer (convert again with --tokenizer DIR for a self-contained folder)", file=sys.stderr)
@@ -133,10 +153,12 @@ def _cmd_export(args) -> int:
     model = loaded.model
     size = args.image_size or loaded.preprocessing.image_size  # the size the model was trained at
     try:
+        from .engine.exporting import preprocessing_metadata
         from .export import export_onnx
 
         result = export_onnx(model, out, image_size=size, mode=args.mode, opset=args.opset,
-                             verify=not args.no_verify)
+                             verify=not args.no_verify,
+                             metadata=preprocessing_metadata(loaded.config, loaded.tokenizer))
     except ImportError as exc:  # the export extra is missing
         raise ValueError(str(exc)) from None
     print(json.dumps({
@@ -172,8 +194,24 @@ def _positive_int(text: str) -> int:
     return value
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every option's default in its help (where it has one worth showing: not None, not the
+    off state of a flag, not one the help already states), descriptions kept as written."""
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        if "%(default)" in help or "default" in help.lower() or action.default is None or action.default is False \
+                or action.default == argparse.SUPPRESS or not action.option_strings:
+            return help
+        return help + " (default: %(default)s)"
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse, with its usage errors in the same one-line form (exit 2)."""
+    """argparse, with its usage errors in the same one-line form (exit 2) and the defaults in the help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         if _rank() == 0:
@@ -186,6 +224,10 @@ MODEL_SOURCE_HELP = ("a model folder, a training checkpoint (best.pt, last.pt), 
                      "not cached and HF_HUB_OFFLINE is unset)")
 TOKENIZER_HELP = ("a local vocab.txt or BERT folder: needed with a released .pth or a model folder written before "
                   "folders stored their tokenizer; replaces the source's own otherwise")
+DESCRIPTION = ("Referring expression segmentation (CGFormer, ReLA): train, evaluate, predict, export.\n"
+               "Bad input ends with one 'rexfast: error: ...' line and exit code 2, before any long work.")
+DEVICE_HELP = "auto (the first GPU when torch sees one, else cpu), cpu, cuda, cuda:N or mps"
+VERBOSE_HELP = "log which backend each op runs, and more (also accepted after the command)"
 PRECISION_HELP = ("fp32 | bf16 | auto (bf16 where the CPU has native bf16: AMX or AVX512-BF16; fp32 elsewhere; "
                   "on a GPU auto keeps fp32 weights)")
 
@@ -193,27 +235,28 @@ PRECISION_HELP = ("fp32 | bf16 | auto (bf16 where the CPU has native bf16: AMX o
 def _precision_flags(p, default, compile_too=True):
     from .engine.precision import PRECISIONS
 
-    p.add_argument("--precision", choices=PRECISIONS, default=default, help=f"{PRECISION_HELP}; default {default}")
+    p.add_argument("--precision", choices=PRECISIONS, default=default, help=PRECISION_HELP)
     if compile_too:
         p.add_argument("--compile", action="store_true",
                        help="torch.compile the inference graph (the first call compiles: minutes on a small CPU)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="rexfast", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="log which backend each op runs, and more")
+    parser = _Parser(prog="rexfast", description=DESCRIPTION, epilog="Each command's options: rexfast COMMAND --help.")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("info", help="versions, built extensions, the backends each op can run, device")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print everything as one JSON object (for scripts)")
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("train", help="train from a config file (works under torchrun for DDP)")
-    p.add_argument("--config", help="YAML/JSON config (sections data, model, train)")
+    p.add_argument("--config", help="YAML/JSON config (sections data, model, train): see configs/; needed unless "
+                                    "--set gives the whole run")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
     p.add_argument("--out", help="output directory (train.out_dir)")
     p.add_argument("--resume", metavar="CKPT", help="continue exactly from a training checkpoint (last.pt)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs and CI)")
     p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default=None,
                    help=f"CPU training precision (train.precision; bf16 is autocast): {PRECISION_HELP}")
     p.set_defaults(func=_cmd_train)
@@ -223,17 +266,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default=None, help="split name (default: the config's val split)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override e.g. data.root")
     p.add_argument("--out", help="write the metrics as JSON here")
-    p.add_argument("--batch-size", type=_positive_int, default=8)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--max-samples", type=_positive_int, default=None)
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="samples per forward pass")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--max-samples", type=_positive_int, default=None, help="evaluate the first N samples only")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs and CI)")
     p.add_argument("--tokenizer", help=TOKENIZER_HELP)
     _precision_flags(p, "fp32")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("predict", help="segment what a sentence names in one image")
     p.add_argument("--checkpoint", required=True, help=MODEL_SOURCE_HELP)
-    p.add_argument("--image", required=True)
-    p.add_argument("--text", required=True)
+    p.add_argument("--image", required=True, help="the image file (JPEG, PNG, ...)")
+    p.add_argument("--text", required=True, help='the referring expression, e.g. "the red circle on the left"')
     p.add_argument("--out-dir", default=".",
                    help="where <image>_<sentence>_<hash>_mask.png and ..._overlay.png go (one pair per sentence)")
     p.add_argument("--mask-threshold", type=float, default=None, metavar="P",
@@ -248,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                    help="override a model config field (model.eval_noise=false) or the input "
                         "(data.image_size=480, data.max_tokens=20)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--tokenizer", help=TOKENIZER_HELP)
     _precision_flags(p, "auto")
     p.set_defaults(func=_cmd_predict)
@@ -256,11 +300,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="synthetic GRES data → train a small ReLA or CGFormer → evaluate → overlays")
     p.add_argument("--model", default="rela", choices=("rela", "cgformer"),
                    help="the model to train: rela (default) or cgformer (with its no-target head)")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--quick", action="store_true", help="a smoke run of a few seconds (tiny data, 6 steps)")
+    p.add_argument("--out", default="runs/demo", help="the folder for the data, the run, the tables and the figures")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke test that every stage runs, not a demonstration: 96 training images, 6 steps, "
+                        "32 test images, so its 'trained' column means nothing")
     p.add_argument("--minutes", type=float, default=15.0, help="training time budget (full mode)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="data, initial weights and sampling")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (logs and CI)")
     _precision_flags(p, "fp32")
     p.set_defaults(func=_cmd_demo)
 
@@ -272,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="the bert-base-uncased vocab.txt or folder the model was trained with: "
                                        "stored in the folder, so nothing else is needed to use it")
     p.add_argument("--model", default="auto", help="cgformer | rela | auto (from the checkpoint's keys)")
+    p.add_argument("--set", action="append", metavar="model.FIELD=VALUE",
+                   help="a model config field the weights cannot tell, e.g. model.swin.pwam_heads=[8,8,8,8] "
+                        "(repeatable; the error message names the ones needed)")
     p.set_defaults(func=_cmd_convert)
 
     from .export import MODES, OPSETS
@@ -284,12 +333,28 @@ def build_parser() -> argparse.ArgumentParser:
                         "TensorRT plugin when registered) with a local function holding its decomposition")
     p.add_argument("--image-size", type=_image_size, default=None, metavar="H[xW]",
                    help="the one input size of the file, multiples of 32 (default: the model's training size)")
-    p.add_argument("--opset", type=int, choices=OPSETS, default=18)
-    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
-                   help="override a model config field (e.g. model.eval_noise=false) or data.image_size")
+    p.add_argument("--opset", type=int, choices=OPSETS, default=18, help="ONNX opset (TensorRT 10 parses up to 20)")
     p.add_argument("--no-verify", action="store_true", help="skip running the file with onnxruntime")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override a model config field before exporting, e.g. model.eval_noise=false, or data.image_size "
+                        "(repeatable)")
     p.set_defaults(func=_cmd_export)
+    for command in sub.choices.values():  # -v after the command too; SUPPRESS leaves the top-level value alone
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     return parser
+
+
+def _one_line_warnings(fallback):
+    """A ``warnings.showwarning`` that prints rexfast's own warnings (input cut or unknown, ...)
+    as one ``rexfast: warning:`` line on rank 0 and hands everyone else's to ``fallback``."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if category.__module__.split(".")[0] != "rexfast":
+            return fallback(message, category, filename, lineno, file, line)
+        if _rank() == 0:
+            print(f"rexfast: warning: {message}", file=sys.stderr)
+
+    return show
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -300,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("rexfast").setLevel(logging.INFO)
     from .models.loading import CheckpointError
 
+    previous = warnings.showwarning
+    warnings.showwarning = _one_line_warnings(previous)
     try:
         return args.func(args)
     except (CheckpointError, *USER_ERRORS) as exc:
@@ -310,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("rexfast: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = previous
 
 
 if __name__ == "__main__":

@@ -24,24 +24,47 @@ from PIL import Image, UnidentifiedImageError
 PathLike = Union[str, os.PathLike]
 
 
-def check_output_dir(path: PathLike, what: str = "output folder") -> Path:
-    """``path`` as a folder that exists or can be created; a clear ValueError
-    (before any work is done) when it, or one of its parents, is a file."""
-    path = Path(path)
+def _probe_writable(folder: Path, what: str, target: Path) -> None:
+    """Create and remove a file in ``folder``: the one test that answers for every reason a
+    write can fail (permission bits, a read-only mount, an immutable folder, root squash on
+    NFS, ACLs), where ``os.access`` answers for the permission bits only and ignores them
+    for root. Raises ValueError naming ``what``, ``target`` and the reason."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".rexfast-write-probe-", dir=folder)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        where = "" if folder == target else f" (in {folder})"
+        raise ValueError(f"{what} {target} cannot be written{where}: {reason}") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def _check_folder(path: Path, what: str, target: Path) -> None:
     for p in (path, *path.parents):
         if p.exists() and not p.is_dir():
-            raise ValueError(f"{what} {path}: {p} exists and is not a folder")
+            raise ValueError(f"{what} {target}: {p} exists and is not a folder")
         if p.is_dir():
-            break
+            _probe_writable(p, what, target)
+            return
+
+
+def check_output_dir(path: PathLike, what: str = "output folder") -> Path:
+    """``path`` as a folder that exists or can be created, and can be written in: a clear
+    ValueError (before any work is done) when it, or one of its parents, is a file, or when
+    the folder (or, for a folder still to be created, its nearest existing parent) cannot be
+    written (probed by creating and removing a file there)."""
+    path = Path(path)
+    _check_folder(path, what, path)
     return path
 
 
 def check_output_file(path: PathLike, what: str = "output file") -> Path:
-    """``path`` as a file that can be written: not an existing folder, its parent a folder (or creatable)."""
+    """``path`` as a file that can be written: not an existing folder, its parent a folder (or
+    creatable) that can be written in (see :func:`check_output_dir`)."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{what} {path} is a folder")
-    check_output_dir(path.parent, f"the folder of {what} {path}")
+    _check_folder(path.parent, what, path)
     return path
 
 
@@ -108,6 +131,91 @@ def atomic_write_json(path: PathLike, obj) -> Path:
 def atomic_write_png(path: PathLike, array) -> Path:
     """A uint8 (H, W) or (H, W, 3) array as PNG."""
     return atomic_write(path, lambda f: Image.fromarray(array).save(f, format="PNG"))
+
+
+_SNIFF_BYTES = 1 << 16
+
+
+def _zip_kind(path: Path, size: int) -> str:
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return f"a truncated or damaged zip archive ({size:,} bytes, no zip directory at its end)"
+    if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+        return "a torch.save file"
+    if "[Content_Types].xml" in names:
+        return "an Office document (a zip archive)"
+    shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    return f"a zip archive without a data.pkl ({len(names)} entries: {shown}), so not a torch.save file"
+
+
+def describe_file(path: PathLike) -> str:
+    """What a file is, in words, from its first bytes ("an ONNX model (protobuf)", "a JPEG
+    image", "a truncated or damaged zip archive", "a YAML file"...): for the error message
+    of a reader that was handed the wrong file, which otherwise reports only what its own
+    parser choked on ("Unsupported operand 8"). Reads at most 64 KiB; never raises."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            return "a folder"
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(_SNIFF_BYTES)
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or type(exc).__name__})"
+    if not head:
+        return "an empty file (0 bytes)"
+    magic = {
+        b"\xff\xd8\xff": "a JPEG image", b"\x89PNG\r\n\x1a\n": "a PNG image", b"GIF8": "a GIF image",
+        b"BM": "a BMP image", b"II*\x00": "a TIFF image", b"MM\x00*": "a TIFF image",
+        b"\x89HDF\r\n\x1a\n": "an HDF5 file (Keras or TensorFlow weights?)", b"\x93NUMPY": "a NumPy .npy array",
+        b"\x1f\x8b": "a gzip archive", b"%PDF": "a PDF document", b"\x7fELF": "an executable (ELF)",
+    }
+    for prefix, kind in magic.items():
+        if head.startswith(prefix):
+            return kind
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "a WebP image"
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
+        return _zip_kind(path, size)
+    if len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "a pickle (an old-style torch.save file, or any pickled object)"
+    if len(head) >= 9 and head[8:9] == b"{":
+        header_len = int.from_bytes(head[:8], "little")
+        if 2 <= header_len <= size - 8:
+            return "a safetensors file (weights only: a model folder holds it beside config.json)"
+    # ONNX ModelProto: field 1 (ir_version, varint, tag 0x08) first, and producer/domain strings
+    if head[:1] == b"\x08" and (b"onnx" in head.lower() or b"pytorch" in head or path.suffix.lower() == ".onnx"):
+        return "an ONNX model (protobuf)"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        if size > _SNIFF_BYTES:  # a multi-byte character cut at the sniff boundary
+            try:
+                text = head[:-4].decode("utf-8")
+            except UnicodeDecodeError:
+                return f"binary data of an unknown kind ({size:,} bytes)"
+        else:
+            return f"binary data of an unknown kind ({size:,} bytes)"
+    stripped = text.lstrip()
+    if stripped[:1] in "{[" and size <= _SNIFF_BYTES:
+        try:
+            json.loads(text)
+            return "a JSON file"
+        except ValueError:
+            pass
+    if size <= _SNIFF_BYTES:
+        try:
+            import yaml
+
+            if isinstance(yaml.safe_load(text), dict):
+                return "a YAML file"
+        except Exception:  # noqa: BLE001 - any YAML error just means "not YAML"
+            pass
+    return "a text file"
 
 
 class UnsafeFileError(ValueError):
@@ -399,6 +507,27 @@ def check_torch_file(path: PathLike) -> None:
                 offset = _check_torch_pickle(data, offset, size)
 
 
+_EXPECTED = {"checkpoint": "a training checkpoint such as best.pt or last.pt, the authors' released .pth, "
+                           "or a model folder"}
+
+
+def _unreadable(path: Path, what: str, exc: Exception, text: str) -> str:
+    """The message for a file torch.load could not read, in whole sentences: what the file is
+    (:func:`describe_file`) and what was expected; torch's own words only for a file that does
+    look like a torch.save file, cut at a sentence end."""
+    kind = describe_file(path)
+    expected = _EXPECTED.get(what, "a file written by torch.save")
+    if kind.startswith("a truncated or damaged zip"):
+        return (f"cannot read {what} {path}: it is {kind}: a torch.save file cut short (an interrupted copy, "
+                "download or save?); copy it again")
+    if kind != "a torch.save file" and not kind.startswith("a pickle"):
+        return f"cannot read {what} {path}: it is {kind}, not a file written by torch.save; expected {expected}"
+    first = re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0]
+    if len(first) > 300:
+        first = first[:300].rsplit(" ", 1)[0] + " (...)"
+    return f"cannot read {what} {path}: it looks like {kind}, but torch.load failed: {type(exc).__name__}: {first}"
+
+
 def safe_torch_load(path: PathLike, what: str = "file", *, map_location="cpu"):
     """``torch.load(path, weights_only=True)``: a file from a stranger cannot run
     code. A file holding anything else (a class, a function: what a hostile
@@ -411,11 +540,13 @@ def safe_torch_load(path: PathLike, what: str = "file", *, map_location="cpu"):
         raise FileNotFoundError(f"{what} not found: {path}")
     try:
         check_torch_file(path)
+    except RefusedOpcode as exc:
+        raise UnsafeFileError(f"refusing to load {what} {path}: {exc}, which torch.save never writes") from None
     except RecursionError:
-        raise ValueError(f"refusing to load {what} {path}: its pickle nests too deeply") from None
+        raise ValueError(f"cannot read {what} {path}: its pickle nests too deeply") from None
     except Exception as exc:  # noqa: BLE001 - ValueError and what the pure-Python unpickler raises on bad input
-        raise ValueError(f"refusing to load {what} {path}: {type(exc).__name__}: {exc}"
-                         if not isinstance(exc, ValueError) else f"refusing to load {what} {path}: {exc}") from None
+        detail = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+        raise ValueError(f"cannot read {what} {path}: {detail}") from None
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch.load raises many types on a corrupt file
@@ -426,18 +557,17 @@ def safe_torch_load(path: PathLike, what: str = "file", *, map_location="cpu"):
                 f"refusing to load {what} {path}: it holds a {unsafe.group(1)} object, not only tensors and plain "
                 "values, and unpickling it could run code (rexfast reads files with torch.load(weights_only=True) "
                 "only)") from None
-        detail = re.search(r"(Unsupported operand \d+|invalid load key[^.]*)", text)
-        raise ValueError(f"cannot read {what} {path}: {type(exc).__name__}: "
-                         f"{detail.group(1) if detail else text[:200]}") from None
+        raise ValueError(_unreadable(path, what, exc, text)) from None
 
 
-DEFAULT_MAX_IMAGE_PIXELS = 178_956_970  # PIL's decompression-bomb limit (its error threshold is twice that)
+DEFAULT_MAX_IMAGE_PIXELS = 178_956_970  # where PIL's decompression-bomb check raises (2 x Image.MAX_IMAGE_PIXELS)
 
 
 def max_image_pixels() -> int:
     """The most pixels an image (or a mask of one) may have: ``REXFAST_MAX_IMAGE_PIXELS``,
-    default 178,956,970 (PIL's own bomb warning: a 3-channel image of that size is 512 MB
-    decoded). A value that is not a whole number >= 1 is a ValueError naming the variable."""
+    default 178,956,970, where PIL refuses an image as a decompression bomb (an RGB image
+    of that size is 512 MB decoded). PIL's own refusal still applies above it. A value that
+    is not a whole number >= 1 is a ValueError naming the variable."""
     raw = os.environ.get("REXFAST_MAX_IMAGE_PIXELS")
     if raw is None or raw.strip() == "":
         return DEFAULT_MAX_IMAGE_PIXELS
@@ -458,12 +588,14 @@ def load_image(path: PathLike) -> Image.Image:
     import warnings
 
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"image {path} is a folder, not an image file")
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
     limit = max_image_pixels()
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below decides
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # PIL's notice at half its limit
             with Image.open(path) as im:
                 width, height = im.size
                 if width * height > limit:
@@ -471,7 +603,7 @@ def load_image(path: PathLike) -> Image.Image:
                                      "(REXFAST_MAX_IMAGE_PIXELS)")
                 im.load()
                 return im.convert("RGB")
-    except Image.DecompressionBombError as e:  # PIL's own limit, twice its warning threshold
+    except Image.DecompressionBombError as e:  # PIL's own check, at the open
         raise ValueError(f"image {path} is too large to decode: {e}") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from None

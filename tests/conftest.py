@@ -25,10 +25,15 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip_fuzz)
     if torch.cuda.is_available():
         return
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    if gpu_items and os.environ.get("REXFAST_REQUIRE_CUDA", "") == "1":
+        # benchmarks/run_device.sh on the GPU machine: a torch that sees no GPU there
+        # must stop the run, not turn every GPU test into a skip
+        raise pytest.UsageError(f"REXFAST_REQUIRE_CUDA=1, but torch {torch.__version__} sees no CUDA device: "
+                                f"{len(gpu_items)} GPU tests cannot run")
     skip = pytest.mark.skip(reason="needs a CUDA device")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+    for item in gpu_items:
+        item.add_marker(skip)
 
 
 @pytest.fixture

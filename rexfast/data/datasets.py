@@ -25,7 +25,8 @@ from ..models.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 from .refer import ReferIndex, load_grefer, load_refer
 from .tokenize import load_tokenizer, tokenize
 
-__all__ = ["ReferringDataset", "DATASETS", "DatasetSpec", "IMAGENET_MEAN", "IMAGENET_STD", "load_image", "preprocess_image"]
+__all__ = ["ReferringDataset", "DATASETS", "DatasetSpec", "IMAGENET_MEAN", "IMAGENET_STD", "MIN_IMAGE_SIDE",
+           "check_image_size", "load_image", "preprocess_image"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,24 @@ DATASETS = {
     "synthetic": DatasetSpec("synthetic", "grefer", ("unc",), "synthetic/images", "gres"),
     "synthetic_res": DatasetSpec("synthetic", "refer", ("unc",), "synthetic/images", "res"),
 }
+
+
+# The smallest image side rexfast segments. Below it nothing referable fits: the synthetic
+# generator counts a shape as an object only from 8 visible pixels on (rexfast.data.synthetic),
+# and an image must hold one beside some background. Every image is resized to the model's
+# input, so a 1x1 image reaches the model as a uniform field, and its "mask" is the model's
+# answer for a blank picture of that colour (tests/engine/test_new_user.py checks both).
+MIN_IMAGE_SIDE = 8
+
+
+def check_image_size(image, what: str = "image") -> None:
+    """ValueError naming ``what`` for an image (PIL or (H, W, 3) array) with a side below
+    :data:`MIN_IMAGE_SIDE` pixels."""
+    w, h = image.size if isinstance(image, Image.Image) else (image.shape[1], image.shape[0])
+    if min(w, h) < MIN_IMAGE_SIDE:
+        raise ValueError(f"{what} is {w}x{h} pixels; rexfast segments images of at least {MIN_IMAGE_SIDE}x"
+                         f"{MIN_IMAGE_SIDE} (a smaller one holds no object to refer to, and reaches the model as a "
+                         "nearly uniform field once resized to its input)")
 
 
 def preprocess_image(image, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
@@ -204,7 +223,7 @@ class ReferringDataset:
         else:
             target = np.asarray(Image.fromarray(mask.astype(np.uint8)).resize((S, S), Image.NEAREST), dtype=bool)
         target_t = torch.from_numpy(target.astype(np.float32)).unsqueeze(0)
-        input_ids, attention_mask = tokenize(self.tokenizer, sentence, self.max_tokens)
+        input_ids, attention_mask = tokenize(self.tokenizer, sentence, self.max_tokens, warn=False)
         return {
             "image": img_t,
             "target": target_t,

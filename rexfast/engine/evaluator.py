@@ -13,6 +13,7 @@ from ..io import atomic_write_json, check_output_file
 from . import builders
 from .builders import load_model
 from .inference import MASK_THRESHOLD, NO_TARGET_THRESHOLD, predict_batch
+from .device import resolve_device
 
 
 @torch.no_grad()
@@ -56,7 +57,7 @@ def evaluate(model, dataset, *, task: str, batch_size: int = 8, device="cpu", am
 
 
 def evaluate_checkpoint(path, *, split=None, overrides=(), out=None, batch_size=8, device="auto",
-                        max_samples=None, tokenizer=None, precision="fp32", compile=False) -> dict:
+                        max_samples=None, tokenizer=None, precision="fp32", compile=False, progress=True) -> dict:
     """Evaluate a training checkpoint or a model folder, run as :func:`rexfast.optimize`
     prepares it (``precision``: fp32 | bf16 | auto; fp32 by default, so that the table is the
     model's reference numbers); optionally write the metrics as JSON."""
@@ -70,8 +71,7 @@ def evaluate_checkpoint(path, *, split=None, overrides=(), out=None, batch_size=
         raise ValueError(f"--max-samples must be a positive integer, got {max_samples}")
     if out:
         check_output_file(out, "--out")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)
     loaded = load_model(path, overrides=overrides, tokenizer=tokenizer, device=device)
     cfg = loaded.config
     split = split or cfg.data.val_split
@@ -83,7 +83,7 @@ def evaluate_checkpoint(path, *, split=None, overrides=(), out=None, batch_size=
     model = optimize(loaded.model, precision=precision, compile=compile)
     torch.manual_seed(0)  # a model that draws noise at inference (CGFormer eval_noise) scores the same every run
     metrics = evaluate(model, dataset, task=builders.task_of(cfg.data), batch_size=batch_size, device=device,
-                       max_samples=max_samples, progress=True)
+                       max_samples=max_samples, progress=progress)
     metrics = {"checkpoint": str(path), "model": cfg.model.name, "dataset": cfg.data.dataset, "split": split,
                "precision": model.optimization.precision, **metrics}
     if out:

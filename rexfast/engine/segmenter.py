@@ -201,10 +201,12 @@ class Processor:
         self.preprocessing = preprocessing
 
     def image_tensor(self, image) -> torch.Tensor:
-        from rexfast.data.datasets import preprocess_image
+        from rexfast.data.datasets import check_image_size, preprocess_image
 
         spec = self.preprocessing
-        return preprocess_image(_as_pil(image), spec.image_size, mean=spec.mean, std=spec.std)
+        pil = _as_pil(image)
+        check_image_size(pil)  # below 8x8 nothing referable fits (MIN_IMAGE_SIDE says why)
+        return preprocess_image(pil, spec.image_size, mean=spec.mean, std=spec.std)
 
     def text_tensors(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
         from rexfast.data.tokenize import tokenize
@@ -228,12 +230,10 @@ class Processor:
 
 # ----------------------------------------------------------------------------- the segmenter
 def _resolve_device(device) -> torch.device:
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    """``None``/``"auto"`` or a device name, checked against this torch and machine (:mod:`.device`)."""
+    from .device import resolve_device
+
+    return resolve_device("auto" if device is None else device)
 
 
 def _check_batch_size(batch_size) -> int:

@@ -43,6 +43,18 @@ def mask_utils():
     return pytest.importorskip("pycocotools.mask", reason="comparing with pycocotools needs it installed")
 
 
+def malloc_check_env() -> dict:
+    """glibc's heap checking: MALLOC_CHECK_=3 aborts at the first corrupted chunk; glibc >= 2.34
+    honours it only with libc_malloc_debug preloaded."""
+    import ctypes.util
+
+    env = {"MALLOC_CHECK_": "3"}
+    debug = ctypes.util.find_library("c_malloc_debug")
+    if debug:
+        env["LD_PRELOAD"] = " ".join(filter(None, [debug, os.environ.get("LD_PRELOAD", "")]))
+    return env
+
+
 def run_child(body: str, *, env=None, address_space_headroom: int | None = None, timeout=120):
     """Run ``body`` in a fresh interpreter (the repository first on the path); with
     ``address_space_headroom`` its address space is capped at that many bytes above what
@@ -252,7 +264,8 @@ def test_malformed_instances_are_one_value_error(tmp_path, instances, match):
 def test_issue_rle_string_is_refused_without_heap_corruption():
     """The string from the issue ended the process with glibc's ``free(): invalid next size``
     (exit 134) inside pycocotools' decoder; with MALLOC_CHECK_=3 glibc aborts at the first
-    corrupted chunk, so a clean exit after 200 tries shows no heap write went astray."""
+    corrupted chunk (the old reader: at the first try), so a clean exit after 200 tries
+    shows no heap write went astray."""
     proc = run_child(f"""
         from rexfast.data.masks import annotations_to_mask, decode_segmentation
         segm = {ISSUE_RLE!r}
@@ -267,7 +280,7 @@ def test_issue_rle_string_is_refused_without_heap_corruption():
             except ValueError as e:
                 msg = str(e)
         print(json.dumps({{"refused": n, "message": msg}}))
-    """, env={"MALLOC_CHECK_": "3"})
+    """, env=malloc_check_env())
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["refused"] == 200

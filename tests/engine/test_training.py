@@ -328,6 +328,7 @@ def test_demo_quick_runs_end_to_end_and_writes_everything(tmp_path):
     assert Path(result["training_curve"]).is_file() and result["overlays"]
     assert all(Path(p).is_file() for p in result["overlays"])
     assert "gIoU" in proc.stdout and "untrained" in proc.stdout
+    assert "--quick is a smoke test" in proc.stdout  # why its 'trained' column may be the lower one
     shutil.rmtree(out)
 
 

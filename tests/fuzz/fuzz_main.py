@@ -49,6 +49,7 @@ def main() -> None:
             import PIL.Image  # noqa: F401
 
             import rexfast.io  # noqa: F401
+        # the pairs-file target (front-door issue) imports its reader here
     folder = fuzz_harness.fresh_folder(target)
     fuzz_harness.install_guards(folder)
     if name == "image":  # PIL's decoders register as plugins on first open

@@ -294,6 +294,7 @@ def image_seeds() -> dict:
     return seeds
 
 
+# the pairs-file target (front-door issue) adds "pairs": pairs_seeds (valid JSONL and CSV files) here
 SEEDS = {"refer": refer_seeds, "checkpoint": checkpoint_seeds, "model_folder": model_folder_seeds,
          "annotations": annotations_seeds, "image": image_seeds}
 
