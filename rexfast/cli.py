@@ -1,4 +1,4 @@
-"""The ``rexfast`` command line: info, train, eval, predict, demo, convert, export.
+"""The ``rexfast`` command line: info, train, eval, predict, demo, convert, export, serve.
 
 Bad input (missing file, unreadable image, empty text, wrong checkpoint, bad
 config) ends with one ``rexfast: error: ...`` line on stderr and exit code 2
@@ -131,7 +131,7 @@ def _cmd_predict(args) -> int:
     written, result = predict_to_files(
         args.checkpoint, args.image, args.text, out_dir=args.out_dir or ".", mask_threshold=mask_threshold,
         no_target_threshold=no_target_threshold, device=args.device, tokenizer=args.tokenizer,
-        overrides=args.set or [], precision=args.precision, compile=args.compile)
+        overrides=args.set or [], precision=args.precision, compile=args.compile, explain=args.explain)
     print(result.explanation)  # what was found, or which rule said "no target"
     for path in written:
         print(path)
@@ -179,6 +179,8 @@ def _predict_form(args) -> str:
         given = [flag for flag, dest in BATCH_FLAGS if getattr(args, dest) not in (None, False)]
         if given:
             raise ValueError(f"{', '.join(given)} belong(s) to the batch forms (--pairs, --images)")
+    elif getattr(args, "explain", False):
+        raise ValueError("--explain draws one figure for one pair: it goes with --image, not with --pairs or --images")
     elif args.out_dir is None:
         raise ValueError(f"{form} needs --out-dir D: predictions.jsonl (and the PNGs) go there")
     return form
@@ -284,6 +286,52 @@ def _cmd_export(args) -> int:
         "megabytes": round(result.bytes / 2**20, 2),
         "onnxruntime_vs_torch_max_abs_error": result.max_abs_error or "not verified (--no-verify)",
     }, indent=1))
+    return 0
+
+
+def _cmd_serve(args) -> int:
+    import socket
+
+    from .engine.segmenter import Segmenter
+
+    # cheap checks first: nothing is loaded for a port that is taken or a folder that is missing
+    if not 1 <= args.port <= 65535:
+        raise ValueError(f"--port must lie in 1..65535, got {args.port}")
+    if not args.max_megapixels > 0:
+        raise ValueError(f"--max-megapixels must be > 0, got {args.max_megapixels}")
+    try:
+        from .serve import ServeLimits, build_app, launch
+        from .serve.examples import demo_data_root, demo_examples, folder_examples
+    except ImportError as exc:
+        raise ValueError(str(exc)) from None
+    examples = folder_examples(args.examples) if args.examples else None
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET) as probe:
+            probe.bind((args.host, args.port))
+    except OSError as exc:
+        raise ValueError(f"cannot listen on {args.host}:{args.port} ({exc.strerror or exc}): pick another --port") from None
+    limits = ServeLimits(max_pixels=int(args.max_megapixels * 1e6), concurrency=args.concurrency,
+                         max_queue=args.max_queue, max_file_size=args.max_upload_mb * 1024 * 1024)
+    segmenters = [Segmenter.from_pretrained(source, device=args.device, precision=args.precision,
+                                            tokenizer=args.tokenizer) for source in args.models]
+    names = [type(seg.model).__name__ for seg in segmenters]
+    named = {(f"{n} {i + 1}" if names.count(n) > 1 else n): seg for i, (n, seg) in enumerate(zip(names, segmenters))}
+    if examples is None:
+        for source, seg in zip(args.models, segmenters):
+            root = demo_data_root(source, seg.config)
+            if root is not None:
+                examples = demo_examples(root)
+                break
+    app = build_app(named, examples=examples, limits=limits, sources=[str(m) for m in args.models])
+    shown = "localhost" if args.host in ("127.0.0.1", "::1") else args.host
+    print(f"rexfast: serving {', '.join(named)} at http://{shown}:{args.port} "
+          f"({len(examples or [])} example rows; Ctrl+C stops)", flush=True)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"rexfast: warning: --host {args.host} makes the page reachable from other machines", file=sys.stderr)
+    try:
+        launch(app, host=args.host, port=args.port, block=True, quiet=True)
+    except OSError as exc:
+        raise ValueError(f"cannot serve on {args.host}:{args.port}: {exc}") from None
     return 0
 
 
@@ -431,6 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(data.image_size=480, data.max_tokens=20)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--tokenizer", help=TOKENIZER_HELP)
+    p.add_argument("--explain", action="store_true",
+                   help="also write <...>_explain.png: what the model grouped (CGFormer: each token's pixels per "
+                        "decoder stage; ReLA: the minimap and the strongest region masks it weights)")
     _precision_flags(p, "auto")
     _predict_batch_flags(p)
     p.set_defaults(func=_cmd_predict)
@@ -477,6 +528,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a model config field before exporting, e.g. model.eval_noise=false, or data.image_size "
                         "(repeatable)")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("serve", help="a local web page (Gradio) for one or more models: image + sentence → mask, "
+                                     "side by side, what each model grouped, and an API (needs the serve extra)")
+    p.add_argument("models", nargs="+", metavar="MODEL", help=f"one or more models, answering side by side: "
+                                                             f"{MODEL_SOURCE_HELP}")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="the address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to others)")
+    p.add_argument("--port", type=int, default=7860, help="the port to listen on")
+    p.add_argument("--examples", metavar="DIR",
+                   help="example rows: the images in DIR (a sentence for photo.jpg may sit in photo.txt); default: "
+                        "the held-out synthetic scenes of a model trained by rexfast demo")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--tokenizer", help=TOKENIZER_HELP)
+    p.add_argument("--concurrency", type=_positive_int, default=1,
+                   help="requests computed at once (default 1: torch already uses every core for one)")
+    p.add_argument("--max-queue", type=_positive_int, default=64, help="requests waiting beyond those (default 64)")
+    p.add_argument("--max-upload-mb", type=_positive_int, default=50, help="the largest upload in MiB (default 50)")
+    p.add_argument("--max-megapixels", type=float, default=50.0,
+                   help="the largest image, width × height in millions (default 50): a decompression-bomb guard")
+    _precision_flags(p, "auto", compile_too=False)
+    p.set_defaults(func=_cmd_serve)
     for command in sub.choices.values():  # -v after the command too; SUPPRESS leaves the top-level value alone
         command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     return parser

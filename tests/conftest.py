@@ -14,6 +14,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running; excluded from the default run (-m 'not slow')")
     config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped without one")
     config.addinivalue_line("markers", "fuzz: atheris fuzzing of the file readers; runs only with -m fuzz")
+    config.addinivalue_line("markers", "browser: drives a real headless Chromium through Selenium")
 
 
 def pytest_collection_modifyitems(config, items):

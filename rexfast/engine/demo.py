@@ -169,4 +169,7 @@ def run_demo(out_dir="runs/demo", quick=False, minutes=15.0, seed=0, progress=Tr
     atomic_write_text(out / "demo_table.txt", table + "\n")
     print(f"[demo] wrote {out / 'demo_metrics.json'}, {len(overlays)} overlays in {out / 'overlays'}, "
           f"{summary['training_curve']} ({result['seconds'] / 60:.1f} min)")
+    import shlex
+
+    print(f"[demo] see it in a browser (needs the serve extra): rexfast serve {shlex.quote(summary['best_model'])}")
     return result

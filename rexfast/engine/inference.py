@@ -41,6 +41,7 @@ class SamplePrediction:
     no_target_prob: Optional[float]  # the no-target head's probability; None without one
     probability: Optional[torch.Tensor] = None  # (H, W) float32 mask probability at the requested size
     reason: Optional[str] = None  # why "no target": HEAD or EMPTY_MASK; None for a target
+    internals: object = None  # with explain=True: the model's record for this sample (rexfast.models.explain)
 
     @property
     def shown_mask(self) -> torch.Tensor:
@@ -60,15 +61,21 @@ def check_threshold(value, name: str) -> float:
 @torch.no_grad()
 def predict_batch(model, batch: dict, sizes: list[tuple[int, int]], *, mask_threshold: float = MASK_THRESHOLD,
                   no_target_threshold: float = NO_TARGET_THRESHOLD, amp_dtype=None,
-                  sample_seeds: Optional[Sequence[int]] = None) -> list[SamplePrediction]:
+                  sample_seeds: Optional[Sequence[int]] = None, explain: bool = False) -> list[SamplePrediction]:
     """Predictions for a collated batch, one per sample, at the given (H, W) sizes.
     ``sample_seeds`` (one int per sample) goes to ``model.predict`` for a model that draws
     noise at inference: each sample's noise then comes from its own seed, so its answer does
-    not depend on the batch it is in."""
+    not depend on the batch it is in. ``explain=True`` runs ``model.explain`` instead (the
+    same answer, from the same forward pass) and keeps each sample's internals."""
     device = batch["image"].device
     extra = {} if sample_seeds is None else {"sample_seeds": list(sample_seeds)}
+    internals = [None] * len(sizes)
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        pred = model.predict(batch["image"], batch["input_ids"], batch["attention_mask"], **extra)
+        if explain:
+            pred, record = model.explain(batch["image"], batch["input_ids"], batch["attention_mask"], **extra)
+            internals = record.split()
+        else:
+            pred = model.predict(batch["image"], batch["input_ids"], batch["attention_mask"], **extra)
     probs = pred.mask.float()
     out = []
     for i, (h, w) in enumerate(sizes):
@@ -86,7 +93,7 @@ def predict_batch(model, batch: dict, sizes: list[tuple[int, int]], *, mask_thre
         else:
             reason = None
         out.append(SamplePrediction(mask=mask, no_target=reason is not None, no_target_prob=nt_prob,
-                                    probability=prob, reason=reason))
+                                    probability=prob, reason=reason, internals=internals[i]))
     return out
 
 

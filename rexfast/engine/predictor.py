@@ -46,9 +46,10 @@ def output_stem(image_path, text: str) -> str:
 
 def predict_to_files(checkpoint_path, image_path, text, *, out_dir=".", mask_threshold=MASK_THRESHOLD,
                      no_target_threshold=NO_TARGET_THRESHOLD, device="auto", tokenizer=None, overrides=(),
-                     precision="auto", compile=False) -> tuple[list[str], Segmentation]:
+                     precision="auto", compile=False, explain=False) -> tuple[list[str], Segmentation]:
     """Write the mask and overlay PNGs (the mask is empty when the model says "no target");
-    every input is checked before the model loads."""
+    with ``explain``, also ``…_explain.png``, the figure of what the model grouped
+    (:mod:`rexfast.engine.explain_figure`). Every input is checked before the model loads."""
     check_precision(precision, "--precision")
     if not isinstance(text, str) or not text.strip():
         raise ValueError("the text is empty: say what to segment, e.g. --text \"the red circle\"")
@@ -59,13 +60,19 @@ def predict_to_files(checkpoint_path, image_path, text, *, out_dir=".", mask_thr
     check_image_size(image, f"image {image_path}")
     segmenter = Segmenter.from_pretrained(checkpoint_path, device=device, tokenizer=tokenizer, overrides=overrides,
                                           precision=precision, compile=compile)
-    result = segmenter(image, text, mask_threshold=mask_threshold, no_target_threshold=no_target_threshold)
+    result = segmenter(image, text, mask_threshold=mask_threshold, no_target_threshold=no_target_threshold,
+                       explain=bool(explain))
     out.mkdir(parents=True, exist_ok=True)
     stem = output_stem(image_path, text)
     mask_path, overlay_path = out / f"{stem}_mask.png", out / f"{stem}_overlay.png"
     atomic_write_png(mask_path, (result.mask * 255).astype(np.uint8))
     atomic_write_png(overlay_path, overlay_pixels(np.asarray(image), result.mask))
-    return [str(mask_path), str(overlay_path)], result
+    written = [str(mask_path), str(overlay_path)]
+    if explain:
+        from .explain_figure import save_explain_figure
+
+        written.append(str(save_explain_figure(result, out / f"{stem}_explain.png")))
+    return written, result
 
 
 def overlay(image, mask: np.ndarray, alpha: float = 0.6) -> np.ndarray:

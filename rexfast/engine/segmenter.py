@@ -57,6 +57,9 @@ class Segmentation:
     ``no_target_reason``: which rule said "no target": ``"head"`` (the no-target probability
     exceeds ``no_target_threshold``) or ``"empty_mask"`` (no pixel exceeds ``mask_threshold``:
     a model without a no-target head, or one trained with ``no_target_if_empty``); None for a target.
+    ``internals``: with ``explain=True``, what the model grouped to reach this answer
+    (:class:`rexfast.models.explain.TokenGrouping` for CGFormer, :class:`~rexfast.models.explain.RegionMinimap`
+    for ReLA; :func:`rexfast.engine.explain_figure.explain_figure` draws it); None otherwise.
     """
 
     mask: np.ndarray
@@ -68,6 +71,7 @@ class Segmentation:
     mask_threshold: float
     no_target_threshold: float
     image: object = None  # the PIL image it was computed on, when kept (overlay() draws on it)
+    internals: object = None  # explain=True: the model's internals for this answer (rexfast.models.explain)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -236,6 +240,12 @@ def _resolve_device(device) -> torch.device:
     return resolve_device("auto" if device is None else device)
 
 
+def _check_flag(value, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def _check_batch_size(batch_size) -> int:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int):
         raise TypeError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -251,10 +261,14 @@ class Segmenter:
     ``Segmenter(model, tokenizer, preprocessing)`` (the model is put in eval mode and used
     as it is). ``mask_threshold`` and ``no_target_threshold`` are the defaults of every
     call (0.5 and 0.5, the authors' evaluators'); ``seed`` draws the noise of a model that
-    draws noise at inference."""
+    draws noise at inference. ``explain=True`` makes every call also return what the model
+    grouped (:attr:`Segmentation.internals`; a call's ``explain=`` overrides it): the same
+    answers, from the same forward pass; with ``explain=False`` nothing of it is computed
+    or kept."""
 
     def __init__(self, model, tokenizer, preprocessing=None, *, mask_threshold: float = MASK_THRESHOLD,
-                 no_target_threshold: float = NO_TARGET_THRESHOLD, seed: int = 0, config=None):
+                 no_target_threshold: float = NO_TARGET_THRESHOLD, seed: int = 0, config=None,
+                 explain: bool = False):
         from rexfast.models.base import ReferringModel
         from rexfast.models.preprocessing import default_preprocessing
 
@@ -267,6 +281,7 @@ class Segmenter:
         self.mask_threshold = check_threshold(mask_threshold, "mask_threshold")
         self.no_target_threshold = check_threshold(no_target_threshold, "no_target_threshold")
         self.seed = seed
+        self.explain = _check_flag(explain, "explain")
         self.config = config  # the run Config (from_pretrained), for callers that need data settings
         optimization = getattr(model, "optimization", None)
         self.precision = optimization.precision if optimization is not None else "fp32"
@@ -274,25 +289,27 @@ class Segmenter:
     @classmethod
     def from_pretrained(cls, source, *, device="auto", precision="auto", compile: bool = False, tokenizer=None,
                         overrides=(), mask_threshold: float = MASK_THRESHOLD,
-                        no_target_threshold: float = NO_TARGET_THRESHOLD, seed: int = 0) -> "Segmenter":
+                        no_target_threshold: float = NO_TARGET_THRESHOLD, seed: int = 0,
+                        explain: bool = False) -> "Segmenter":
         """Load any model source: a model folder, a training checkpoint (``best.pt``), the
         authors' released ``.pth`` (with ``tokenizer=``), or a Hugging Face Hub id
         (:func:`rexfast.models.loading.load_model_source`), prepared by :func:`rexfast.optimize`
         (``precision``: fp32 | bf16 | auto, bf16 where the CPU has native bf16; ``compile``:
         torch.compile, the first call compiles). ``device``: auto (CUDA when there is one) | cpu |
         cuda[:N]. ``overrides``: ``section.key=value`` strings (``model.eval_noise=false``,
-        ``data.image_size=480``). The thresholds become the defaults of every call."""
+        ``data.image_size=480``). The thresholds (and ``explain``) become the defaults of every call."""
         from .optimize import optimize
         from .precision import check_precision
 
         check_precision(precision, "precision")
+        explain = _check_flag(explain, "explain")
         mask_threshold = check_threshold(mask_threshold, "mask_threshold")
         no_target_threshold = check_threshold(no_target_threshold, "no_target_threshold")
         device = _resolve_device(device)
         loaded = builders.load_model(source, overrides=overrides, tokenizer=tokenizer, device=device)
         model = optimize(loaded.model, precision=precision, compile=compile)
         return cls(model, loaded.tokenizer, loaded.preprocessing, mask_threshold=mask_threshold,
-                   no_target_threshold=no_target_threshold, seed=seed, config=loaded.config)
+                   no_target_threshold=no_target_threshold, seed=seed, config=loaded.config, explain=explain)
 
     # -- properties ---------------------------------------------------------------------------
     @property
@@ -324,10 +341,12 @@ class Segmenter:
 
     @torch.no_grad()
     def segment_items(self, items: Sequence[dict], *, mask_threshold: Optional[float] = None,
-                      no_target_threshold: Optional[float] = None) -> list[Segmentation]:
+                      no_target_threshold: Optional[float] = None,
+                      explain: Optional[bool] = None) -> list[Segmentation]:
         """Run a list of :class:`Processor` outputs as one batch (what a DataLoader of
         ``seg.processor`` items yields, with ``collate_fn=list``)."""
         mt, nt = self._thresholds(mask_threshold, no_target_threshold)
+        explain = self.explain if explain is None else _check_flag(explain, "explain")
         if not isinstance(items, (list, tuple)) or not items:
             raise ValueError("items must be a non-empty list of seg.processor(image, text) outputs")
         for i, item in enumerate(items):
@@ -338,15 +357,15 @@ class Segmenter:
         batch = builders.collate(list(items), self.device)
         sizes = [tuple(int(v) for v in item["original_size"]) for item in items]
         preds = predict_batch(self.model, batch, sizes, mask_threshold=mt, no_target_threshold=nt,
-                              sample_seeds=[self.seed] * len(items))
+                              sample_seeds=[self.seed] * len(items), explain=explain)
         return [Segmentation(mask=p.shown_mask.cpu().numpy(), probability=p.probability.cpu().numpy(),
                              no_target=p.no_target, no_target_prob=p.no_target_prob, text=item["text"],
                              no_target_reason=p.reason, mask_threshold=mt, no_target_threshold=nt,
-                             image=item.get("original_image"))
+                             image=item.get("original_image"), internals=p.internals)
                 for p, item in zip(preds, items)]
 
     def __call__(self, images, texts, *, batch_size: int = 8, mask_threshold: Optional[float] = None,
-                 no_target_threshold: Optional[float] = None):
+                 no_target_threshold: Optional[float] = None, explain: Optional[bool] = None):
         """Segment what each sentence names.
 
         * ``seg(image, "text")`` → one :class:`Segmentation`;
@@ -355,8 +374,10 @@ class Segmenter:
         * ``seg([img1, img2], "a")`` → a list, the sentence on each image.
 
         An image is a PIL image, a uint8 (H, W, 3) array or a path. Pairs run ``batch_size``
-        at a time; the answers are the same as one call per pair."""
+        at a time; the answers are the same as one call per pair. ``explain`` (default: the
+        Segmenter's) also returns the model's internals (:attr:`Segmentation.internals`)."""
         mt, nt = self._thresholds(mask_threshold, no_target_threshold)
+        explain = self.explain if explain is None else _check_flag(explain, "explain")
         batch_size = _check_batch_size(batch_size)
         many_images = isinstance(images, (list, tuple))
         many_texts = isinstance(texts, (list, tuple))
@@ -394,7 +415,7 @@ class Segmenter:
                 ids, attention = self.processor.text_tensors(text)
                 items.append({"image": tensor, "input_ids": ids, "attention_mask": attention,
                               "original_size": (pil.height, pil.width), "text": text, "original_image": pil})
-            results.extend(self.segment_items(items, mask_threshold=mt, no_target_threshold=nt))
+            results.extend(self.segment_items(items, mask_threshold=mt, no_target_threshold=nt, explain=explain))
         return results if (many_images or many_texts) else results[0]
 
 

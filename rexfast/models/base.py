@@ -14,6 +14,10 @@ this protocol and the registry (:mod:`rexfast.models.registry`):
     empty mask means "no target"). A model that draws noise at inference draws
     sample b's from ``sample_seeds[b]`` when given, so that a sample's answer does not
     depend on its batch (:class:`rexfast.Segmenter` passes them); others ignore them.
+``explain(images, input_ids, attention_mask, *, sample_seeds=None)`` → (Prediction, internals)
+    ``predict``'s answer and, from the same forward pass, what the model grouped to reach it
+    (:mod:`rexfast.models.explain`: CGFormer's token assignments per stage, ReLA's region
+    masks and minimap). Only this call computes them; ``predict`` keeps nothing.
 ``inference_outputs(images, input_ids, attention_mask)`` → dict of tensors
     what an inference engine returns, by name (the outputs of an exported
     graph, :mod:`rexfast.export`): the logits the model's ``predict`` is made from.
@@ -209,6 +213,12 @@ class ReferringModel(nn.Module):
         if self.input_memory_format is not None:
             images = images.contiguous(memory_format=self.input_memory_format)
         return images
+
+    def explain(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor, *,
+                sample_seeds=None) -> tuple[Prediction, Any]:
+        """``predict``'s answer and the model's internals from the same forward pass (see the
+        module docstring); a model with nothing to show says so."""
+        raise NotImplementedError(f"{type(self).__name__} does not explain its predictions")
 
     def save_pretrained(self, directory, *, tokenizer=None, preprocessing=None, card=None):
         """Write a model folder (see :func:`rexfast.models.pretrained.save_pretrained`):

@@ -47,6 +47,7 @@ from ...ops import group_assign
 from ...ops.gumbel import gumbel_noise
 from ..backbones.swin import MultiModalSwinTransformer
 from ..base import Prediction, ReferringModel
+from ..explain import TokenGrouping
 from ..layers import CrossAttn, Mlp, ReluMLP, conv_bn_relu
 from ..text import bert_config, build_bert
 from .config import CGFormerConfig
@@ -414,7 +415,18 @@ class CGFormer(ReferringModel):
         probability softmax(nt_logits)[1] (and with ``config.no_target_if_empty`` an empty
         thresholded mask says "no target" too). ``sample_seeds``: see :meth:`forward_features`
         (only a model with ``eval_noise`` draws noise here)."""
+        return self._prediction(self.forward_features(images, input_ids, attention_mask, sample_seeds=sample_seeds))
+
+    def explain(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor, *,
+                sample_seeds: Optional[Sequence[int]] = None) -> tuple[Prediction, TokenGrouping]:
+        """:meth:`predict`'s answer and, from the same forward pass, every token's hard
+        assignment map at each of the three decoder stages (:class:`TokenGrouping`; the
+        referent token is the last): the last stage's referent map is the pixel group whose
+        pooled features the mask head reads."""
         out = self.forward_features(images, input_ids, attention_mask, sample_seeds=sample_seeds)
+        return self._prediction(out), TokenGrouping.from_assignments(out["hit_maps"], referent=-1)
+
+    def _prediction(self, out: Mapping[str, Any]) -> Prediction:
         nt = out["nt_logits"].float().softmax(-1)[:, 1] if "nt_logits" in out else None
         return Prediction(mask=out["logits"].float().sigmoid()[:, 0], no_target=nt,
                           no_target_if_empty=nt is not None and self.config.no_target_if_empty)

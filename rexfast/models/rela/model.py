@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from ..backbones.resnet import ResNet
 from ..backbones.swin import MultiModalSwinTransformer
 from ..base import Prediction, ReferringModel
+from ..explain import RegionMinimap
 from ..text import bert_config, build_bert
 from .config import ReLAConfig
 from .decoder import ReferringDecoder
@@ -120,14 +121,20 @@ class ReLA(ReferringModel):
             raise ValueError(f"images of {h}×{w} are too small for this ReLA (conv_dim {self.config.conv_dim}): "
                              "use at least 64×64")
 
-    def forward_features(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> dict:
+    def forward_features(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor,
+                         keep_regions: bool = False) -> dict:
+        """``mask_logits``, ``nt_logits``, ``minimap_logits``; with ``keep_regions`` also
+        ``region_logits`` (B, Q, H/s, W/s), the region masks M_r = E·F_m the target mask is
+        the minimap-weighted sum of (only :meth:`explain` asks for them)."""
         self.check_inputs(images, input_ids, attention_mask)
         images = self.prepare_images(images)
         words = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         features = self.backbone(images, words, attention_mask.to(words.dtype))
         mask_features, maps = self.sem_seg_head.pixel_decoder(features, images)
         out = self.sem_seg_head.predictor(maps, mask_features, words)
-        out.pop("region_embed")
+        region_embed = out.pop("region_embed")
+        if keep_regions:
+            out["region_logits"] = torch.einsum("bqc,bchw->bqhw", region_embed, mask_features)
         return out
 
     def forward(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor, targets: Optional[Tensor] = None):
@@ -162,9 +169,19 @@ class ReLA(ReferringModel):
         decisions pick. With ``config.no_target_if_empty`` an empty thresholded mask says "no
         target" too (:func:`rexfast.engine.inference.predict_batch`). ReLA draws no noise at
         inference: ``sample_seeds`` (the protocol's) changes nothing."""
-        out = self.forward_features(images, input_ids, attention_mask)
-        logits = F.interpolate(out["mask_logits"].float(), size=images.shape[-2:], mode="bilinear",
-                               align_corners=False)
+        return self._prediction(self.forward_features(images, input_ids, attention_mask), images.shape[-2:])
+
+    def explain(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor, *,
+                sample_seeds: Optional[Sequence[int]] = None) -> tuple[Prediction, RegionMinimap]:
+        """:meth:`predict`'s answer and, from the same forward pass, the region masks and the
+        minimap that weights them (:class:`RegionMinimap`): the target-vs-background logit is
+        Σ_q (X[q,1] − X[q,0]) M_r[q]."""
+        out = self.forward_features(images, input_ids, attention_mask, keep_regions=True)
+        return self._prediction(out, images.shape[-2:]), RegionMinimap(
+            minimap_logits=out["minimap_logits"].float(), region_logits=out["region_logits"].float())
+
+    def _prediction(self, out: Mapping[str, Tensor], size) -> Prediction:
+        logits = F.interpolate(out["mask_logits"].float(), size=tuple(size), mode="bilinear", align_corners=False)
         nt = out["nt_logits"].float()
         return Prediction(mask=self._win_probability(logits[:, 1], logits[:, 0]),
                           no_target=self._win_probability(nt[:, 1], nt[:, 0]),
