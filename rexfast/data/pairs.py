@@ -94,9 +94,13 @@ def check_image(path: Path, limit: Optional[int] = None) -> Optional[str]:
 
     from ..io import max_image_pixels
 
-    if not path.exists():
+    try:
+        exists, is_file = path.exists(), path.is_file()
+    except OSError as exc:  # pathlib answers False only for a missing file: a name too long, a folder it may not enter
+        return f"cannot read image {path}: {exc.strerror or exc}"
+    if not exists:
         return f"image not found: {path}"
-    if not path.is_file():
+    if not is_file:
         return f"image is not a file: {path}"
     limit = max_image_pixels() if limit is None else limit
     try:
@@ -206,6 +210,14 @@ def _read_jsonl(data: bytes, base: Path) -> list[dict]:
             continue
         except json.JSONDecodeError as exc:
             rows.append({"where": f"line {line_no}", "error": f"not valid JSON ({exc.msg}, column {exc.colno})",
+                         "image": None, "text": None, "id": None})
+            continue
+        except RecursionError:  # the C scanner's recursion limit: a row of thousands of nested [ or {
+            rows.append({"where": f"line {line_no}", "error": "not usable JSON (nested too deeply)", "image": None,
+                         "text": None, "id": None})
+            continue
+        except ValueError as exc:  # a number of more than sys.get_int_max_str_digits() digits
+            rows.append({"where": f"line {line_no}", "error": f"not usable JSON ({str(exc).split(':')[0]})",
                          "image": None, "text": None, "id": None})
             continue
         if not isinstance(obj, dict):

@@ -105,6 +105,23 @@ def test_csv_header_and_field_count_problems(images, tmp_path):
         read_pairs(path)
 
 
+def test_rows_that_escaped_read_pairs_are_bad_rows(images, tmp_path):
+    """tests/fuzz/corpus/pairs/crash-*: a JSON row nested thousands deep (RecursionError from
+    the C scanner), a 5000-digit id (int conversion's digit limit) and an image name too long
+    for the file system (OSError from pathlib) each escaped read_pairs, even with skip_bad."""
+    _jsonl(tmp_path / "p.jsonl", [{"image": "imgs/a.jpg", "text": "fine"}, "[" * 5000,
+                                  '{"image": "imgs/a.jpg", "text": "x", "id": ' + "9" * 5000 + "}"])
+    pairs = read_pairs(tmp_path / "p.jsonl", skip_bad=True)
+    assert [p.error for p in pairs] == [
+        None, "not usable JSON (nested too deeply)",
+        "not usable JSON (Exceeds the limit (4300 digits) for integer string conversion)"]
+    with pytest.raises(ValueError, match=r"2 of the 3 rows are bad; the first, line 2: not usable JSON"):
+        read_pairs(tmp_path / "p.jsonl")
+    (tmp_path / "p.csv").write_text("image,text\nimgs/a.jpg,fine\n" + "a" * 5000 + ",x\n")
+    bad = read_pairs(tmp_path / "p.csv", skip_bad=True).bad
+    assert [p.where for p in bad] == ["line 3"] and bad[0].error.endswith(": File name too long")
+
+
 def test_file_level_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="pairs file not found"):
         read_pairs(tmp_path / "nope.jsonl")

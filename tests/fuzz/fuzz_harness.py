@@ -16,10 +16,10 @@ to the contract of issue 39:
   would create PWNED in the target's folder, the working directory); both are checked after
   every input, and so are the audit events of starting a process.
 
-Targets (``TARGETS``): ``refer``, ``checkpoint``, ``model_folder``, ``annotations``, ``image``.
-Target 6, the pairs-file reader (JSONL/CSV) of the front-door issue, goes in the same
-registry: a ``Target`` whose ``run`` writes the input as the pairs file and calls its
-reader, with seeds in ``fuzz_seeds.py`` and corpus files under ``corpus/pairs/``.
+Targets (``TARGETS``): ``refer``, ``checkpoint``, ``model_folder``, ``annotations``, ``image``,
+``pairs``. A new target is a ``Target`` whose ``run`` writes the input where its reader expects
+the file and calls the reader, with seeds in ``fuzz_seeds.py`` and corpus files under
+``corpus/<target>/``.
 """
 
 from __future__ import annotations
@@ -259,6 +259,59 @@ def image_run(data: bytes, folder: Path) -> None:
     load_image(path).tobytes()
 
 
+# -- 6. pairs files (JSONL / CSV) ------------------------------------------------------------------
+def pairs_setup(folder: Path) -> None:
+    """The small valid images the seed pairs files name (relative to the pairs file)."""
+    from fuzz_seeds import pairs_images
+
+    for name, data in pairs_images().items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+
+
+def split_pairs(data: bytes) -> tuple[str, bytes]:
+    """One fuzz input is a pairs file: the first byte picks the format (even: ``.jsonl``, odd:
+    ``.csv``; the seeds start with ``J`` and ``C``), the rest is the file."""
+    return (".csv" if data[:1] and data[0] & 1 else ".jsonl"), data[1:]
+
+
+def join_pairs(suffix: str, body: bytes) -> bytes:
+    return {".jsonl": b"J", ".csv": b"C"}[suffix] + body
+
+
+def pairs_run(data: bytes, folder: Path) -> None:
+    """``read_pairs`` with ``skip_bad=True``, then without. Beyond the common contract, the
+    reader's own promise: with ``skip_bad=True`` every bad row comes back as a pair with an
+    error, so only the file as a whole may be refused (a ValueError naming the pairs file);
+    without it, the same file gives the same pairs, or one ValueError when any row is bad."""
+    from rexfast.data.pairs import read_pairs
+
+    suffix, body = split_pairs(data)
+    for old in ("pairs.jsonl", "pairs.csv"):
+        (folder / old).unlink(missing_ok=True)
+    path = folder / f"pairs{suffix}"
+    path.write_bytes(body)
+    try:
+        pairs = read_pairs(path, skip_bad=True)
+    except ValueError as exc:
+        if not str(exc).startswith(f"pairs file {path}"):
+            raise ContractViolation(f"skip_bad=True refused the file for a row: {exc}") from exc
+        read_pairs(path)  # the file-level error again (a ValueError: documented)
+        raise
+    ids = [p.id for p in pairs if p.error is None]
+    if len(set(ids)) != len(ids) or any(p.error is not None and not p.error.strip() for p in pairs) or any(
+            p.error is None and (p.text is None or p.image is None or not p.image.is_file()) for p in pairs):
+        raise ContractViolation(f"inconsistent pairs: {pairs.pairs[:5]!r}")
+    if pairs.bad:
+        try:
+            read_pairs(path)
+        except ValueError:
+            return
+        raise ContractViolation(f"{len(pairs.bad)} bad row(s) with skip_bad=True, none without")
+    if read_pairs(path) != pairs:
+        raise ContractViolation("skip_bad=False read the file differently")
+
+
 # (atheris instruments only these modules: the readers and the parsers under them, not the models)
 TARGETS = {
     "refer": Target("refer", refer_run, (ValueError,),
@@ -272,7 +325,7 @@ TARGETS = {
     "annotations": Target("annotations", annotations_run, (ValueError,),
                           ("rexfast.data.refer", "rexfast.data.masks", "json", "pycocotools"), annotations_setup),
     "image": Target("image", image_run, (ValueError,), ("rexfast.io", "PIL")),
-    # "pairs": the pairs-file reader (JSONL/CSV) of the front-door issue goes here
+    "pairs": Target("pairs", pairs_run, (ValueError,), ("rexfast.data.pairs", "json", "csv"), pairs_setup),
 }
 
 

@@ -49,10 +49,15 @@ def main() -> None:
             import PIL.Image  # noqa: F401
 
             import rexfast.io  # noqa: F401
-        # the pairs-file target (front-door issue) imports its reader here
+        elif name == "pairs":
+            import csv  # noqa: F401
+
+            import PIL.Image  # noqa: F401
+
+            import rexfast.data.pairs  # noqa: F401
     folder = fuzz_harness.fresh_folder(target)
     fuzz_harness.install_guards(folder)
-    if name == "image":  # PIL's decoders register as plugins on first open
+    if name in ("image", "pairs"):  # PIL's decoders register as plugins on first open
         from PIL import Image
 
         Image.init()

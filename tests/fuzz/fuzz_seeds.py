@@ -294,9 +294,57 @@ def image_seeds() -> dict:
     return seeds
 
 
-# the pairs-file target (front-door issue) adds "pairs": pairs_seeds (valid JSONL and CSV files) here
+# ----------------------------------------------------------------------------- 6. pairs files
+def pairs_images() -> dict:
+    """The images beside every fuzzed pairs file (the seeds name them by relative path)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    rgb = Image.fromarray(rng.integers(0, 256, (5, 7, 3), dtype=np.uint8))
+    out = {}
+    for name, im, fmt in (("a.png", rgb, "PNG"), ("b.jpg", rgb, "JPEG"), ("sub/c.png", rgb.convert("L"), "PNG")):
+        buf = io.BytesIO()
+        im.save(buf, format=fmt)
+        out[name] = buf.getvalue()
+    return out
+
+
+def pairs_seeds() -> dict:
+    from fuzz_harness import join_pairs
+
+    rows = [{"image": "a.png", "text": "the red square", "id": "r1"},
+            {"image": "sub/c.png", "text": "caf\xe9, \"quoted\" \u2014 gauche", "id": 7},
+            {"image": "./b.jpg", "text": "the left one"},
+            {"image": "sub/../a.png", "text": "again", "id": None, "extra": [1, {"x": 2}]}]
+    jsonl = "".join(json.dumps(r, ensure_ascii=k % 2 == 0) + ("\n\n" if k == 1 else "\n") for k, r in enumerate(rows))
+    csv_rows = ('image,text,id\r\n'
+                'a.png,the red square,r1\r\n'
+                'sub/c.png,"caf\xe9, ""quoted"" \u2014\nover two lines",7\r\n'
+                './b.jpg,the left one,\r\n'
+                '\r\n'
+                '"sub/../a.png","again",""\r\n')
+    bad_jsonl = ('{"image": "a.png", "text": "one", "id": "x"}\n'
+                 '{"image": "missing.png", "text": "two"}\n'
+                 '{"image": "b.jpg", "text": "  ", "id": "x"}\n'
+                 '[1, 2]\n{"image": "a.png", "text": "no closing"\n'
+                 '{"image": 3, "text": ["x"], "id": true}\n')
+    bad_csv = ('text,image,note\n'
+               'one,a.png,x\n'
+               'two,missing.png\n'
+               'three,b.jpg,x,extra\n'
+               '"unterminated,a.png\n')
+    return {
+        "rows.jsonl": join_pairs(".jsonl", jsonl.encode()),
+        "rows-bom.jsonl": join_pairs(".jsonl", b"\xef\xbb\xbf" + jsonl.encode()),
+        "rows.csv": join_pairs(".csv", csv_rows.encode()),
+        "rows-bom-no-id.csv": join_pairs(".csv", b"\xef\xbb\xbf" + b"text,image\nthe square,a.png\nthe grey one,sub/c.png\n"),
+        "bad-rows.jsonl": join_pairs(".jsonl", bad_jsonl.encode()),
+        "bad-rows.csv": join_pairs(".csv", bad_csv.encode()),
+    }
+
+
 SEEDS = {"refer": refer_seeds, "checkpoint": checkpoint_seeds, "model_folder": model_folder_seeds,
-         "annotations": annotations_seeds, "image": image_seeds}
+         "annotations": annotations_seeds, "image": image_seeds, "pairs": pairs_seeds}
 
 
 def write_seeds(corpus: Path = HERE / "corpus") -> list[Path]:
