@@ -7,10 +7,14 @@ backend rejects) show in CI on a CPU machine. Prints one line per kernel config
 and exits non-zero if any fails.
 
     python .ci/compile_triton_sm90.py          # TRITON_INTERPRET must be unset
+    PYTHONPATH=.venv/triton36 python .ci/compile_triton_sm90.py --expect-triton 3.6
 
 Written against triton 3.9 (``ASTSource(fn, signature, constexprs, attrs)`` with
 constexpr parameters spelled ``"constexpr"`` in the signature and their values
-keyed by name); the same spelling works in triton 3.2–3.6.
+keyed by name); the same spelling works in triton 3.2–3.6. CI runs it twice: with
+the venv's triton, and with triton 3.6.x (the GPU image's) installed by pip into a
+folder of its own and put first on the path; ``--expect-triton`` makes sure the
+second run imported the version it was meant to test.
 """
 
 from __future__ import annotations
@@ -96,8 +100,17 @@ def resource_usage(compiled) -> str:
     return f"regs={m.group(1)} stack={m.group(2)}B" if m else "regs=? stack=?"
 
 
-def main() -> int:
-    print(f"triton {triton.__version__}, target {TARGET}")
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Compile every Triton kernel of rexfast for sm_90.")
+    parser.add_argument("--expect-triton", metavar="VERSION",
+                        help="fail unless the imported triton's version starts with this (e.g. 3.6)")
+    args = parser.parse_args(argv)
+    print(f"triton {triton.__version__} ({Path(triton.__file__).parent}), target {TARGET}")
+    if args.expect_triton and not (triton.__version__ + ".").startswith(args.expect_triton.rstrip(".") + "."):
+        print(f"FAIL: expected triton {args.expect_triton}.x, imported {triton.__version__}")
+        return 1
     failures = 0
     for cfg in all_configs():
         label, warps = cfg.label, cfg.num_warps

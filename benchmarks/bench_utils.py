@@ -9,6 +9,21 @@ the tracked ``benchmarks/results/`` instead, and only from a clean tree (the
 recorded commit must be the code that ran). Timings are medians with their
 spread (min, max, quartiles): CUDA via ``triton.testing.do_bench``, CPU via
 ``time.perf_counter``.
+
+Three switches serve ``benchmarks/run_device.sh``, whose one call on a lent GPU must
+keep what it measured even when it is killed at its time limit:
+
+``REXFAST_BENCH_ROWS=<file.jsonl>``
+    every row is also appended to that file (one JSON object per line, flushed and
+    fsynced) the moment it is recorded, so a kill loses at most the case in flight;
+    the session-end JSON files are written as well.
+``REXFAST_BENCH_DEADLINE=<unix time>``
+    a benchmark that would start after it is skipped, with that reason (conftest.py).
+``REXFAST_BENCH_DRY_RUN=1``
+    the GPU benchmarks run on CPU at tiny shapes, Triton under its interpreter
+    (``TRITON_INTERPRET=1``), ``torch.compile`` with dynamo's ``eager`` backend and
+    every timing one call: seconds per case, so the script's every step is exercised
+    without a GPU. The numbers mean nothing; the rows say ``dry_run``.
 """
 
 from __future__ import annotations
@@ -18,6 +33,7 @@ import os
 import platform
 import re
 import subprocess
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -27,8 +43,41 @@ import torch
 RESULTS_DIR = Path(__file__).parent / "results"  # tracked: REXFAST_BENCH_RECORD=1 from a clean tree
 SCRATCH_DIR = Path(__file__).parent / ".results"  # ignored: every other run
 RECORD_ENV = "REXFAST_BENCH_RECORD"
+ROWS_ENV = "REXFAST_BENCH_ROWS"
+DRY_RUN_ENV = "REXFAST_BENCH_DRY_RUN"
 _ROWS: dict[str, list[dict]] = defaultdict(list)
 _CEILINGS: dict[str, dict] = {}
+
+
+def dry_run() -> bool:
+    """True under ``REXFAST_BENCH_DRY_RUN=1`` (see the module docstring)."""
+    return os.environ.get(DRY_RUN_ENV) == "1"
+
+
+def gpu_bench_device() -> str | None:
+    """Where the GPU benchmarks run: ``"cuda"`` with a GPU, ``"cpu"`` in a dry run, else None (skip)."""
+    if dry_run():
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else None
+
+
+GPU_BENCH_SKIP = "needs a CUDA device (or REXFAST_BENCH_DRY_RUN=1 for the tiny CPU rehearsal)"
+
+
+def triton_variant_runs(device: str) -> bool:
+    """Benchmark the Triton backend on ``device``: on CUDA, and on CPU only in a dry run
+    (the interpreter: correct but thousands of times slower, meaningless as a timing)."""
+    return device == "cuda" or dry_run()
+
+
+MODEL_COMPILE_ENV = "REXFAST_BENCH_MODEL_COMPILE"
+
+
+def model_compile_on_gpu() -> bool:
+    """Whether the whole-model GPU benchmarks add a ``torch.compile`` variant (default yes;
+    ``REXFAST_BENCH_MODEL_COMPILE=0`` leaves it out: compiling Swin-B + BERT forward and
+    training step takes minutes, more than run_device.sh's one call can spare). Never in a dry run."""
+    return os.environ.get(MODEL_COMPILE_ENV, "1") == "1" and not dry_run()
 
 
 def device_name(device: str) -> str:
@@ -71,7 +120,9 @@ class Timing(float):
 
 
 def median_ms(fn, device: str, *, rounds: int = 7, warmup: int = 2) -> Timing:
-    """Median wall time of ``fn()`` in milliseconds, with its spread."""
+    """Median wall time of ``fn()`` in milliseconds, with its spread (a dry run: one call)."""
+    if dry_run():
+        rounds, warmup = 1, 0
     if device == "cuda":
         import triton.testing
 
@@ -100,7 +151,7 @@ def ceilings(device: str) -> dict:
         mm_ms = median_ms(lambda: a @ b, "cuda")
         out = {"copy_GBps": 2 * src.numel() / ms / 1e6, "bf16_matmul_TFLOPs": 2 * 8192**3 / mm_ms / 1e9}
     else:
-        src = torch.randn(2**25)  # 128 MiB fp32, well past the caches
+        src = torch.randn(2**20 if dry_run() else 2**25)  # 128 MiB fp32, well past the caches
         dst = torch.empty_like(src)
         ms = median_ms(lambda: dst.copy_(src), "cpu")
         out = {"copy_GBps": 2 * src.numel() * 4 / ms / 1e6}
@@ -109,7 +160,74 @@ def ceilings(device: str) -> dict:
 
 
 def record(suite: str, row: dict) -> None:
+    """Keep ``row`` for the session-end files and, with ``REXFAST_BENCH_ROWS``, append it there now."""
+    if dry_run():
+        row = {**row, "dry_run": True}
     _ROWS[suite].append(row)
+    path = os.environ.get(ROWS_ENV)
+    if not path:
+        return
+    lines = []
+    if len(_ROWS[suite]) == 1:  # a suite's first row in this process: say where it ran, once
+        device = row.get("device_type", "cpu")
+        lines.append({"suite": suite, "environment": _environment(device, git_commit())})
+    lines.append({"suite": suite, "row": row})
+    with open(path, "a") as f:
+        for line in lines:
+            f.write(json.dumps(line) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ----------------------------------------------------------------------------- torch.compile baselines
+def compile_fresh(fn, **kwargs):
+    """``torch.compile(fn, **kwargs)`` after ``torch._dynamo.reset()``.
+
+    Why: dynamo keys its cache on the code object, and every shape (× grad mode)
+    of a ``dynamic=False`` baseline is one more entry. Run many shapes through the
+    same lambda and, past ``recompile_limit`` (8), dynamo stops compiling and the
+    "compile" rows silently time eager PyTorch. Resetting per benchmark case starts
+    each from an empty cache; :func:`compile_stats` then reports how many times it
+    compiled. In a dry run the backend is dynamo's ``eager`` (tracing and guards,
+    no inductor: a CPU C++ compile would take minutes)."""
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    if dry_run():
+        kwargs = {**kwargs, "backend": "eager"}
+    compiled = torch.compile(fn, **kwargs)
+    compiled._rexfast_code = fn.__code__  # whose cache entries compile_stats counts
+    compiled._rexfast_backend = kwargs.get("backend", "inductor")
+    return compiled
+
+
+def compile_stats(compiled) -> dict:
+    """Row fields for a :func:`compile_fresh` baseline: how many cache entries dynamo
+    holds for its function (one per compile: the first plus each recompile), the frames
+    it compiled and the graphs it made since the reset, and the backend. A baseline
+    whose top frame was never compiled ran eager: that is an error, not a row."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    from torch._dynamo.utils import counters
+
+    entries = len(_debug_get_cache_entry_list(compiled._rexfast_code))
+    if entries == 0:
+        raise RuntimeError("the torch.compile baseline never compiled its function: its rows would time eager")
+    return {"compile_backend": compiled._rexfast_backend, "compile_cache_entries": entries,
+            "compile_recompiles": entries - 1, "compile_frames": int(counters["frames"]["ok"]),
+            "compile_graphs": int(counters["stats"]["unique_graphs"])}
+
+
+def no_silent_eager():
+    """A context in which dynamo hitting its recompile limit raises instead of running eager."""
+    import contextlib
+
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"):  # newer, older spelling
+        if hasattr(dynamo_config, name):
+            return dynamo_config.patch(**{name: True})
+    return contextlib.nullcontext()  # compile_stats still counts the entries
 
 
 def _environment(device: str, commit: str) -> dict:
@@ -142,6 +260,41 @@ def results_dir() -> Path:
         raise RuntimeError(f"{RECORD_ENV}=1 records into benchmarks/results/ only from a clean tree "
                            f"(commit {commit}): commit or stash first")
     return RESULTS_DIR
+
+
+# ----------------------------------------------------------------------------- memory
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+class PeakRSS:
+    """Peak resident memory above the level at entry, sampled every 2 ms in a thread
+    (torch ops release the GIL)."""
+
+    def __enter__(self):
+        self.base = self.peak = rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss())
+
+    @property
+    def mib(self) -> float:
+        return (self.peak - self.base) / 2**20
 
 
 # ----------------------------------------------------------------------------- whole models

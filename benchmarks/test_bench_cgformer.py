@@ -20,7 +20,7 @@ import os
 import pytest
 import torch
 
-from bench_utils import measure_models, record_model_rows
+from bench_utils import GPU_BENCH_SKIP, dry_run, gpu_bench_device, measure_models, model_compile_on_gpu, record_model_rows
 from rexfast.models import CGFormer, CGFormerConfig
 from rexfast.models.backbones.swin import SwinConfig
 
@@ -69,7 +69,7 @@ def _pedantic(benchmark, model, batch, device, amp_dtype):
         if device == "cuda":
             torch.cuda.synchronize()
 
-    benchmark.pedantic(step, rounds=3, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(step, rounds=1 if dry_run() else 3, iterations=1, warmup_rounds=0 if dry_run() else 1)
 
 
 def test_cgformer_cpu(benchmark):
@@ -83,12 +83,17 @@ def test_cgformer_cpu(benchmark):
     _pedantic(benchmark, models["rexfast"], batch, "cpu", None)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.skipif(gpu_bench_device() is None, reason=GPU_BENCH_SKIP)
 def test_cgformer_cuda_released_b8_480_bf16(benchmark):
-    config, size, b = CGFormerConfig.released(), 480, 8
-    models = _variants(config, "cuda", with_compile=True, channels_last=True)
-    batch = _batch(b, size, "cuda")
-    results = measure_models(models, batch, "cuda", torch.bfloat16, rounds=None)
-    record_model_rows(SUITE, results, "cuda", "released (Swin-B w12, BERT-base, 2 tokens)", b, size, "bfloat16 autocast")
+    device = gpu_bench_device()
+    if dry_run():  # the tiny preset, B=1, fp32 (CPU bf16 only adds oneDNN JIT time), on CPU
+        config, size, b, label = CGFormerConfig.tiny(image_size=32), 32, 1, "tiny (dry run)"
+    else:
+        config, size, b, label = CGFormerConfig.released(), 480, 8, "released (Swin-B w12, BERT-base, 2 tokens)"
+    models = _variants(config, device, with_compile=model_compile_on_gpu(), channels_last=True)
+    batch = _batch(b, size, device)
+    amp = None if dry_run() else torch.bfloat16
+    results = measure_models(models, batch, device, amp, rounds=2)
+    record_model_rows(SUITE, results, device, label, b, size, "float32" if amp is None else "bfloat16 autocast")
     benchmark.extra_info.update(results)
-    _pedantic(benchmark, models["rexfast"], batch, "cuda", torch.bfloat16)
+    _pedantic(benchmark, models["rexfast"], batch, device, amp)

@@ -37,49 +37,16 @@ from __future__ import annotations
 
 import gc
 import os
-import threading
 import time
 
 import pytest
 import torch
 
-from bench_utils import SCRATCH_DIR, Timing, median_ms, record
+from bench_utils import SCRATCH_DIR, PeakRSS, Timing, median_ms, record
 
 SUITE = "cpu_inference"
 SIZE, TOKENS = 480, 20
 ROUNDS = int(os.environ.get("REXFAST_BENCH_ROUNDS", "3"))
-PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * PAGE
-
-
-class PeakRSS:
-    """Peak resident memory above the level at entry, sampled every 2 ms in a thread
-    (torch ops release the GIL)."""
-
-    def __enter__(self):
-        self.base = self.peak = _rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _rss())
-            time.sleep(0.002)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss())
-
-    @property
-    def mib(self) -> float:
-        return (self.peak - self.base) / 2**20
 
 
 def _inputs(b=1, size=SIZE):

@@ -8,7 +8,9 @@ offsets of a few pixels, as the trained MSDeformAttn does: gathers are local)
 and "uniform" (uniform over [0, 1]: gathers are random). Each variant reports
 the median forward and forward+backward time, speed-ups over the eager and the
 compiled grid_sample path, and the achieved bandwidth for the bytes the op must
-move against the device's measured copy bandwidth.
+move against the device's measured copy bandwidth. The torch.compile baseline is
+compiled afresh per case and records its recompiles (``bench_utils.compile_fresh``).
+In a dry run (``REXFAST_BENCH_DRY_RUN=1``) the CUDA cases run on CPU at tiny shapes.
 
 The official path is written here from the official semantics (Deformable
 DETR's ``ms_deform_attn_core_pytorch``, ReLA's CPU fallback): one
@@ -24,13 +26,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench_utils import ceilings, median_ms, record
+from bench_utils import (GPU_BENCH_SKIP, ceilings, compile_fresh, compile_stats, dry_run, gpu_bench_device, median_ms,
+                         no_silent_eager, record, triton_variant_runs)
 from rexfast.ops import ms_deform_attn
 from rexfast.ops.ms_deform_attn import BACKENDS
 
 SUITE = "ms_deform_attn"
 LEVELS = ((15, 15), (30, 30), (60, 60))
 RELA = dict(B=2, M=8, D=32, P=4)
+TINY_LEVELS = ((3, 3), (6, 6))  # a dry run's stand-in: 45 queries, 2 heads, D = 8, 2 points
+TINY = dict(B=1, M=2, D=8, P=2)
 
 
 def grid_sample_path(value, levels, loc, attn):
@@ -88,33 +93,39 @@ def min_bytes(value, loc, attn, backward):
     return fwd + (e * (n_out + 2 * (n_value + n_loc + n_attn)) if backward else 0)
 
 
-def _variants(device, levels):
+def _variants(device, levels, with_compile=True):
     eager = lambda v, s, i, l, a: grid_sample_path(v, levels, l, a)  # noqa: E731
-    compiled = torch.compile(lambda v, l, a: grid_sample_path(v, levels, l, a), dynamic=False)
-    out = {"grid_sample": eager, "grid_sample_compile": lambda v, s, i, l, a: compiled(v, l, a)}
+    out = {"grid_sample": eager}
+    if with_compile:
+        compiled = compile_fresh(lambda v, l, a: grid_sample_path(v, levels, l, a), dynamic=False)
+        out["grid_sample_compile"] = lambda v, s, i, l, a: compiled(v, l, a)
+        out["grid_sample_compile"].compiled = compiled
     for name in ("cpu", "cuda", "triton"):
-        if name in BACKENDS.available(device) and not (name == "triton" and device == "cpu"):
+        if name in BACKENDS.available(device) and (name != "triton" or triton_variant_runs(device)):
             out[name] = lambda v, s, i, l, a, _n=name: ms_deform_attn(v, s, i, l, a, backend=_n)
     return out
 
 
-def _run(pattern, device, dtype):
-    value, shapes, starts, loc, attn = _inputs(pattern, device, dtype, **RELA)
+def _run(pattern, device, dtype, sizes=RELA, levels=LEVELS):
+    value, shapes, starts, loc, attn = _inputs(pattern, device, dtype, levels=levels, **sizes)
     leaves = [t.requires_grad_(True) for t in (value, loc, attn)]
     rows = {}
-    for name, fn in _variants(device, LEVELS).items():
-        def forward():
-            with torch.no_grad():
-                return fn(value, shapes, starts, loc, attn)
+    variants = _variants(device, levels)
+    with no_silent_eager():
+        for name, fn in variants.items():
+            def forward():
+                with torch.no_grad():
+                    return fn(value, shapes, starts, loc, attn)
 
-        def forward_backward():
-            out = fn(leaves[0], shapes, starts, leaves[1], leaves[2])
-            return torch.autograd.grad(out, leaves, torch.ones_like(out))  # nothing accumulates in .grad
+            def forward_backward():
+                out = fn(leaves[0], shapes, starts, leaves[1], leaves[2])
+                return torch.autograd.grad(out, leaves, torch.ones_like(out))  # nothing accumulates in .grad
 
-        rows[name] = (median_ms(forward, device), median_ms(forward_backward, device))
+            rows[name] = (median_ms(forward, device), median_ms(forward_backward, device))
+    compiled = compile_stats(variants["grid_sample_compile"].compiled)
     ceiling = ceilings(device)["copy_GBps"]
-    shape = f"B{RELA['B']} Q{loc.shape[1]} M{RELA['M']} D{RELA['D']} P{RELA['P']} L" + "+".join(
-        f"{h}x{w}" for h, w in LEVELS)
+    shape = f"B{sizes['B']} Q{loc.shape[1]} M{sizes['M']} D{sizes['D']} P{sizes['P']} L" + "+".join(
+        f"{h}x{w}" for h, w in levels)
     for name, (fwd_ms, fb_ms) in rows.items():
         gbps = min_bytes(value, loc, attn, True) / fb_ms / 1e6
         record(SUITE, {
@@ -131,6 +142,7 @@ def _run(pattern, device, dtype):
             "fwd_GBps": min_bytes(value, loc, attn, False) / fwd_ms / 1e6,
             "fwd_bwd_GBps": gbps,
             "fraction_of_copy_bw": gbps / ceiling,
+            **(compiled if name == "grid_sample_compile" else {}),
         })
     return rows
 
@@ -143,7 +155,7 @@ def test_ms_deform_attn_cpu(benchmark, pattern):
     value, shapes, starts, loc, attn = _inputs(pattern, "cpu", torch.float32, **RELA)
     leaves = [t.requires_grad_(True) for t in (value, loc, attn)]
     best = "cpu" if "cpu" in rows else "grid_sample"
-    fn = _variants("cpu", LEVELS)[best]
+    fn = _variants("cpu", LEVELS, with_compile=False)[best]
 
     def step():
         out = fn(leaves[0], shapes, starts, leaves[1], leaves[2])
@@ -152,14 +164,17 @@ def test_ms_deform_attn_cpu(benchmark, pattern):
     benchmark.pedantic(step, rounds=3, iterations=1, warmup_rounds=1)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.skipif(gpu_bench_device() is None, reason=GPU_BENCH_SKIP)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("pattern", ["rela", "uniform"])
 def test_ms_deform_attn_cuda(benchmark, pattern, dtype):
-    rows = _run(pattern, "cuda", dtype)
+    device = gpu_bench_device()
+    sizes, levels = (TINY, TINY_LEVELS) if dry_run() else (RELA, LEVELS)
+    rows = _run(pattern, device, dtype, sizes, levels)
     benchmark.extra_info.update({k: {"fwd_ms": a, "fwd_bwd_ms": b} for k, (a, b) in rows.items()})
-    value, shapes, starts, loc, attn = _inputs(pattern, "cuda", dtype, **RELA)
+    value, shapes, starts, loc, attn = _inputs(pattern, device, dtype, levels=levels, **sizes)
     leaves = [t.requires_grad_(True) for t in (value, loc, attn)]
-    fn = _variants("cuda", LEVELS).get("triton") or _variants("cuda", LEVELS)["grid_sample"]
+    variants = _variants(device, levels, with_compile=False)
+    fn = variants.get("triton") or variants["grid_sample"]
     benchmark.pedantic(lambda: fn(leaves[0], shapes, starts, leaves[1], leaves[2]).sum().backward(), rounds=3,
                        iterations=1, warmup_rounds=1)

@@ -25,7 +25,9 @@ cross-thread wake-ups that contention makes expensive for every variant.
 Each variant reports the median forward and forward+backward time (rounds
 interleaved across the variants, so machine load hits all of them alike; Python's
 garbage collector paused while timing, as timeit does) and its speed-up over eager
-and over torch.compile.
+and over torch.compile. The torch.compile baseline is compiled afresh per case and
+records its recompiles (``bench_utils.compile_fresh``). In a dry run
+(``REXFAST_BENCH_DRY_RUN=1``) the CUDA cases run on CPU at tiny shapes.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench_utils import median_ms, record
+from bench_utils import (GPU_BENCH_SKIP, compile_fresh, compile_stats, dry_run, gpu_bench_device, median_ms,
+                         no_silent_eager, record, triton_variant_runs)
 from rexfast.ops import region_image_attention, region_language_attention
 from rexfast.ops.region_image_attention import BACKENDS as RIA_BACKENDS
 from rexfast.ops.region_language_attention import BACKENDS as RLA_BACKENDS
@@ -48,6 +51,8 @@ SUITE = "region_attention"
 RIA_SHAPE = (2, 8, 100, 60, 60, 32, 120, 120)  # B, H, Q, kh, kw, d, mh, mw
 RLA_SHAPE = (2, 8, 100, 20, 32)  # B, H, Q, S, d
 ROUNDS = 15
+TINY_RIA_SHAPE = (1, 2, 8, 6, 6, 16, 12, 12)  # a dry run's stand-ins
+TINY_RLA_SHAPE = (1, 2, 8, 5, 16)
 
 
 # ----------------------------------------------------------------------------- the official path
@@ -99,7 +104,7 @@ def _qkv(B, H, Q, S, d, device, dtype, seed=0):
 
 def _fused(backends, device):
     return [n for n in ("cpu", "cuda", "triton") if n in backends.available(device)
-            and not (n == "triton" and device == "cpu")]
+            and (n != "triton" or triton_variant_runs(device))]
 
 
 # ----------------------------------------------------------------------------- timing
@@ -107,6 +112,8 @@ def _interleaved_medians(fns: dict, device: str, rounds: int = ROUNDS) -> dict:
     """Median ms of each fn, the rounds interleaved across fns (CPU); CUDA: do_bench."""
     if device == "cuda":
         return {name: median_ms(fn, "cuda") for name, fn in fns.items()}
+    if dry_run():
+        rounds = 2
     for fn in fns.values():  # warm up (and compile)
         fn()
         fn()
@@ -124,25 +131,25 @@ def _interleaved_medians(fns: dict, device: str, rounds: int = ROUNDS) -> dict:
     return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
 
 
-def _run(op: str, device: str, dtype: torch.dtype):
+def _run(op: str, device: str, dtype: torch.dtype, ria_shape=RIA_SHAPE, rla_shape=RLA_SHAPE):
     if os.environ.get("REXFAST_BENCH_THREADS"):
         torch.set_num_threads(int(os.environ["REXFAST_BENCH_THREADS"]))
     if op == "ria":
-        B, H, Q, kh, kw, d, mh, mw = RIA_SHAPE
+        B, H, Q, kh, kw, d, mh, mw = ria_shape
         q, k, v = _qkv(B, H, Q, kh * kw, d, device, dtype)
         logits = region_blobs(B, Q, mh, mw).to(device)
         eager = lambda q, k, v: official_ria(q, k, v, logits, (kh, kw))  # noqa: E731
         fused = {n: (lambda q, k, v, _n=n: region_image_attention(q, k, v, logits, (kh, kw), backend=_n))
                  for n in _fused(RIA_BACKENDS, device)}
-        shape = "B{}H{}Q{}keys{}x{}d{}R{}x{}".format(*RIA_SHAPE)
+        shape = "B{}H{}Q{}keys{}x{}d{}R{}x{}".format(*ria_shape)
     else:
-        B, H, Q, S, d = RLA_SHAPE
+        B, H, Q, S, d = rla_shape
         q, k, v = _qkv(B, H, Q, S, d, device, dtype)
         eager = official_rla
         fused = {n: (lambda q, k, v, _n=n: region_language_attention(q, k, v, backend=_n))
                  for n in _fused(RLA_BACKENDS, device)}
-        shape = "B{}H{}Q{}S{}d{}".format(*RLA_SHAPE)
-    variants = {"eager": eager, "compile": torch.compile(eager, dynamic=False), **fused}
+        shape = "B{}H{}Q{}S{}d{}".format(*rla_shape)
+    variants = {"eager": eager, "compile": compile_fresh(eager, dynamic=False), **fused}
     leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
 
     def forward(fn):
@@ -157,8 +164,10 @@ def _run(op: str, device: str, dtype: torch.dtype):
             return torch.autograd.grad(out, leaves, torch.ones_like(out))
         return run
 
-    fwd = _interleaved_medians({n: forward(fn) for n, fn in variants.items()}, device)
-    fb = _interleaved_medians({n: forward_backward(fn) for n, fn in variants.items()}, device)
+    with no_silent_eager():
+        fwd = _interleaved_medians({n: forward(fn) for n, fn in variants.items()}, device)
+        fb = _interleaved_medians({n: forward_backward(fn) for n, fn in variants.items()}, device)
+    compiled = compile_stats(variants["compile"])
     for name in variants:
         record(SUITE, {
             "device_type": device,
@@ -173,6 +182,7 @@ def _run(op: str, device: str, dtype: torch.dtype):
             "fwd_speedup_vs_compile": fwd["compile"] / fwd[name],
             "fwd_bwd_speedup_vs_eager": fb["eager"] / fb[name],
             "fwd_bwd_speedup_vs_compile": fb["compile"] / fb[name],
+            **(compiled if name == "compile" else {}),
         })
     return fwd, fb
 
@@ -199,10 +209,11 @@ def test_region_attention_cpu(benchmark, op):
     benchmark.pedantic(step, rounds=3, iterations=1, warmup_rounds=1)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.skipif(gpu_bench_device() is None, reason=GPU_BENCH_SKIP)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("op", ["ria", "rla"])
 def test_region_attention_cuda(benchmark, op, dtype):
-    fwd, fb = _run(op, "cuda", dtype)
+    shapes = (TINY_RIA_SHAPE, TINY_RLA_SHAPE) if dry_run() else (RIA_SHAPE, RLA_SHAPE)
+    fwd, fb = _run(op, gpu_bench_device(), dtype, *shapes)
     benchmark.extra_info.update({n: {"fwd_ms": fwd[n], "fwd_bwd_ms": fb[n]} for n in fwd})
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)

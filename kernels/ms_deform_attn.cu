@@ -92,6 +92,7 @@ __device__ __forceinline__ Level load_level(const int64_t* shapes, const int64_t
 template <typename A>
 struct Taps {
   bool nan;
+  bool edge;  // x = −1 or y = −1: the location gradient is 0 (the sample is 0 for x ≤ −1)
   bool inside[4];
   int64_t pixel[4];  // row of value's S axis
   A wx[4], wy[4], w[4];
@@ -101,6 +102,7 @@ template <typename A>
 __device__ __forceinline__ Taps<A> point_taps(A loc_x, A loc_y, const Level& lv, int64_t S) {
   Taps<A> t;
   t.nan = false;
+  t.edge = false;
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
     t.inside[k] = false;
@@ -114,6 +116,7 @@ __device__ __forceinline__ Taps<A> point_taps(A loc_x, A loc_y, const Level& lv,
     t.nan = true;  // the sample is NaN; nothing is read
     return t;
   }
+  t.edge = x == A(-1) || y == A(-1);
   // Some tap is inside iff −1 ≤ x < W and −1 ≤ y < H; this also rejects ±inf and
   // huge values before any integer conversion. Degenerate levels read nothing.
   if (lv.width < 1 || lv.height < 1 || lv.width > S || lv.height > S) return t;
@@ -224,6 +227,7 @@ __global__ void __launch_bounds__(kThreads)
             gfx += (k & 1) ? t.wy[k] * tc[k] : -(t.wy[k] * tc[k]);
             gfy += (k >> 1) ? t.wx[k] * tc[k] : -(t.wx[k] * tc[k]);
           }
+          if (t.edge) gfx = gfy = A(0);
           p.grad_loc[2 * point] = Cvt<T>::from(gfx * static_cast<A>(lv.width));
           p.grad_loc[2 * point + 1] = Cvt<T>::from(gfy * static_cast<A>(lv.height));
         }

@@ -7,8 +7,10 @@
 //   scale = in / out                        (IEEE division, as torch's host code)
 //   real  = max(fma(i + 0.5, scale, -0.5), 0), i0 = (int)real, i1 = i0 + (i0 < in-1)
 //   l1 = real - i0, l0 = 1 - l1
-//   t0 = fma(lx1, b, a*lx0), t1 = fma(lx0, c, lx1*d), v = fma(ly0, t0, ly1*t1)
-// (the contraction nvcc makes of torch's expression, read from its PTX); equal
+//   t0 = fma(lx0, a, lx1*b), t1 = fma(lx0, c, lx1*d), v = fma(ly0, t0, ly1*t1)
+// (the contraction nvcc makes of torch's expression in its NCHW kernel, read from
+// the sm_90 SASS of torch 2.11's CUDA 13 build; see RESAMPLE_CUDA in
+// rexfast/ops/region_attention.py); equal
 // region and key sizes are a copy, as torch's launcher makes them. Then blocked
 // iff v <= threshold; fast-math's flush of denormals cannot move a value across
 // the threshold (about -1.8e-7).
@@ -94,6 +96,14 @@ __device__ __forceinline__ AxisTap axis_tap(int64_t in, int64_t out, int64_t i) 
   return t;
 }
 
+// torch's resampled value from texels a, b, c, d = (y0,x0), (y0,x1), (y1,x0), (y1,x1).
+__device__ __forceinline__ float torch_bilinear(float a, float b, float c, float d, const AxisTap& x,
+                                                const AxisTap& y) {
+  const float t0 = __fmaf_rn(x.l0, a, __fmul_rn(x.l1, b));
+  const float t1 = __fmaf_rn(x.l0, c, __fmul_rn(x.l1, d));
+  return __fmaf_rn(y.l0, t0, __fmul_rn(y.l1, t1));
+}
+
 // Whether key j is allowed for query i of sample b (i < Q, j < S).
 __device__ __forceinline__ bool allowed(const RegionMaskParams& m, int64_t Q, int64_t S, int64_t b, int64_t i,
                                         int64_t j, bool use_open) {
@@ -113,9 +123,7 @@ __device__ __forceinline__ bool allowed(const RegionMaskParams& m, int64_t Q, in
       const AxisTap y = axis_tap(m.mh, m.kh, ky), x = axis_tap(m.mw, m.kw, kx);
       const float a = R[y.i0 * m.mw + x.i0], bb = R[y.i0 * m.mw + x.i1];
       const float c = R[y.i1 * m.mw + x.i0], d = R[y.i1 * m.mw + x.i1];
-      const float t0 = __fmaf_rn(x.l1, bb, __fmul_rn(a, x.l0));
-      const float t1 = __fmaf_rn(x.l0, c, __fmul_rn(x.l1, d));
-      value = __fmaf_rn(y.l0, t0, __fmul_rn(y.l1, t1));
+      value = torch_bilinear(a, bb, c, d, x, y);
     }
   }
   return !(value <= m.threshold);

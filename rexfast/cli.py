@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 
 USER_ERRORS = (FileNotFoundError, ValueError, TypeError, KeyError, PermissionError, IsADirectoryError,
                NotADirectoryError, FileExistsError)
@@ -50,10 +51,28 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _config_needed() -> str:
+    """The message for ``train`` without ``--config``: what a config is and the ones at hand
+    (the repository's ``configs/``, looked for beside the package and in the current folder)."""
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent.parent
+    for folder in (here / "configs", Path.cwd() / "configs"):
+        found = sorted(p.name for p in folder.glob("*.y*ml")) + sorted(p.name for p in folder.glob("*.json"))
+        if found:
+            return (f"train needs a config: --config FILE (YAML or JSON with sections data, model, train); the "
+                    f"configs in {folder}: {', '.join(found)} (or `rexfast demo` trains on synthetic data with none)")
+    return ("train needs a config: --config FILE (YAML or JSON with sections data, model, train); no configs/ folder "
+            "was found beside the package or in the current folder (the source repository's configs/ holds "
+            "examples; `rexfast demo` trains on synthetic data with none)")
+
+
 def _cmd_train(args) -> int:
     from .engine.config import load_config
     from .engine.trainer import train
 
+    if not args.config and not args.set:  # a run may be given entirely as --set section.key=value
+        raise ValueError(_config_needed())
     overrides = list(args.set or [])
     if args.out:
         overrides.append(f"train.out_dir={args.out}")
@@ -67,41 +86,157 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from .engine.evaluator import evaluate_checkpoint
     from .metrics import format_table
 
-    metrics = evaluate_checkpoint(
-        args.checkpoint, split=args.split, overrides=args.set or [], out=args.out, batch_size=args.batch_size,
-        device=args.device, max_samples=args.max_samples, tokenizer=args.tokenizer, precision=args.precision,
-        compile=args.compile,
-    )
+    if args.predictions is not None:
+        metrics = _eval_predictions_file(args)
+    else:
+        from .engine.evaluator import evaluate_checkpoint
+
+        if args.checkpoint is None:
+            raise ValueError("eval needs --checkpoint M (evaluate a model) or --predictions F --config C "
+                             "(score a predictions file)")
+        if args.config is not None:
+            raise ValueError("--config goes with --predictions; a checkpoint carries its own config "
+                             "(change it with --set)")
+        metrics = evaluate_checkpoint(
+            args.checkpoint, split=args.split, overrides=args.set or [], out=args.out, batch_size=args.batch_size,
+            device=args.device, max_samples=args.max_samples, tokenizer=args.tokenizer, precision=args.precision,
+            compile=args.compile, save_predictions=args.save_predictions, progress=not args.no_progress,
+        )
     print(format_table(metrics))
     return 0
 
 
+def _eval_predictions_file(args) -> dict:
+    """``eval --predictions F --config C``: score a file; the model-only flags make no sense here."""
+    from .engine.evaluator import score_predictions
+
+    given = [flag for flag, value in (("--checkpoint", args.checkpoint), ("--save-predictions", args.save_predictions),
+                                      ("--tokenizer", args.tokenizer), ("--compile", args.compile)) if value]
+    if given:
+        raise ValueError(f"--predictions scores a file; {', '.join(given)} belong(s) to evaluating a model")
+    if args.config is None:
+        raise ValueError("--predictions needs --config C: the config whose data section names the dataset")
+    return score_predictions(args.predictions, args.config, split=args.split, overrides=args.set or [],
+                             out=args.out, max_samples=args.max_samples)
+
+
 def _cmd_predict(args) -> int:
-    from .engine.inference import MASK_THRESHOLD, NO_TARGET_THRESHOLD
+    if _predict_form(args) != "--image":
+        return _cmd_predict_batch(args)
     from .engine.predictor import predict_to_files
+
+    mask_threshold, no_target_threshold = _predict_thresholds(args)
+    written, result = predict_to_files(
+        args.checkpoint, args.image, args.text, out_dir=args.out_dir or ".", mask_threshold=mask_threshold,
+        no_target_threshold=no_target_threshold, device=args.device, tokenizer=args.tokenizer,
+        overrides=args.set or [], precision=args.precision, compile=args.compile, explain=args.explain)
+    print(result.explanation)  # what was found, or which rule said "no target"
+    for path in written:
+        print(path)
+    return 0
+
+
+def _predict_thresholds(args) -> tuple:
+    """(mask threshold, no-target threshold) from --mask-threshold / --no-target-threshold, or
+    the deprecated --threshold that sets both (with a warning on stderr)."""
+    from .engine.inference import MASK_THRESHOLD, NO_TARGET_THRESHOLD, check_threshold
 
     mask_threshold, no_target_threshold = args.mask_threshold, args.no_target_threshold
     if args.threshold is not None:
         if mask_threshold is not None or no_target_threshold is not None:
             raise ValueError("--threshold (deprecated) sets both thresholds: give it alone, or use --mask-threshold "
                              "and --no-target-threshold")
-        print("rexfast: warning: --threshold is deprecated: it sets both --mask-threshold and "
-              "--no-target-threshold; give those instead", file=sys.stderr)
+        if _rank() == 0:
+            print("rexfast: warning: --threshold is deprecated: it sets both --mask-threshold and "
+                  "--no-target-threshold; give those instead", file=sys.stderr)
         mask_threshold = no_target_threshold = args.threshold
-    written, result = predict_to_files(
-        args.checkpoint, args.image, args.text, out_dir=args.out_dir,
-        mask_threshold=MASK_THRESHOLD if mask_threshold is None else mask_threshold,
-        no_target_threshold=NO_TARGET_THRESHOLD if no_target_threshold is None else no_target_threshold,
-        device=args.device, tokenizer=args.tokenizer, overrides=args.set or [], precision=args.precision,
-        compile=args.compile, explain=args.explain)
-    if result.no_target:
-        print(f"no target: nothing in the image matches the sentence. {result.explanation[len('no target: '):]}")
-    for path in written:
-        print(path)
+    mask_threshold = MASK_THRESHOLD if mask_threshold is None else mask_threshold
+    no_target_threshold = NO_TARGET_THRESHOLD if no_target_threshold is None else no_target_threshold
+    return (check_threshold(mask_threshold, "--mask-threshold"),
+            check_threshold(no_target_threshold, "--no-target-threshold"))
+
+
+# ----------------------------------------------------------------------------- predict: the batch forms
+BATCH_FLAGS = (("--batch-size", "batch_size"), ("--workers", "workers"), ("--save-masks", "save_masks"),
+               ("--save-overlays", "save_overlays"), ("--skip-bad", "skip_bad"), ("--overwrite", "overwrite"))
+
+
+def _predict_form(args) -> str:
+    """Which of the three forms: --image (one pair), --pairs (a pairs file), --images (a folder)."""
+    forms = [flag for flag, value in (("--image", args.image), ("--pairs", args.pairs), ("--images", args.images))
+             if value is not None]
+    if len(forms) != 1:
+        raise ValueError("give exactly one of --image FILE (with --text), --pairs FILE (a .jsonl or .csv of image, "
+                         f"text[, id] rows) or --images DIR (with --text){'; got ' + ' and '.join(forms) if forms else ''}")
+    form = forms[0]
+    if form == "--pairs" and args.text is not None:
+        raise ValueError("--text goes with --image or --images; a pairs file has a text column")
+    if form != "--pairs" and args.text is None:
+        raise ValueError(f"{form} needs --text \"...\": the sentence naming what to segment")
+    if form == "--image":
+        given = [flag for flag, dest in BATCH_FLAGS if getattr(args, dest) not in (None, False)]
+        if given:
+            raise ValueError(f"{', '.join(given)} belong(s) to the batch forms (--pairs, --images)")
+    elif getattr(args, "explain", False):
+        raise ValueError("--explain draws one figure for one pair: it goes with --image, not with --pairs or --images")
+    elif args.out_dir is None:
+        raise ValueError(f"{form} needs --out-dir D: predictions.jsonl (and the PNGs) go there")
+    return form
+
+
+def _cmd_predict_batch(args) -> int:
+    from .data.pairs import folder_pairs, read_pairs
+    from .engine.batch_predict import predict_pairs, run_arguments
+    from .engine.precision import check_precision
+
+    check_precision(args.precision, "--precision")
+    mask_threshold, no_target_threshold = _predict_thresholds(args)
+    # every row and image is checked here, before the model loads
+    if args.pairs is not None:
+        pairs = read_pairs(args.pairs, skip_bad=args.skip_bad)
+    else:
+        pairs = folder_pairs(args.images, args.text, skip_bad=args.skip_bad)
+    overrides = list(args.set or [])
+    record = run_arguments(args.checkpoint, pairs, mask_threshold=mask_threshold,
+                           no_target_threshold=no_target_threshold, precision=args.precision, overrides=overrides,
+                           tokenizer=args.tokenizer, save_masks=args.save_masks, save_overlays=args.save_overlays)
+
+    def load(device):
+        from .engine.segmenter import Segmenter
+
+        return Segmenter.from_pretrained(args.checkpoint, device=device, precision=args.precision,
+                                         compile=args.compile, tokenizer=args.tokenizer, overrides=overrides,
+                                         mask_threshold=mask_threshold, no_target_threshold=no_target_threshold)
+
+    summary = predict_pairs(pairs, args.out_dir, load, record, batch_size=args.batch_size or 8, workers=args.workers,
+                            save_masks=args.save_masks, save_overlays=args.save_overlays, skip_bad=args.skip_bad,
+                            overwrite=args.overwrite, progress=not args.no_progress, device=args.device)
+    if _rank() == 0:
+        print(f"rexfast predict: {summary.line()}")
     return 0
+
+
+def _predict_batch_flags(p) -> None:
+    p.add_argument("--pairs", metavar="FILE",
+                   help="predict every row of a .jsonl or .csv pairs file (columns image, text, optional id; image "
+                        "paths relative to the file) into --out-dir/predictions.jsonl")
+    p.add_argument("--images", metavar="DIR",
+                   help="predict --text on every image in DIR (sorted; the id is the file name)")
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="pairs per model call (default 8)")
+    p.add_argument("--workers", type=_non_negative_int, default=None,
+                   help="DataLoader workers decoding the images (default min(2, CPUs); 0: in the main process)")
+    p.add_argument("--save-masks", action="store_true", help="also write D/masks/<id>.png (0/255, empty for "
+                                                              "'no target')")
+    p.add_argument("--save-overlays", action="store_true", help="also write D/overlays/<id>.png")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="write bad rows (missing or unreadable image, empty text, ...) as {\"id\", \"error\"} lines "
+                        "and go on, instead of stopping before the model loads")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an --out-dir that holds predictions of a run with other arguments (a rerun "
+                        "with the same arguments continues where it stopped)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs and CI)")
 
 
 def _cmd_demo(args) -> int:
@@ -115,7 +250,8 @@ def _cmd_demo(args) -> int:
 def _cmd_convert(args) -> int:
     from .engine.convert import convert_official
 
-    out = convert_official(args.official, args.out, model=args.model, tokenizer=args.tokenizer)
+    out = convert_official(args.official, args.out, model=args.model, tokenizer=args.tokenizer,
+                          overrides=args.set or [])
     if not args.tokenizer:
         print("rexfast: note: no --tokenizer given, so the folder holds none; predict and eval will need "
               "--tokenizer (convert again with --tokenizer DIR for a self-contained folder)", file=sys.stderr)
@@ -134,10 +270,12 @@ def _cmd_export(args) -> int:
     model = loaded.model
     size = args.image_size or loaded.preprocessing.image_size  # the size the model was trained at
     try:
+        from .engine.exporting import preprocessing_metadata
         from .export import export_onnx
 
         result = export_onnx(model, out, image_size=size, mode=args.mode, opset=args.opset,
-                             verify=not args.no_verify)
+                             verify=not args.no_verify,
+                             metadata=preprocessing_metadata(loaded.config, loaded.tokenizer))
     except ImportError as exc:  # the export extra is missing
         raise ValueError(str(exc)) from None
     print(json.dumps({
@@ -219,8 +357,34 @@ def _positive_int(text: str) -> int:
     return value
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every option's default in its help (where it has one worth showing: not None, not the
+    off state of a flag, not one the help already states), descriptions kept as written."""
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        if "%(default)" in help or "default" in help.lower() or action.default is None or action.default is False \
+                or action.default == argparse.SUPPRESS or not action.option_strings:
+            return help
+        return help + " (default: %(default)s)"
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse, with its usage errors in the same one-line form (exit 2)."""
+    """argparse, with its usage errors in the same one-line form (exit 2) and the defaults in the help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         if _rank() == 0:
@@ -233,6 +397,10 @@ MODEL_SOURCE_HELP = ("a model folder, a training checkpoint (best.pt, last.pt), 
                      "not cached and HF_HUB_OFFLINE is unset)")
 TOKENIZER_HELP = ("a local vocab.txt or BERT folder: needed with a released .pth or a model folder written before "
                   "folders stored their tokenizer; replaces the source's own otherwise")
+DESCRIPTION = ("Referring expression segmentation (CGFormer, ReLA): train, evaluate, predict, export.\n"
+               "Bad input ends with one 'rexfast: error: ...' line and exit code 2, before any long work.")
+DEVICE_HELP = "auto (the first GPU when torch sees one, else cpu), cpu, cuda, cuda:N or mps"
+VERBOSE_HELP = "log which backend each op runs, and more (also accepted after the command)"
 PRECISION_HELP = ("fp32 | bf16 | auto (bf16 where the CPU has native bf16: AMX or AVX512-BF16; fp32 elsewhere; "
                   "on a GPU auto keeps fp32 weights)")
 
@@ -240,49 +408,63 @@ PRECISION_HELP = ("fp32 | bf16 | auto (bf16 where the CPU has native bf16: AMX o
 def _precision_flags(p, default, compile_too=True):
     from .engine.precision import PRECISIONS
 
-    p.add_argument("--precision", choices=PRECISIONS, default=default, help=f"{PRECISION_HELP}; default {default}")
+    p.add_argument("--precision", choices=PRECISIONS, default=default, help=PRECISION_HELP)
     if compile_too:
         p.add_argument("--compile", action="store_true",
                        help="torch.compile the inference graph (the first call compiles: minutes on a small CPU)")
 
 
+def _eval_predictions_flags(p) -> None:
+    p.add_argument("--predictions", metavar="F",
+                   help="score this predictions file (JSONL, one line per sentence: id = the dataset's sentence id, "
+                        "segmentation = COCO RLE) instead of a model; needs --config")
+    p.add_argument("--config", metavar="C", help="with --predictions: the config whose data section names the dataset")
+    p.add_argument("--save-predictions", metavar="F",
+                   help="with --checkpoint: also write every prediction to this JSONL file (what --predictions reads)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="rexfast", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="log which backend each op runs, and more")
+    parser = _Parser(prog="rexfast", description=DESCRIPTION, epilog="Each command's options: rexfast COMMAND --help.")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("info", help="versions, built extensions, the backends each op can run, device")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print everything as one JSON object (for scripts)")
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("train", help="train from a config file (works under torchrun for DDP)")
-    p.add_argument("--config", help="YAML/JSON config (sections data, model, train)")
+    p.add_argument("--config", help="YAML/JSON config (sections data, model, train): see configs/; needed unless "
+                                    "--set gives the whole run")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
     p.add_argument("--out", help="output directory (train.out_dir)")
     p.add_argument("--resume", metavar="CKPT", help="continue exactly from a training checkpoint (last.pt)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs and CI)")
     p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default=None,
                    help=f"CPU training precision (train.precision; bf16 is autocast): {PRECISION_HELP}")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("eval", help="evaluate a checkpoint on a split; prints and writes the metric table")
-    p.add_argument("--checkpoint", required=True, help=MODEL_SOURCE_HELP)
+    p = sub.add_parser("eval", help="evaluate a checkpoint, or score a predictions file, on a split; prints and "
+                                     "writes the metric table")
+    p.add_argument("--checkpoint", help=MODEL_SOURCE_HELP)
+    _eval_predictions_flags(p)
     p.add_argument("--split", default=None, help="split name (default: the config's val split)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override e.g. data.root")
     p.add_argument("--out", help="write the metrics as JSON here")
-    p.add_argument("--batch-size", type=_positive_int, default=8)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--max-samples", type=_positive_int, default=None)
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="samples per forward pass")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--max-samples", type=_positive_int, default=None, help="evaluate the first N samples only")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs and CI)")
     p.add_argument("--tokenizer", help=TOKENIZER_HELP)
     _precision_flags(p, "fp32")
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("predict", help="segment what a sentence names in one image")
+    p = sub.add_parser("predict", help="segment what a sentence names in an image, or in every pair of a pairs file or folder")
     p.add_argument("--checkpoint", required=True, help=MODEL_SOURCE_HELP)
-    p.add_argument("--image", required=True)
-    p.add_argument("--text", required=True)
-    p.add_argument("--out-dir", default=".",
-                   help="where <image>_<sentence>_<hash>_mask.png and ..._overlay.png go (one pair per sentence)")
+    p.add_argument("--image", help="one image file (JPEG, PNG, ...; with --text); or see --pairs, --images")
+    p.add_argument("--text", help="the sentence naming what to segment (with --image or --images)")
+    p.add_argument("--out-dir", default=None,
+                   help="--image: where <image>_<sentence>_<hash>_mask.png and ..._overlay.png go (one pair per "
+                        "sentence; default .); --pairs/--images: where predictions.jsonl goes")
     p.add_argument("--mask-threshold", type=float, default=None, metavar="P",
                    help="a pixel is in the mask where its mask probability exceeds P (0 < P < 1; default 0.5, "
                         "the authors' evaluators')")
@@ -295,22 +477,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                    help="override a model config field (model.eval_noise=false) or the input "
                         "(data.image_size=480, data.max_tokens=20)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--tokenizer", help=TOKENIZER_HELP)
     p.add_argument("--explain", action="store_true",
                    help="also write <...>_explain.png: what the model grouped (CGFormer: each token's pixels per "
                         "decoder stage; ReLA: the minimap and the strongest region masks it weights)")
     _precision_flags(p, "auto")
+    _predict_batch_flags(p)
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("demo", help="synthetic GRES data → train a small ReLA or CGFormer → evaluate → overlays")
     p.add_argument("--model", default="rela", choices=("rela", "cgformer"),
                    help="the model to train: rela (default) or cgformer (with its no-target head)")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--quick", action="store_true", help="a smoke run of a few seconds (tiny data, 6 steps)")
+    p.add_argument("--out", default="runs/demo", help="the folder for the data, the run, the tables and the figures")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke test that every stage runs, not a demonstration: 96 training images, 6 steps, "
+                        "32 test images, so its 'trained' column means nothing")
     p.add_argument("--minutes", type=float, default=15.0, help="training time budget (full mode)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="data, initial weights and sampling")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (logs and CI)")
     _precision_flags(p, "fp32")
     p.set_defaults(func=_cmd_demo)
 
@@ -322,6 +507,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="the bert-base-uncased vocab.txt or folder the model was trained with: "
                                        "stored in the folder, so nothing else is needed to use it")
     p.add_argument("--model", default="auto", help="cgformer | rela | auto (from the checkpoint's keys)")
+    p.add_argument("--set", action="append", metavar="model.FIELD=VALUE",
+                   help="a model config field the weights cannot tell, e.g. model.swin.pwam_heads=[8,8,8,8] "
+                        "(repeatable; the error message names the ones needed)")
     p.set_defaults(func=_cmd_convert)
 
     from .export import MODES, OPSETS
@@ -334,10 +522,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "TensorRT plugin when registered) with a local function holding its decomposition")
     p.add_argument("--image-size", type=_image_size, default=None, metavar="H[xW]",
                    help="the one input size of the file, multiples of 32 (default: the model's training size)")
-    p.add_argument("--opset", type=int, choices=OPSETS, default=18)
-    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
-                   help="override a model config field (e.g. model.eval_noise=false) or data.image_size")
+    p.add_argument("--opset", type=int, choices=OPSETS, default=18, help="ONNX opset (TensorRT 10 parses up to 20)")
     p.add_argument("--no-verify", action="store_true", help="skip running the file with onnxruntime")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override a model config field before exporting, e.g. model.eval_noise=false, or data.image_size "
+                        "(repeatable)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("serve", help="a local web page (Gradio) for one or more models: image + sentence → mask, "
@@ -346,11 +535,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                              f"{MODEL_SOURCE_HELP}")
     p.add_argument("--host", default="127.0.0.1",
                    help="the address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to others)")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--port", type=int, default=7860, help="the port to listen on")
     p.add_argument("--examples", metavar="DIR",
                    help="example rows: the images in DIR (a sentence for photo.jpg may sit in photo.txt); default: "
                         "the held-out synthetic scenes of a model trained by rexfast demo")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--tokenizer", help=TOKENIZER_HELP)
     p.add_argument("--concurrency", type=_positive_int, default=1,
                    help="requests computed at once (default 1: torch already uses every core for one)")
@@ -360,7 +549,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the largest image, width × height in millions (default 50): a decompression-bomb guard")
     _precision_flags(p, "auto", compile_too=False)
     p.set_defaults(func=_cmd_serve)
+    for command in sub.choices.values():  # -v after the command too; SUPPRESS leaves the top-level value alone
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     return parser
+
+
+def _one_line_warnings(fallback):
+    """A ``warnings.showwarning`` that prints rexfast's own warnings (input cut or unknown, ...)
+    as one ``rexfast: warning:`` line on rank 0 and hands everyone else's to ``fallback``."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if category.__module__.split(".")[0] != "rexfast":
+            return fallback(message, category, filename, lineno, file, line)
+        if _rank() == 0:
+            print(f"rexfast: warning: {message}", file=sys.stderr)
+
+    return show
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -371,6 +575,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("rexfast").setLevel(logging.INFO)
     from .models.loading import CheckpointError
 
+    previous = warnings.showwarning
+    warnings.showwarning = _one_line_warnings(previous)
     try:
         return args.func(args)
     except (CheckpointError, *USER_ERRORS) as exc:
@@ -381,6 +587,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("rexfast: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = previous
 
 
 if __name__ == "__main__":

@@ -13,16 +13,28 @@ import pytest  # noqa: E402
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running; excluded from the default run (-m 'not slow')")
     config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped without one")
+    config.addinivalue_line("markers", "fuzz: atheris fuzzing of the file readers; runs only with -m fuzz")
     config.addinivalue_line("markers", "browser: drives a real headless Chromium through Selenium")
 
 
 def pytest_collection_modifyitems(config, items):
+    # the fuzzers run only when asked for (-m fuzz, or a -m expression naming them)
+    if "fuzz" not in (config.getoption("markexpr", "") or ""):
+        skip_fuzz = pytest.mark.skip(reason="fuzzing runs with -m fuzz (REXFAST_FUZZ_SECONDS per target)")
+        for item in items:
+            if item.get_closest_marker("fuzz") is not None:
+                item.add_marker(skip_fuzz)
     if torch.cuda.is_available():
         return
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    if gpu_items and os.environ.get("REXFAST_REQUIRE_CUDA", "") == "1":
+        # benchmarks/run_device.sh on the GPU machine: a torch that sees no GPU there
+        # must stop the run, not turn every GPU test into a skip
+        raise pytest.UsageError(f"REXFAST_REQUIRE_CUDA=1, but torch {torch.__version__} sees no CUDA device: "
+                                f"{len(gpu_items)} GPU tests cannot run")
     skip = pytest.mark.skip(reason="needs a CUDA device")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+    for item in gpu_items:
+        item.add_marker(skip)
 
 
 @pytest.fixture

@@ -57,10 +57,12 @@ struct Dims {
 
 // The four corner taps of one sampling point. Corner c: dx = c & 1, dy = c >> 1.
 // Outside taps have weight 0 and no pixel; `any` is false when no tap is inside
-// (then the sample is 0), `nan` when the location is NaN (then it is NaN).
+// (then the sample is 0), `nan` when the location is NaN (then it is NaN), `edge`
+// on the half-pixel edge x = −1 or y = −1 (then the location gradient is 0: the
+// sample is 0 for every x ≤ −1, so its derivative there is the left-hand one).
 template <typename acc_t>
 struct Taps {
-  bool nan = false, any = false;
+  bool nan = false, any = false, edge = false;
   bool inside[4] = {false, false, false, false};
   int64_t pixel[4] = {0, 0, 0, 0};  // row of value's S axis
   acc_t wx[4] = {0, 0, 0, 0}, wy[4] = {0, 0, 0, 0}, w[4] = {0, 0, 0, 0};
@@ -75,6 +77,7 @@ inline Taps<acc_t> point_taps(acc_t loc_x, acc_t loc_y, const Level& lv) {
     t.nan = true;
     return t;
   }
+  t.edge = x == acc_t(-1) || y == acc_t(-1);
   // Some tap is inside iff −1 ≤ x < W and −1 ≤ y < H (x = −1: the x0+1 = 0 tap,
   // weight 0). This also rejects ±inf and huge values before any integer conversion.
   if (!(x >= acc_t(-1) && x < static_cast<acc_t>(lv.width) && y >= acc_t(-1) &&
@@ -356,6 +359,7 @@ void backward_kernel(const at::Tensor& grad_out_t, const at::Tensor& value, cons
               gfx += (c & 1) ? t.wy[c] * tc[c] : -(t.wy[c] * tc[c]);
               gfy += (c >> 1) ? t.wx[c] * tc[c] : -(t.wx[c] * tc[c]);
             }
+            if (t.edge) gfx = gfy = 0;  // the half-pixel edge x = −1 or y = −1
             grad_loc[2 * point] = static_cast<scalar_t>(gfx * static_cast<acc_t>(lv.width));
             grad_loc[2 * point + 1] = static_cast<scalar_t>(gfy * static_cast<acc_t>(lv.height));
             // Value: a·w_c·g into each inside tap's row.

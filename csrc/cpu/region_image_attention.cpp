@@ -78,7 +78,7 @@ inline float resample(float a, float b, float c, float d, float w0, float w1, fl
     if constexpr (FMA) return std::fma(std::fma(a, w2, b * w3), w0, std::fma(c, w2, d * w3) * w1);
     else return (a * w2 + b * w3) * w0 + (c * w2 + d * w3) * w1;
   } else {  // kModeCuda: nvcc's contraction of λy0*(λx0*a + λx1*b) + λy1*(λx0*c + λx1*d)
-    const float t0 = std::fma(w3, b, a * w2), t1 = std::fma(w2, c, w3 * d);
+    const float t0 = std::fma(w2, a, w3 * b), t1 = std::fma(w2, c, w3 * d);
     return std::fma(w0, t0, w1 * t1);
   }
 }

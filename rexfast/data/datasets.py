@@ -25,7 +25,8 @@ from ..models.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 from .refer import ReferIndex, load_grefer, load_refer
 from .tokenize import load_tokenizer, tokenize
 
-__all__ = ["ReferringDataset", "DATASETS", "DatasetSpec", "IMAGENET_MEAN", "IMAGENET_STD", "load_image", "preprocess_image"]
+__all__ = ["ReferringDataset", "DATASETS", "DatasetSpec", "IMAGENET_MEAN", "IMAGENET_STD", "MIN_IMAGE_SIDE",
+           "check_image_size", "load_image", "preprocess_image"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,24 @@ DATASETS = {
     "synthetic": DatasetSpec("synthetic", "grefer", ("unc",), "synthetic/images", "gres"),
     "synthetic_res": DatasetSpec("synthetic", "refer", ("unc",), "synthetic/images", "res"),
 }
+
+
+# The smallest image side rexfast segments. Below it nothing referable fits: the synthetic
+# generator counts a shape as an object only from 8 visible pixels on (rexfast.data.synthetic),
+# and an image must hold one beside some background. Every image is resized to the model's
+# input, so a 1x1 image reaches the model as a uniform field, and its "mask" is the model's
+# answer for a blank picture of that colour (tests/engine/test_new_user.py checks both).
+MIN_IMAGE_SIDE = 8
+
+
+def check_image_size(image, what: str = "image") -> None:
+    """ValueError naming ``what`` for an image (PIL or (H, W, 3) array) with a side below
+    :data:`MIN_IMAGE_SIDE` pixels."""
+    w, h = image.size if isinstance(image, Image.Image) else (image.shape[1], image.shape[0])
+    if min(w, h) < MIN_IMAGE_SIDE:
+        raise ValueError(f"{what} is {w}x{h} pixels; rexfast segments images of at least {MIN_IMAGE_SIDE}x"
+                         f"{MIN_IMAGE_SIDE} (a smaller one holds no object to refer to, and reaches the model as a "
+                         "nearly uniform field once resized to its input)")
 
 
 def preprocess_image(image, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
@@ -96,12 +115,15 @@ class ReferringDataset:
             times per epoch (each time with its own random sentence), so the no-target
             fraction of an epoch goes from f to r·f / (1 + (r − 1)·f). 1 (the default) is
             the released pipelines' one sample per ref.
+        targets_only: read the annotations only, to score predictions against them
+            (:meth:`target`, :meth:`sample_id`): no tokenizer is loaded and :meth:`get`,
+            which makes model inputs, refuses.
     """
 
     def __init__(self, root, dataset: str, split: str, *, split_by: Optional[str] = None,
                  image_root=None, image_size: int = 480, tokenizer=None, max_tokens: int = 20,
                  train: bool = False, mask_resize: str = "nearest", eval_resolution: str = "original",
-                 no_target_repeat: int = 1):
+                 no_target_repeat: int = 1, targets_only: bool = False):
         if dataset not in DATASETS:
             raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(DATASETS)}")
         spec = DATASETS[dataset]
@@ -138,7 +160,10 @@ class ReferringDataset:
         self.train = bool(train)
         self.image_root = Path(image_root) if image_root is not None else self.root / spec.image_dir
 
-        if tokenizer is None:
+        self.targets_only = bool(targets_only)
+        if self.targets_only:
+            tokenizer = None
+        elif tokenizer is None:
             if dataset in ("synthetic", "synthetic_res"):
                 tokenizer = self.root / "vocab.txt"
             else:
@@ -174,12 +199,61 @@ class ReferringDataset:
     def image_path(self, ref: dict) -> Path:
         return self.image_root / self.index.image_info(ref)["file_name"]
 
+    def _input_size_mask(self, ref: dict, mask: np.ndarray) -> np.ndarray:
+        """The GT at the input size S² (``target``), made as ``mask_resize`` says."""
+        S = self.image_size
+        if self.mask_resize == "polygon":  # ReLA's mapper: the GT rasterised at the input size
+            return self.index.mask(ref, size=(S, S))
+        return np.asarray(Image.fromarray(mask.astype(np.uint8)).resize((S, S), Image.NEAREST), dtype=bool)
+
+    def _check_index(self, index: int) -> None:
+        n = len(self.samples)
+        if not isinstance(index, (int, np.integer)) or isinstance(index, bool):
+            raise TypeError(f"index must be an int, got {type(index).__name__}")
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {n} samples")
+
+    def sample_id(self, index: int) -> str:
+        """The evaluation sample's id (eval mode: one sample per sentence): the sentence's
+        ``sent_id`` as a string, as the REFER / G-REFER annotations number sentences. Where a
+        split's sentences lack a ``sent_id`` or repeat one, every id of the split is
+        ``"<ref_id>:<sentence index>"`` instead, which is unique by construction."""
+        if self.train:
+            raise ValueError("sample ids name evaluation samples (one per sentence); this is a training dataset")
+        self._check_index(index)
+        if getattr(self, "_sample_ids", None) is None:
+            sent_ids = [self.refs[r]["sentences"][k].get("sent_id") for r, k in self.samples]
+            if all(isinstance(i, (int, str)) and not isinstance(i, bool) for i in sent_ids) and \
+                    len({str(i) for i in sent_ids}) == len(sent_ids):
+                self._sample_ids = [str(i) for i in sent_ids]
+            else:
+                self._sample_ids = [f"{self.refs[r]['ref_id']}:{k}" for r, k in self.samples]
+        return self._sample_ids[index]
+
+    def target(self, index: int) -> dict:
+        """What an evaluation compares a prediction of sample ``index`` with, read from the
+        annotations only (no image decoding, no tokenizer): ``id``, ``eval_mask`` ((H, W)
+        bool numpy, as :meth:`get` gives it), ``no_target``, ``orig_size`` (H, W),
+        ``image_path`` and ``sentence``."""
+        sample_id = self.sample_id(index)
+        ref_idx, sent_idx = self.samples[index]
+        ref = self.refs[ref_idx]
+        info = self.index.image_info(ref)
+        mask = self.index.mask(ref)
+        eval_mask = mask if self.eval_resolution == "original" else self._input_size_mask(ref, mask)
+        return {"id": sample_id, "eval_mask": eval_mask, "no_target": bool(self.index.is_no_target(ref)),
+                "orig_size": (int(info["height"]), int(info["width"])), "image_path": str(self.image_path(ref)),
+                "sentence": self.index.sentences(ref)[sent_idx]}
+
     def get(self, index: int, seed: Optional[int] = None) -> dict:
         """Sample ``index``. In training mode ``seed`` picks the sentence
         (``random.Random(seed)``); None picks the first one. Ignored in eval mode."""
         n = len(self.samples)
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for {n} samples")
+        if self.targets_only:
+            raise ValueError("this dataset reads targets only (targets_only=True): it has no tokenizer to make "
+                             "model inputs; use target(index)")
         ref_idx, sent_idx = self.samples[index]
         ref = self.refs[ref_idx]
         sentences = self.index.sentences(ref)
@@ -199,12 +273,9 @@ class ReferringDataset:
 
         S = self.image_size
         img_t = preprocess_image(image, S)
-        if self.mask_resize == "polygon":  # ReLA's mapper: the GT rasterised at the input size
-            target = self.index.mask(ref, size=(S, S))
-        else:
-            target = np.asarray(Image.fromarray(mask.astype(np.uint8)).resize((S, S), Image.NEAREST), dtype=bool)
+        target = self._input_size_mask(ref, mask)
         target_t = torch.from_numpy(target.astype(np.float32)).unsqueeze(0)
-        input_ids, attention_mask = tokenize(self.tokenizer, sentence, self.max_tokens)
+        input_ids, attention_mask = tokenize(self.tokenizer, sentence, self.max_tokens, warn=False)
         return {
             "image": img_t,
             "target": target_t,

@@ -58,7 +58,9 @@ def task_of(data_cfg: DataConfig) -> str:
     return DATASETS[data_cfg.dataset].task
 
 
-def build_dataset(data_cfg: DataConfig, split: str, *, train: bool, tokenizer):
+def build_dataset(data_cfg: DataConfig, split: str, *, train: bool, tokenizer, targets_only: bool = False):
+    """The configured dataset split; ``targets_only``: the ground truth only, to score
+    predictions (no tokenizer; see :class:`rexfast.data.ReferringDataset`)."""
     from rexfast.data import ReferringDataset
 
     task_of(data_cfg)  # validates the name
@@ -66,6 +68,7 @@ def build_dataset(data_cfg: DataConfig, split: str, *, train: bool, tokenizer):
         data_cfg.root, data_cfg.dataset, split, image_root=data_cfg.image_root, image_size=data_cfg.image_size,
         tokenizer=tokenizer, max_tokens=data_cfg.max_tokens, train=train, mask_resize=data_cfg.mask_resize,
         eval_resolution=data_cfg.eval_resolution, no_target_repeat=data_cfg.no_target_repeat if train else 1,
+        targets_only=targets_only,
     )
 
 
@@ -101,19 +104,6 @@ def original_image(item: dict) -> np.ndarray:
 
 def sentence_of(item: dict) -> str:
     return item["sentence"]
-
-
-def inference_item(image, text: str, tokenizer, data_cfg: DataConfig) -> dict:
-    """A sample for ``collate`` from an image (PIL or uint8 (H,W,3)) and a sentence,
-    preprocessed exactly as the evaluation data is."""
-    from rexfast.data import tokenize
-    from rexfast.data.datasets import preprocess_image
-
-    if not isinstance(text, str) or not text.strip():
-        raise ValueError("the text is empty: say what to segment, e.g. --text \"the red circle\"")
-    ids, mask = tokenize(tokenizer, text, data_cfg.max_tokens)
-    return {"image": preprocess_image(image, data_cfg.image_size), "input_ids": ids, "attention_mask": mask,
-            "sentence": text}
 
 
 def generate_synthetic_data(data_cfg: DataConfig, *, n_train: int, n_val: int, n_test: int, seed: int = 0) -> Path:
@@ -199,8 +189,9 @@ def load_model(source, *, overrides=(), tokenizer=None, device="cpu", require_to
     tokenizer = tokenizer or data_over.get("tokenizer")
     loaded = load_model_source(source, tokenizer=tokenizer, model_overrides=model_over, device=device,
                                require_tokenizer=require_tokenizer)
-    for note in loaded.notes:
-        logging.getLogger("rexfast").warning(note)
+    if "image_size" not in data_over:  # (the one note: a folder without preprocessor_config.json)
+        for note in loaded.notes:
+            logging.getLogger("rexfast").warning(note)
     if loaded.run_config is not None:
         cfg = Config.from_dict(apply_overrides(copy.deepcopy(loaded.run_config), overrides))
     else:  # the model section is the loaded model's (its overrides are applied above)
@@ -226,6 +217,6 @@ def describe(model: torch.nn.Module) -> str:
 
 __all__ = [
     "build_tokenizer", "vocab_of", "tokenizer_from_vocab", "task_of", "build_dataset", "collate", "original_mask", "eval_mask",
-    "original_image", "sentence_of", "inference_item", "generate_synthetic_data", "model_class",
+    "original_image", "sentence_of", "generate_synthetic_data", "model_class",
     "check_input_size", "build_model", "Loaded", "load_model", "describe",
 ]

@@ -66,14 +66,6 @@ def load(path: str | os.PathLike) -> dict:
     return read_training_checkpoint(path)
 
 
-def checkpoint_config(ckpt: dict, overrides=()):
-    """The run Config stored in a checkpoint, with ``section.key=value`` overrides applied."""
-    from .config import Config, apply_overrides
-
-    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in ckpt["config"].items()}
-    return Config.from_dict(apply_overrides(raw, list(overrides)))
-
-
 def load_weights(model: torch.nn.Module, state: dict, source) -> None:
     """Strict ``load_state_dict``; a CheckpointError lists the missing, unexpected or misshaped keys."""
     from rexfast.models.base import load_state_strict
@@ -87,4 +79,4 @@ def load_weights(model: torch.nn.Module, state: dict, source) -> None:
 from .builders import Loaded, load_model  # noqa: E402 (re-exported for older imports)
 
 __all__ = ["FORMAT", "CheckpointError", "atomic_save", "rng_state", "set_rng_state", "load",
-           "checkpoint_config", "load_weights", "Loaded", "load_model"]
+           "load_weights", "Loaded", "load_model"]

@@ -6,6 +6,9 @@ The released files are pickles; they are read with ``torch.load(weights_only=Tru
 and, given ``tokenizer``, ``vocab.txt`` + ``tokenizer_config.json``), so they never
 have to be unpickled again. Any other model source (a training checkpoint, a folder)
 converts the same way.
+What the weights cannot tell (head counts of an unreleased width) comes from
+``--set model.FIELD=VALUE`` overrides, nested fields included
+(``--set model.swin.pwam_heads=[4,4,4,4]``).
 """
 
 from __future__ import annotations
@@ -15,15 +18,44 @@ from pathlib import Path
 from ..io import check_output_dir
 
 
-def convert_official(path, out, *, model: str = "auto", tokenizer=None) -> str:
+def parse_model_overrides(overrides) -> dict:
+    """``model.FIELD=VALUE`` strings (values parsed as YAML) as a dict of config fields for
+    ``from_official``; ValueError for another section, or for ``name``/``preset`` (``--model``
+    picks the model; the architecture comes from the weights)."""
+    from .config import apply_overrides
+
+    raw = apply_overrides({}, list(overrides or ()))
+    other = sorted(set(raw) - {"model"})
+    if other:
+        raise ValueError(f"--set {other[0]}.…: convert takes model.FIELD=VALUE overrides only (the model folder "
+                         "holds no data or train settings)")
+    fields = raw.get("model") or {}
+    if not isinstance(fields, dict):
+        raise ValueError(f"--set model=… must name a field, e.g. model.swin.pwam_heads=[8,8,8,8]; got {fields!r}")
+    fixed = sorted({"name", "preset"} & set(fields))
+    if fixed:
+        raise ValueError(f"--set model.{fixed[0]}: the model is picked with --model, and its architecture is read "
+                         "from the weights")
+    return fields
+
+
+def convert_official(path, out, *, model: str = "auto", tokenizer=None, overrides=(), model_overrides=None) -> str:
+    """Write the model folder of ``path`` to ``out`` (with ``tokenizer``: self-contained).
+    ``model_overrides`` (a dict) and ``overrides`` (``model.FIELD=VALUE`` strings, as ``--set`` gives them)
+    are config fields the weights cannot tell (e.g. the head counts of a Swin or BERT of a width
+    the authors never released)."""
     from rexfast.models import registry
     from rexfast.models.loading import load_model_source
 
     out = check_output_dir(out, "--out")
     if model != "auto":
         registry.get(model)  # a ValueError naming the choices, before anything is read
-    loaded = load_model_source(path, tokenizer=tokenizer, require_tokenizer=False,
-                               official_model=None if model == "auto" else model)
+    fields = {**(model_overrides or {}), **parse_model_overrides(overrides)}
+    try:
+        loaded = load_model_source(path, tokenizer=tokenizer, require_tokenizer=False, model_overrides=fields or None,
+                                   official_model=None if model == "auto" else model)
+    except TypeError as exc:  # a field of the wrong type, or one the config class does not have
+        raise ValueError(f"--set: {exc}") from None
     if model != "auto" and loaded.model.model_type != model:
         raise ValueError(f"--model {model}: {path} holds a {loaded.model.model_type} model")
     card = {"source": f"{loaded.kind} {Path(path).name}", "preset": loaded.preset}
@@ -37,4 +69,4 @@ def convert_official(path, out, *, model: str = "auto", tokenizer=None) -> str:
     return str(Path(out))
 
 
-__all__ = ["convert_official"]
+__all__ = ["convert_official", "parse_model_overrides"]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data.datasets import check_image_size
 from ..io import atomic_write_png, check_output_dir, load_image
 from .inference import MASK_THRESHOLD, NO_TARGET_THRESHOLD, check_threshold
 from .precision import check_precision
@@ -56,6 +57,7 @@ def predict_to_files(checkpoint_path, image_path, text, *, out_dir=".", mask_thr
     no_target_threshold = check_threshold(no_target_threshold, "--no-target-threshold")
     out = check_output_dir(out_dir, "--out-dir")
     image = load_image(image_path)  # fail fast, before loading the model
+    check_image_size(image, f"image {image_path}")
     segmenter = Segmenter.from_pretrained(checkpoint_path, device=device, tokenizer=tokenizer, overrides=overrides,
                                           precision=precision, compile=compile)
     result = segmenter(image, text, mask_threshold=mask_threshold, no_target_threshold=no_target_threshold,

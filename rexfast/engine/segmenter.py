@@ -24,7 +24,10 @@ the probability map is resized (bicubic) to the image's size and thresholded at
 
 A model that draws noise at inference (CGFormer with ``eval_noise``, the demo preset)
 draws each sample's noise from the Segmenter's ``seed``: the same answer on every run, and
-the same answer in a batch as alone.
+the same answer in a batch as alone. In fp32 a batch gives the masks of one call per pair
+(the probabilities agree to float rounding, ~1e-6); in bf16 (``precision="auto"`` on a CPU
+with native bf16) the rounding depends on the batch, so a pixel right at a threshold can
+differ.
 """
 
 from __future__ import annotations
@@ -88,15 +91,16 @@ class Segmentation:
         if not self.no_target:
             pixels = int(self.mask.sum())
             return f"{pixels} of {h * w} pixels ({100.0 * pixels / (h * w):.1f}%) match the sentence"
+        lead = "no target (nothing in the image matches the sentence; the mask is empty): "
         if self.no_target_reason == HEAD:
-            return (f"no target: the no-target head's probability {self.no_target_prob:.2f} exceeds the no-target "
-                    f"threshold {self.no_target_threshold:.2f}; the mask is empty")
+            return (f"{lead}the no-target head's probability {self.no_target_prob:.3f} exceeds the no-target "
+                    f"threshold {self.no_target_threshold:g}")
         if self.no_target_prob is None:
             why = "this model has no no-target head, so an empty mask is its no-target answer"
         else:
-            why = (f"the no-target head's probability {self.no_target_prob:.2f} is below the no-target threshold "
-                   f"{self.no_target_threshold:.2f}, but this model also says no target for an empty mask")
-        return f"no target: no pixel's mask probability exceeds the mask threshold {self.mask_threshold:.2f} ({why})"
+            why = (f"the no-target head's probability {self.no_target_prob:.3f} does not exceed the no-target "
+                   f"threshold {self.no_target_threshold:g}, but this model also says no target for an empty mask")
+        return f"{lead}no pixel's mask probability exceeds the mask threshold {self.mask_threshold:g} ({why})"
 
     def overlay(self, image=None, *, colour=OVERLAY_COLOUR, alpha: float = 0.6):
         """The image with the mask painted over it in ``colour`` (magenta by default) as a PIL image.
@@ -201,10 +205,12 @@ class Processor:
         self.preprocessing = preprocessing
 
     def image_tensor(self, image) -> torch.Tensor:
-        from rexfast.data.datasets import preprocess_image
+        from rexfast.data.datasets import check_image_size, preprocess_image
 
         spec = self.preprocessing
-        return preprocess_image(_as_pil(image), spec.image_size, mean=spec.mean, std=spec.std)
+        pil = _as_pil(image)
+        check_image_size(pil)  # below 8x8 nothing referable fits (MIN_IMAGE_SIDE says why)
+        return preprocess_image(pil, spec.image_size, mean=spec.mean, std=spec.std)
 
     def text_tensors(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
         from rexfast.data.tokenize import tokenize
@@ -228,12 +234,10 @@ class Processor:
 
 # ----------------------------------------------------------------------------- the segmenter
 def _resolve_device(device) -> torch.device:
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    """``None``/``"auto"`` or a device name, checked against this torch and machine (:mod:`.device`)."""
+    from .device import resolve_device
+
+    return resolve_device("auto" if device is None else device)
 
 
 def _check_flag(value, name: str) -> bool:

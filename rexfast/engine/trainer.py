@@ -122,6 +122,34 @@ class JsonlLog:
                 f.write(json.dumps(record) + "\n")
 
 
+def _model_words(section) -> str:
+    """"ReLA (preset tiny)" from a model section as a dict."""
+    from ..models import registry
+
+    section = section if isinstance(section, dict) else {}
+    name = section.get("name", "?")
+    try:
+        name = registry.get(name).model_class.__name__
+    except ValueError:
+        pass
+    preset = section.get("preset")
+    return name + (f" (preset {preset})" if preset else "")
+
+
+def _check_resume_model(resume, ckpt: dict, cfg: Config) -> None:
+    """A checkpoint of another model is one sentence naming both, before any key is compared:
+    their state dicts share almost nothing, and listing the keys explains nothing."""
+    theirs = ckpt["config"].get("model") if isinstance(ckpt["config"].get("model"), dict) else {}
+    if theirs.get("name", cfg.model.name) == cfg.model.name:
+        return
+    beside = Path(resume).parent / "config.yaml"
+    hint = f" (beside it: {beside})" if beside.is_file() else ""
+    raise checkpoint.CheckpointError(
+        f"--resume {resume} is a training checkpoint of a {_model_words(theirs)}, but the config builds "
+        f"a {_model_words(cfg.model.to_dict())}: resume with the config that run was trained with{hint}, or leave "
+        "out --resume to start a new run")
+
+
 def train(cfg: Config, *, resume: str | None = None, progress: bool = True) -> dict:
     """Train; returns a summary with the final step, the best metric and checkpoint paths."""
     info = distributed.init(cfg.train.device)
@@ -155,12 +183,18 @@ def _train(cfg: Config, info: distributed.DistInfo, *, resume: str | None, progr
         if "optimizer" not in ckpt:
             raise checkpoint.CheckpointError(f"{resume} holds weights only; --resume needs a training checkpoint "
                                              "(last.pt)")
+        _check_resume_model(resume, ckpt, cfg)
     torch.manual_seed(tc.seed)
     if tc.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     model = builders.build_model(cfg, tokenizer).to(info.device)
     if ckpt is not None:
-        checkpoint.load_weights(model, ckpt["model"], resume)
+        try:
+            checkpoint.load_weights(model, ckpt["model"], resume)
+        except checkpoint.CheckpointError as exc:  # the same model, another architecture (preset, widths)
+            raise checkpoint.CheckpointError(f"--resume {resume}: its {_model_words(ckpt['config'].get('model'))} "
+                                             f"weights do not fit the config's {_model_words(cfg.model.to_dict())}: "
+                                             f"{str(exc).split(': ', 1)[-1]}") from None
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")

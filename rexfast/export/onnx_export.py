@@ -25,10 +25,14 @@ before it is written, atomically.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -112,8 +116,9 @@ def _check_arguments(model, path, image_size, mode, opset):
         raise TypeError(f"export_onnx takes a registered rexfast model (CGFormer, ReLA), got {type(model).__name__}")
     size = image_size_pair(image_size, getattr(model, "input_multiple", 32))
     if getattr(model.config, "eval_noise", False):
-        raise ValueError("this model draws Gumbel noise at inference (eval_noise=True); an exported graph is "
-                         "deterministic: set eval_noise=False to export it")
+        raise ValueError("this model draws Gumbel noise at inference (eval_noise=True), and an exported graph is "
+                         "deterministic: export it without the noise (rexfast export: --set model.eval_noise=false; "
+                         "Python: model.config.eval_noise = False)")
     dtypes = {p.dtype for p in model.parameters()} | {b.dtype for b in model.buffers() if b.is_floating_point()}
     if dtypes - {torch.float32}:
         raise ValueError(f"export a float32 model (TensorRT builds reduced-precision engines from it); this one holds "
@@ -210,8 +215,53 @@ def finalize(ir_model, mode: str, opset: int):
     return proto
 
 
+# What torch.onnx and onnxscript print on every export that says nothing about this file:
+# (logger, message start) pairs and (category, message regex) pairs. Only these are silenced;
+# any other warning or log record still reaches the user.
+_KNOWN_LOG_NOISE = (
+    ("torch.onnx._internal.exporter._registration", "torchvision is not installed"),
+    ("onnxscript.optimizer._constant_folding", "Skipping constant folding"),
+)
+_KNOWN_WARNINGS = (
+    (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),
+    (UserWarning, r"# The axis name: \w+ will not be used, since it shares the same shape constraints"),
+)
+
+
+class _DropKnown(logging.Filter):
+    def __init__(self, start: str):
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.start)
+
+
+@contextlib.contextmanager
+def quiet_known_noise():
+    """Silence the exporter's known, harmless messages (:data:`_KNOWN_LOG_NOISE`,
+    :data:`_KNOWN_WARNINGS`: torchvision's missing ops, a torch deprecation inside torch,
+    dynamic-axis renames, onnxscript declining to fold multi-output Splits) and nothing else."""
+    filters = [(logging.getLogger(name), _DropKnown(start)) for name, start in _KNOWN_LOG_NOISE]
+    for logger, f in filters:
+        logger.addFilter(f)
+    try:
+        with warnings.catch_warnings():
+            for category, message in _KNOWN_WARNINGS:
+                warnings.filterwarnings("ignore", message=message, category=category)
+            yield
+    finally:
+        for logger, f in filters:
+            logger.removeFilter(f)
+
+
 def _to_onnx(model, args, output_names, mode: str, opset: int):
     """The checked ModelProto of ``model`` (eval mode, no grad) at ``args``."""
+    with quiet_known_noise():
+        return _to_onnx_loud(model, args, output_names, mode, opset)
+
+
+def _to_onnx_loud(model, args, output_names, mode: str, opset: int):
     from . import onnx_functions
 
     program = torch.onnx.export(
@@ -241,8 +291,47 @@ def onnxruntime_outputs(model_bytes: bytes, inputs) -> list:
     return session.run(None, feed)
 
 
+OUTPUT_DECODING = {
+    "cgformer": "logits (B, 1, H, W): mask probability sigmoid(logits), the mask where it exceeds 0.5; "
+                "nt_logits (B, 2; with the no-target head only): the sentence names nothing where "
+                "softmax(nt_logits)[:, 1] exceeds 0.5",
+    "rela": "mask_logits (B, 2, H/s, W/s; 0 background, 1 target): resized bilinearly (align_corners=False) to "
+            "H x W, a pixel is the target where channel 1 beats channel 0; nt_logits (B, 2; 0 target, 1 no "
+            "target): the sentence names nothing where nt_logits[:, 1] beats nt_logits[:, 0]; minimap_logits "
+            "(B, Q, 2): per-region target scores (training only)",
+}
+
+
+def metadata_props(model, image_size: tuple[int, int], mode: str, opset: int,
+                   extra: Optional[Mapping[str, str]] = None) -> dict[str, str]:
+    """The ``metadata_props`` an exported file carries, so that it can be run without rexfast:
+    what it is (rexfast version, model type and config, mode, opset), its one image size, its
+    inputs and how to decode its outputs; ``extra`` adds the preprocessing the caller knows
+    (image mean/std, text length, tokenizer: ``rexfast export`` adds them from the checkpoint)."""
+    import rexfast
+
+    h, w = image_size
+    props = {
+        "rexfast_version": rexfast.__version__,
+        "model_type": model.model_type,
+        "model_config": json.dumps(model.config.to_dict(), sort_keys=True),
+        "export_mode": mode,
+        "opset": str(opset),
+        "image_size": json.dumps([h, w]),
+        "inputs": f"images float32 (B, 3, {h}, {w}); input_ids int64 (B, L); attention_mask int64 (B, L), "
+                  "1 on real tokens, 0 on padding; B and L dynamic",
+        "outputs": OUTPUT_DECODING.get(model.model_type, "see the model's inference_outputs"),
+    }
+    for key, value in (extra or {}).items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(f"metadata keys and values must be str, got {key!r}: {type(value).__name__}")
+        props[key] = value
+    return props
+
+
 def export_onnx(model: nn.Module, path: Union[str, os.PathLike], *, image_size, mode: str = "decomposed",
-                opset: int = 18, verify: bool = True, check_tensorrt: bool = True) -> ExportResult:
+                opset: int = 18, verify: bool = True, check_tensorrt: bool = True,
+                metadata: Optional[Mapping[str, str]] = None) -> ExportResult:
     """Export a rexfast model (CGFormer, ReLA) to ONNX at one image size.
 
     Args:
@@ -255,6 +344,9 @@ def export_onnx(model: nn.Module, path: Union[str, os.PathLike], *, image_size, 
         verify: run the file with onnxruntime on the traced example and record the
             largest absolute difference to PyTorch per output (``max_abs_error``).
         check_tensorrt: refuse a graph that breaks TensorRT 10's ONNX operator rules.
+        metadata: more ``metadata_props`` (str → str) next to :func:`metadata_props`' own,
+            e.g. the preprocessing (``rexfast export`` writes image_mean, image_std,
+            text_max_tokens, tokenizer and tokenizer_vocab; the README lists them).
 
     Inputs: ``images`` (B, 3, H, W) float32 normalised as the data pipeline does,
     ``input_ids`` and ``attention_mask`` (B, L) int64; B and L are dynamic
@@ -284,6 +376,10 @@ def export_onnx(model: nn.Module, path: Union[str, os.PathLike], *, image_size, 
         if problems:
             raise ValueError(f"the exported graph breaks TensorRT 10's ONNX rules ({len(problems)} problems): "
                              + "; ".join(problems[:5]))
+    props = metadata_props(model, size, mode, opset, metadata)
+    del proto.metadata_props[:]
+    for key, value in props.items():
+        proto.metadata_props.add(key=key, value=value)
     data = proto.SerializeToString()
     if len(data) > MAX_PROTO_BYTES:
         raise ValueError(f"the model is {len(data) / 2**30:.1f} GiB, above the 2 GiB of one ONNX file")
@@ -302,4 +398,5 @@ def export_onnx(model: nn.Module, path: Union[str, os.PathLike], *, image_size, 
 
 
 __all__ = ["MODES", "OPSETS", "INPUT_NAMES", "ExportResult", "MissingDependencyError", "export_onnx",
-           "example_inputs", "finalize", "image_size_pair", "onnxruntime_outputs"]
+           "example_inputs", "finalize", "image_size_pair", "metadata_props", "onnxruntime_outputs",
+           "quiet_known_noise"]

@@ -294,7 +294,7 @@ class ReferringModel(nn.Module):
                                  f"got values in [{low}, {high}]")
 
 
-def _listing(keys: list, limit: int = 20) -> str:
+def _listing(keys: list, limit: int = 4) -> str:
     shown = ", ".join(map(str, keys[:limit]))
     return f"[{shown}{f', … and {len(keys) - limit} more' if len(keys) > limit else ''}]"
 

@@ -237,7 +237,7 @@ def load_model_source(source, *, tokenizer=None, model_overrides: Optional[Mappi
                 name = registry.get(official_model).name if official_model else registry.recognise_official(state)
             except ValueError:
                 raise CheckpointError(
-                    f"{path} is neither a rexfast checkpoint (no '{CHECKPOINT_FORMAT}' marker) nor a released "
+                    f"{path} is not a rexfast checkpoint (no '{CHECKPOINT_FORMAT}' marker), nor a released "
                     f"checkpoint of a known model ({', '.join(sorted(registry.MODELS))}): it holds "
                     f"{len(state)} tensors") from None
             if user_tokenizer is None and require_tokenizer:

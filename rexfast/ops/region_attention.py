@@ -83,10 +83,18 @@ def official_region_blocked(region_logits: Tensor, key_size: Sequence[int], *, w
 #             the scalar tail fma(d,w11, fma(c,w10, fma(a,w00, b·w01)))
 #   otherwise the generic kernel: fma(fma(a,λx0, b·λx1), λy0, fma(c,λx0, d·λx1)·λy1)
 #   (a, b, c, d = texels (y0,x0), (y0,x1), (y1,x0), (y1,x1); DEFAULT builds: no fma).
-# torch's CUDA kernel (upsample_bilinear2d_out_frame; identical sizes are a copy):
+# torch's CUDA kernel (upsample_bilinear2d_out_frame, the NCHW kernel that the
+# contiguous logits take; identical sizes are a copy):
 #   real = fma(i+0.5, scale, −0.5) clamped at 0, i0 = (int)real, λ1 = real − i0,
-#   t0 = fma(λx1, b, a·λx0), t1 = fma(λx0, c, λx1·d), v = fma(λy0, t0, λy1·t1)
-#   (nvcc's contraction of torch's expression, from its PTX; not run on a GPU here).
+#   t0 = fma(λx0, a, λx1·b), t1 = fma(λx0, c, λx1·d), v = fma(λy0, t0, λy1·t1)
+#   nvcc's contraction of torch's λy0·(λx0·a + λx1·b) + λy1·(λx0·c + λx1·d): read
+#   from the sm_90 SASS of upsample_bilinear2d_out_frame<float, float> in torch
+#   2.11.0's CUDA 13 wheel (the device image's build) with cuobjdump, and the same
+#   from nvcc 13.0 -O3 -arch=sm_90 on the expression. The contraction depends on
+#   the context: the channels-last kernel of the same build fuses t0 the other way,
+#   fma(λx1, b, λx0·a), and an older nvcc may too. So it is checked, not trusted:
+#   once per GPU against F.interpolate (cuda_resampler_verified), with the map
+#   fallback below; not run on a GPU here.
 # A capability or build whose resampler the CPU kernel does not reproduce (checked
 # once per process against F.interpolate) falls back to RESAMPLE_MAP: the wrapper
 # resamples with F.interpolate itself (B·Q·S fp32, 1/H of a per-head mask) and the
@@ -185,10 +193,10 @@ def resample_axis(in_size: int, out_size: int, plan: DecisionPlan, device=None):
     them: (i0, i1) int32 and (λ0, λ1) float32, each of length ``out_size``."""
     i = torch.arange(out_size, dtype=torch.float64)
     scale = torch.tensor(float(in_size), dtype=torch.float32) / out_size  # float(in) / out, in fp32
-    # scale·(i+0.5) − 0.5: the product is exact in fp64 (24-bit × ≤ 25-bit), so one
-    # rounding to fp32 is the fused multiply-add; without fma, two fp32 roundings.
+    # scale·(i+0.5) − 0.5: one rounding with the fused multiply-add; without fma, two
+    # fp32 roundings.
     if plan.fma:
-        real = (scale.double() * (i + 0.5) - 0.5).to(torch.float32)
+        real = fma32(scale, (i + 0.5).to(torch.float32), torch.tensor(-0.5))
     else:
         real = (scale * (i + 0.5).to(torch.float32)) - 0.5
     real = torch.clamp(real, min=0.0)
@@ -220,13 +228,43 @@ def emulate_cuda_resample(logits: Tensor, key_size) -> Tensor:
     a, b = R[..., y0[:, None], x0[None, :]], R[..., y0[:, None], x1[None, :]]
     c, d = R[..., y1[:, None], x0[None, :]], R[..., y1[:, None], x1[None, :]]
 
-    def fma(p, q, r):
-        return (p.double() * q.double() + r.double()).to(torch.float32)
+    return cuda_bilinear(a, b, c, d, lx0[None, :], lx1[None, :], ly0[:, None], ly1[:, None]).flatten(2)
 
-    LX0, LX1, LY0, LY1 = lx0[None, :], lx1[None, :], ly0[:, None], ly1[:, None]
-    t0 = fma(LX1, b, a * LX0)
-    t1 = fma(LX0, c, LX1 * d)
-    return fma(LY0, t0, LY1 * t1).flatten(2)
+
+def cuda_bilinear(a: Tensor, b: Tensor, c: Tensor, d: Tensor, lx0: Tensor, lx1: Tensor, ly0: Tensor,
+                  ly1: Tensor) -> Tensor:
+    """RESAMPLE_CUDA's value from the texels a, b, c, d = (y0,x0), (y0,x1), (y1,x0), (y1,x1)
+    and the axis weights (float32 tensors, broadcast): nvcc's contraction of torch's
+    λy0·(λx0·a + λx1·b) + λy1·(λx0·c + λx1·d), i.e.
+
+        t0 = fma(λx0, a, λx1·b),  t1 = fma(λx0, c, λx1·d),  v = fma(λy0, t0, λy1·t1)
+
+    (see the comment above ``RESAMPLE_CL``), each fma rounded once (:func:`fma32`)."""
+    t0 = fma32(lx0, a, lx1 * b)
+    t1 = fma32(lx0, c, lx1 * d)
+    return fma32(ly0, t0, ly1 * t1)
+
+
+def fma32(p: Tensor, q: Tensor, r: Tensor) -> Tensor:
+    """The float32 fused multiply-add p·q + r, rounded once (as CUDA's fma.rn.f32 and
+    std::fma), with torch ops.
+
+    p·q is exact in float64 (24 + 24 bits). The float64 sum h = p·q + r is not always:
+    rounding it to float32 afterwards could round twice. So the sum is rounded to odd
+    instead (h, or its neighbour toward the exact value, whichever has an odd last
+    bit, when the TwoSum error e of h is not 0): a value rounded to odd with at least
+    two more bits than float32 rounds to nearest-even exactly as the exact value would
+    (Boldo & Melquiond, "Emulation of FMA and correctly rounded sums: proved
+    algorithms using rounding to odd", 2008)."""
+    prod = p.double() * q.double()
+    add = r.double()
+    h = prod + add
+    back = h - prod
+    e = (prod - (h - back)) + (add - back)  # TwoSum: prod + add = h + e exactly
+    toward = torch.nextafter(h, torch.where(e > 0, torch.inf, -torch.inf).to(h))
+    even = (h.view(torch.int64) & 1) == 0
+    odd = torch.where((e != 0) & even & torch.isfinite(h), toward, h)
+    return odd.to(torch.float32)
 
 
 def cuda_resampler_verified(device: torch.device) -> bool:
@@ -236,13 +274,11 @@ def cuda_resampler_verified(device: torch.device) -> bool:
     key = ("cuda",) + _device_key(device)
     if key in _RESAMPLER_STATE:
         return _RESAMPLER_STATE[key]
-    g = torch.Generator().manual_seed(0)
     ok = True
-    for (mh, mw, kh, kw, Q) in ((13, 9, 5, 7, 21), (120, 120, 60, 60, 4), (33, 47, 61, 67, 5), (7, 3, 7, 9, 3)):
-        logits = (torch.randn(2, Q, mh, mw, generator=g) * 3).to(device)
-        logits[:, ::3] *= 1e-7
-        want = F.interpolate(logits, size=(kh, kw), mode="bilinear", align_corners=False).flatten(2)
-        ok = ok and torch.equal(emulate_cuda_resample(logits, (kh, kw)), want)
+    for logits, key_size in cuda_resampler_probes():
+        logits = logits.to(device)
+        want = F.interpolate(logits, size=key_size, mode="bilinear", align_corners=False).flatten(2)
+        ok = ok and torch.equal(emulate_cuda_resample(logits, key_size), want)
     if not ok:
         log.warning("region_image_attention: torch's CUDA resampler on %s differs from the arithmetic the fused "
                     "kernels repeat; their decisions read F.interpolate's output instead", device)
@@ -251,6 +287,18 @@ def cuda_resampler_verified(device: torch.device) -> bool:
 
 
 _RESAMPLER_STATE: dict = {}
+
+
+def cuda_resampler_probes():
+    """The (logits (2, Q, mh, mw) float32 on the CPU, key size) pairs the once-per-GPU check
+    resamples: down, up and mixed scales; a third of the rows scaled to ~1e-7 so that
+    values near the sigmoid threshold are among them. (A test checks that they tell the
+    two fma orders of t0 apart.)"""
+    g = torch.Generator().manual_seed(0)
+    for (mh, mw, kh, kw, Q) in ((13, 9, 5, 7, 21), (120, 120, 60, 60, 4), (33, 47, 61, 67, 5), (7, 3, 7, 9, 3)):
+        logits = torch.randn(2, Q, mh, mw, generator=g) * 3
+        logits[:, ::3] *= 1e-7
+        yield logits, (kh, kw)
 
 
 def cpu_resampler_verified() -> bool:
@@ -372,7 +420,7 @@ def contiguous_like(*tensors: Tensor) -> tuple:
 
 __all__ = [
     "DecisionPlan", "decision_plan", "sigmoid_threshold", "resample_axis", "cpu_resampler_verified",
-    "cuda_resampler_verified", "emulate_cuda_resample",
+    "cuda_resampler_verified", "cuda_resampler_probes", "emulate_cuda_resample", "cuda_bilinear", "fma32",
     "RESAMPLE_CL", "RESAMPLE_GENERIC", "RESAMPLE_CUDA", "RESAMPLE_COPY", "RESAMPLE_MAP", "FLOAT_DTYPES", "official_region_blocked", "default_scale", "masked_scores", "masked_attention",
     "masked_attention_lse", "compute_dtype", "check_qkv", "check_scale", "inner_contiguous", "contiguous_grads", "contiguous_like",
 ]

@@ -14,6 +14,9 @@ Kernels
   skipping is exact (v of this (b, h) finite), s = q kᵀ·scale → −∞ where blocked,
   online softmax (NaN-propagating maximum, so a NaN row stays NaN as in PyTorch),
   acc += p v. Writes out and lse = m + log l; no score or mask tensor in memory.
+* ``_delta_kernel`` (fp16/bf16 backward only): grid (query blocks, B·H). The softmax
+  backward's row statistic Δ_i = Σ_j p_ij dp_ij from fp32 p and dp, over every key (see
+  Precision). fp32 takes Δ_i = dout_i · out_i on the host instead (out is fp32 there).
 * ``_bwd_kernel``: grid (key blocks, B·H). Recomputes p = exp(s − lse) per query block,
   dv += pᵀ dout, dp = dout vᵀ, ds = where(allowed, p (dp − Δ), 0)·scale,
   dk += dsᵀ q, and writes this key block's dq partial ds k (fp32) to its own slice:
@@ -31,9 +34,23 @@ of two values that are not products, so the compiler's fp fusion has nothing lef
 contract.
 
 Precision: fp32 inputs use ``input_precision="ieee"`` dots (the 1e-5 parity target
-leaves no room for tf32); fp16/bf16 use native dots with fp32 accumulation, p cast to
-the input dtype for p·v and pᵀ·dout (as flash attention does). Under the interpreter
-bf16 ``tl.dot`` is wrong, so bf16 operands are cast to fp32 there.
+leaves no room for tf32); fp16/bf16 use native dots with fp32 accumulation, p and dS
+kept in fp32 and cast to the input dtype only as dot operands (p·v, pᵀ·dout, dSᵀ·q,
+dS·k), as flash attention does. The softmax statistics stay fp32: lse from the
+forward, and Δ from the Δ pass rather than from dout·out with out rounded to fp16/bf16.
+Where the softmax is peaked, dS = p (dp − Δ) cancels and that rounding of out decided
+the error: dq/dk 1.1e-2..1.2e-2 (relative norm against the float64 truth from the same
+bf16 inputs, q·kᵀ ×40) with dout·out, 2.4e-3..2.8e-3 with the Δ pass (measured under
+the interpreter with the GPU's roundings, below; PyTorch's bf16 SDPA: 1.2e-2).
+
+The interpreter: its bf16 ``tl.dot`` is wrong, and its fp32 → bf16 conversion
+truncates (the GPU rounds to nearest even). So for bf16 under the interpreter
+(``EMU_BF16``) the operands are cast to fp32 (exact) for fp32 dots, and every value
+the GPU converts to bf16 — p and dS as dot operands, the stored out, dk and dv — is
+rounded by ``_round_bf16`` (integer arithmetic, the GPU's rounding) first: the
+interpreter then computes the GPU's values, up to the dots' accumulation order and
+the GPU's exp/log approximations. fp16 needs none of this (its interpreter dot and
+conversion are right).
 """
 
 from __future__ import annotations
@@ -71,6 +88,25 @@ def _row_nanmax(x):
 
 
 @triton.jit
+def _round_bf16(x):
+    """fp32 x rounded to the nearest bfloat16 (ties to even), kept in fp32: what the GPU's
+    fp32 → bf16 conversion gives. Integer arithmetic on the bits, so the interpreter
+    computes it too (its own conversion truncates). NaN stays NaN, overflow gives ±inf."""
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return tl.where(x != x, x, rounded.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def _dot_operand(x, dtype: tl.constexpr, EMU_BF16: tl.constexpr):
+    """x (fp32) as the operand of a dot in ``dtype``: on the GPU the conversion; under the
+    interpreter for bf16 inputs (EMU_BF16, fp32 dots) the same rounding, kept in fp32."""
+    if EMU_BF16:
+        return _round_bf16(x)
+    return x.to(dtype)
+
+
+@triton.jit
 def _resample(a, b, c, d, w0, w1, w2, w3, vec_row, MODE: tl.constexpr, FMA: tl.constexpr):
     """torch's resampled value from texels a..d and weights (see the module docstring)."""
     if MODE == 0:  # RESAMPLE_CL: w = w00, w01, w10, w11
@@ -86,8 +122,8 @@ def _resample(a, b, c, d, w0, w1, w2, w3, vec_row, MODE: tl.constexpr, FMA: tl.c
             v = tl.fma(tl.fma(a, w2, b * w3), w0, tl.fma(c, w2, d * w3) * w1)
         else:
             v = (a * w2 + b * w3) * w0 + (c * w2 + d * w3) * w1
-    elif MODE == 2:  # RESAMPLE_CUDA
-        t0 = tl.fma(w3, b, a * w2)
+    elif MODE == 2:  # RESAMPLE_CUDA: w = λy0, λy1, λx0, λx1 (region_attention.cuda_bilinear)
+        t0 = tl.fma(w2, a, w3 * b)
         t1 = tl.fma(w2, c, w3 * d)
         v = tl.fma(w0, t0, w1 * t1)
     else:  # RESAMPLE_COPY
@@ -161,6 +197,7 @@ def _fwd_kernel(
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     MASK: tl.constexpr, MODE: tl.constexpr, FMA: tl.constexpr, NATIVE_DOT: tl.constexpr, PREC: tl.constexpr,
+    EMU_BF16: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -214,12 +251,76 @@ def _fwd_kernel(
                 p = tl.exp(s - m_use[:, None])
                 p = tl.where(mask_n[None, :], p, 0.0)  # keys past S do not exist
                 l = l * alpha + tl.sum(p, axis=1)
-                acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
+                acc = acc * alpha[:, None] + tl.dot(_dot_operand(p, vt.dtype, EMU_BF16), vt, input_precision=PREC)
                 m = m_new
         m_use = tl.where(m == float("-inf"), 0.0, m)
         out = acc / l[:, None]
+        if EMU_BF16:
+            out = _round_bf16(out)
         tl.store(out_rows, out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
         tl.store(lse_rows, m_use + tl.log(l), mask=mask_m)
+
+
+@triton.jit
+def _delta_kernel(
+    q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr,
+    logits_ptr, offs_ptr, wts_ptr, map_ptr, open_ptr, pad_ptr, empty_ptr, safe_ptr,
+    H, Q, S, D, scale, threshold, q_vec, plane,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    MASK: tl.constexpr, MODE: tl.constexpr, FMA: tl.constexpr, NATIVE_DOT: tl.constexpr, PREC: tl.constexpr,
+):
+    """Δ_i = Σ_j p_ij dp_ij in fp32 (p = exp(s − lse), dp = dout vᵀ), grid (query blocks, B·H):
+    the softmax backward's row statistic from unrounded p and dp, where dout·out would
+    take the output rounded to fp16/bf16. Every key counts (p = 0 at a blocked key, so a
+    NaN/inf dp there makes Δ NaN, as autograd's softmax backward does); a tile without
+    an allowed key is skipped only where it adds exactly 0 (finite q, k, v, dout of the
+    (b, h) and finite lse on every row of the block)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < Q
+    mask_d = offs_d < D
+    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None].to(tl.int64) * stride_qm
+                + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    g = tl.load(dout_ptr + bh.to(tl.int64) * Q * D + offs_m[:, None] * D + offs_d[None, :],
+                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    if not NATIVE_DOT:
+        q = q.to(tl.float32)
+        g = g.to(tl.float32)
+    k_base = k_ptr + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    v_base = v_ptr + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    lse = tl.load(lse_ptr + bh.to(tl.int64) * Q + offs_m, mask=mask_m, other=0.0)
+    lse_bad = tl.sum(((lse != lse) | (lse == float("inf")) | (lse == float("-inf"))).to(tl.int32), axis=0)
+    safe = tl.load(safe_ptr + bh) != 0
+    delta = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    empty = False
+    if MASK == 1:
+        empty = tl.load(empty_ptr + b) != 0
+    if not empty:  # an all-padded sample: nothing flows back (Δ unused)
+        for n0 in range(0, S, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < S
+            keep = _allowed(b, offs_m, offs_n, Q, S, logits_ptr, plane, offs_ptr, wts_ptr, map_ptr, open_ptr,
+                            pad_ptr, threshold, q_vec, MASK, MODE, FMA, True)
+            n_keep = tl.sum(tl.sum(keep.to(tl.int32), axis=1), axis=0)
+            if (n_keep > 0) | (~safe) | (lse_bad > 0):
+                kt = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :],
+                             mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+                vt = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :],
+                             mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+                if not NATIVE_DOT:
+                    kt = kt.to(tl.float32)
+                    vt = vt.to(tl.float32)
+                s = tl.dot(q, tl.trans(kt), input_precision=PREC) * scale
+                s = tl.where(keep, s, float("-inf"))
+                p = tl.exp(s - lse[:, None])
+                dp = tl.dot(g, tl.trans(vt), input_precision=PREC)
+                delta += tl.sum(tl.where(mask_m[:, None] & mask_n[None, :], p * dp, 0.0), axis=1)
+    tl.store(delta_ptr + bh.to(tl.int64) * Q + offs_m, delta, mask=mask_m)
 
 
 @triton.jit
@@ -230,6 +331,7 @@ def _bwd_kernel(
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     MASK: tl.constexpr, MODE: tl.constexpr, FMA: tl.constexpr, NATIVE_DOT: tl.constexpr, PREC: tl.constexpr,
+    EMU_BF16: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
@@ -282,28 +384,34 @@ def _bwd_kernel(
                 s = tl.where(keep, s, float("-inf"))
                 p = tl.exp(s - lse[:, None])
                 p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
-                dv += tl.dot(tl.trans(p.to(g.dtype)), g, input_precision=PREC)
+                dv += tl.dot(tl.trans(_dot_operand(p, g.dtype, EMU_BF16)), g, input_precision=PREC)
                 dp = tl.dot(g, tl.trans(vt), input_precision=PREC)
                 ds = tl.where(keep, p * (dp - delta[:, None]), 0.0) * scale
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
-                dq = tl.dot(ds.to(kt.dtype), kt, input_precision=PREC)
+                dk += tl.dot(tl.trans(_dot_operand(ds, q.dtype, EMU_BF16)), q, input_precision=PREC)
+                dq = tl.dot(_dot_operand(ds, kt.dtype, EMU_BF16), kt, input_precision=PREC)
                 tl.store(dq_rows, dq, mask=mask_m[:, None] & mask_d[None, :])
             else:
                 tl.store(dq_rows, tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32),
                          mask=mask_m[:, None] & mask_d[None, :])
     rows = (bh.to(tl.int64) * S + offs_n[:, None]) * D + offs_d[None, :]
+    if EMU_BF16:
+        dk = _round_bf16(dk)
+        dv = _round_bf16(dv)
     tl.store(dk_ptr + rows, dk.to(dk_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_d[None, :])
     tl.store(dv_ptr + rows, dv.to(dv_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_d[None, :])
 
 
 # ----------------------------------------------------------------------------- host side
 def modes(dtype: torch.dtype, interpret: bool | None = None):
-    """(NATIVE_DOT, PREC) for q/k/v of ``dtype``."""
+    """(NATIVE_DOT, PREC, EMU_BF16) for q/k/v of ``dtype``: EMU_BF16 under the interpreter for
+    bf16 (whose bf16 tl.dot is wrong and whose fp32 → bf16 conversion truncates), where
+    the kernels take fp32 dots of the exact bf16 operands and round every value the GPU
+    converts to bf16 (dot operands, stored outputs) with ``_round_bf16`` instead."""
     if dtype == torch.float32:
-        return False, "ieee"
+        return False, "ieee", False
     if triton_interpret() if interpret is None else interpret:
-        return dtype == torch.float16, "ieee"  # interpreter: bf16 tl.dot is wrong, fp16 is fine
-    return True, "ieee"
+        return dtype == torch.float16, "ieee", dtype == torch.bfloat16  # fp16 dots and casts are right there
+    return True, "ieee", False
 
 
 def _block_d(d: int) -> int:
@@ -407,7 +515,7 @@ def forward(q, k, v, margs: MaskArgs, scale: float, op: str):
     S = k.shape[2]
     out = torch.empty((B, H, Q, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Q), dtype=torch.float32, device=q.device)
-    native, prec = modes(q.dtype)
+    native, prec, emu = modes(q.dtype)
     v_finite = _finite_per_bh(v)
     with _on_device(q):
         _fwd_kernel[(triton.cdiv(Q, BLOCK_M), B * H)](
@@ -417,7 +525,8 @@ def forward(q, k, v, margs: MaskArgs, scale: float, op: str):
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=_block_d(D),
-            MASK=margs.mask, MODE=margs.mode, FMA=margs.fma, NATIVE_DOT=native, PREC=prec, num_warps=NUM_WARPS,
+            MASK=margs.mask, MODE=margs.mode, FMA=margs.fma, NATIVE_DOT=native, PREC=prec, EMU_BF16=emu,
+            num_warps=NUM_WARPS,
         )
     return out, lse
 
@@ -427,10 +536,24 @@ def backward(dout, q, k, v, out, lse, margs: MaskArgs, scale: float, op: str):
     B, H, Q, D = q.shape
     S = k.shape[2]
     dout = dout.to(q.dtype).contiguous()
-    delta = (dout.float() * out.float()).sum(-1).contiguous()  # Δ_i = dout_i · out_i
     lse = lse.float().contiguous()
     safe = _finite_per_bh(q, k, dout)
-    native, prec = modes(q.dtype)
+    native, prec, emu = modes(q.dtype)
+    if q.dtype == torch.float32:
+        delta = (dout * out.float()).sum(-1).contiguous()  # Δ_i = dout_i · out_i, out exact to fp32
+    else:  # out is rounded to fp16/bf16: Δ_i = Σ_j p_ij dp_ij from fp32 p and dp instead
+        delta = torch.empty((B, H, Q), dtype=torch.float32, device=q.device)
+        with _on_device(q):
+            _delta_kernel[(triton.cdiv(Q, BLOCK_M), B * H)](
+                q, k, v, dout, lse, delta,
+                margs.logits, margs.offs, margs.wts, margs.map, margs.open, margs.pad, margs.empty,
+                _finite_per_bh(q, k, v, dout),
+                H, Q, S, D, float(scale), margs.threshold, margs.q_vec, margs.plane,
+                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                v.stride(0), v.stride(1), v.stride(2),
+                BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=_block_d(D),
+                MASK=margs.mask, MODE=margs.mode, FMA=margs.fma, NATIVE_DOT=native, PREC=prec, num_warps=NUM_WARPS,
+            )
     nkb = triton.cdiv(S, BLOCK_N)
     dk = torch.empty((B, H, S, D), dtype=q.dtype, device=q.device)
     dv = torch.empty((B, H, S, D), dtype=q.dtype, device=q.device)
@@ -443,7 +566,8 @@ def backward(dout, q, k, v, out, lse, margs: MaskArgs, scale: float, op: str):
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=_block_d(D),
-            MASK=margs.mask, MODE=margs.mode, FMA=margs.fma, NATIVE_DOT=native, PREC=prec, num_warps=NUM_WARPS,
+            MASK=margs.mask, MODE=margs.mode, FMA=margs.fma, NATIVE_DOT=native, PREC=prec, EMU_BF16=emu,
+            num_warps=NUM_WARPS,
         )
     dq = dq_part.sum(dim=0)  # key blocks in order: deterministic
     return dq.to(q.dtype), dk, dv
@@ -468,9 +592,9 @@ def compile_configs(op: str) -> list[CompileConfig]:
     for mask, mode in plans:
         for dtype, d in [(torch.float32, 32), (torch.bfloat16, 32), (torch.float16, 32), (torch.bfloat16, 64),
                          (torch.float32, 24)]:
-            native, prec = modes(dtype, interpret=False)
+            native, prec, emu = modes(dtype, interpret=False)
             const = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=_block_d(d), MASK=mask, MODE=mode, FMA=True,
-                         NATIVE_DOT=native, PREC=prec)
+                         NATIVE_DOT=native, PREC=prec, EMU_BF16=emu)
             label = f"{op} {str(dtype).split('.')[-1]:8s} d={d:<3d} mask={mask_names[mask]} resample={mode_names[mode]}"
             fwd = dict(common, q_ptr=dtype, k_ptr=dtype, v_ptr=dtype, out_ptr=dtype, lse_ptr=torch.float32,
                        vfinite_ptr=torch.int8)
@@ -479,6 +603,12 @@ def compile_configs(op: str) -> list[CompileConfig]:
                        safe_ptr=torch.int8)
             configs.append(CompileConfig(f"fwd {label}", _fwd_kernel, fwd, const, NUM_WARPS, scalars=scalars))
             configs.append(CompileConfig(f"bwd {label}", _bwd_kernel, bwd, const, NUM_WARPS, scalars=scalars))
+            if dtype != torch.float32:  # the Δ pass runs for fp16/bf16 only
+                delta = dict(common, q_ptr=dtype, k_ptr=dtype, v_ptr=dtype, dout_ptr=dtype, lse_ptr=torch.float32,
+                             delta_ptr=torch.float32, safe_ptr=torch.int8)
+                dconst = {key: val for key, val in const.items() if key != "EMU_BF16"}
+                configs.append(CompileConfig(f"delta {label}", _delta_kernel, delta, dconst, NUM_WARPS,
+                                             scalars=scalars))
     if op == "region_image_attention":
         for mode in (RESAMPLE_CUDA, RESAMPLE_COPY):
             configs.append(CompileConfig(

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from pycocotools import mask as mask_utils
 
 from rexfast.data import DATASETS, ReferringDataset, load_grefer, load_refer, load_tokenizer, tokenize
 from rexfast.data.masks import annotations_to_mask, decode_segmentation, encode_mask
@@ -52,8 +51,18 @@ def expected_masks():
     return {"rect": rect, "blob": blob, "comp": comp, "two": two, "over": over, "crowd": crowd}
 
 
+# pycocotools' compressed RLE of masks["comp"] (written out here so that the fixtures need no pycocotools;
+# test_compressed_fixture_is_pycocotools_encoding checks it)
+COMP_COUNTS = "R15?0000000b>"
+
+
+@pytest.fixture
+def mask_utils():
+    """pycocotools.mask, for the tests that rasterise polygons or compare with it."""
+    return pytest.importorskip("pycocotools.mask", reason="rasterising COCO polygons needs pycocotools")
+
+
 def instances(masks):
-    compressed = mask_utils.encode(np.asfortranarray(masks["comp"].astype(np.uint8)))
     return {
         "images": [{"id": 1, "file_name": "img1.png", "height": H1, "width": W1},
                    {"id": 2, "file_name": "img2.png", "height": H2, "width": W2}],
@@ -63,7 +72,7 @@ def instances(masks):
             {"id": 11, "image_id": 1, "category_id": 1, "iscrowd": 0, "bbox": [0, 0, 1, 1], "area": 1,
              "segmentation": uncompressed_rle(masks["blob"])},
             {"id": 12, "image_id": 1, "category_id": 2, "iscrowd": 0, "bbox": [0, 0, 1, 1], "area": 1,
-             "segmentation": {"size": [H1, W1], "counts": compressed["counts"].decode("ascii")}},
+             "segmentation": {"size": [H1, W1], "counts": COMP_COUNTS}},
             {"id": 13, "image_id": 2, "category_id": 2, "iscrowd": 0, "bbox": [0, 0, 1, 1], "area": 1,
              "segmentation": [[1, 1, 9, 1, 9, 5, 1, 5], [6, 3, 12, 3, 12, 9, 6, 9]]},
             {"id": 14, "image_id": 1, "category_id": 1, "iscrowd": 0, "bbox": [0, 0, 1, 1], "area": 1,
@@ -138,7 +147,12 @@ def tok(root):
 
 # ----------------------------------------------------------------------------- masks
 
-def test_decode_each_segmentation_form():
+def test_compressed_fixture_is_pycocotools_encoding(mask_utils):
+    comp = expected_masks()["comp"]
+    assert mask_utils.encode(np.asfortranarray(comp.astype(np.uint8)))["counts"].decode("ascii") == COMP_COUNTS
+
+
+def test_decode_each_segmentation_form(mask_utils):
     masks = expected_masks()
     anns = {a["id"]: a for a in instances(masks)["annotations"]}
     assert np.array_equal(decode_segmentation(anns[10]["segmentation"], H1, W1), masks["rect"])
@@ -151,7 +165,7 @@ def test_decode_each_segmentation_form():
     assert out.dtype == np.bool_ and out.shape == (H1, W1)
 
 
-def test_union_of_overlapping_annotations_and_encode_roundtrip():
+def test_union_of_overlapping_annotations_and_encode_roundtrip(mask_utils):
     masks = expected_masks()
     anns = {a["id"]: a for a in instances(masks)["annotations"]}
     union = annotations_to_mask([anns[10], anns[14], None], H1, W1)
@@ -179,7 +193,7 @@ def test_decode_errors(segm, match):
 
 # ----------------------------------------------------------------------------- loaders
 
-def test_load_refer_index_and_splits(root):
+def test_load_refer_index_and_splits(root, mask_utils):
     idx = load_refer(root, "refcoco", "unc")
     assert idx.task == "res" and len(idx.refs) == 5
     assert idx.splits == ["train", "val", "testA", "testB"]
@@ -196,7 +210,7 @@ def test_load_refer_index_and_splits(root):
         idx.refs_for_split("testC")
 
 
-def test_load_grefer_multi_and_no_target(root):
+def test_load_grefer_multi_and_no_target(root, mask_utils):
     idx = load_grefer(root)
     assert idx.task == "gres"
     masks = expected_masks()
@@ -309,7 +323,7 @@ def test_tokenizer_errors(root, tmp_path):
 
 # ----------------------------------------------------------------------------- ReferringDataset
 
-def test_eval_dataset_one_sample_per_sentence(root, tok):
+def test_eval_dataset_one_sample_per_sentence(root, tok, mask_utils):
     ds = ReferringDataset(root, "refcoco", "train", tokenizer=tok, image_size=24)
     assert ds.task == "res" and not ds.train
     assert len(ds) == 4  # 3 + 1 sentences
@@ -322,7 +336,7 @@ def test_eval_dataset_one_sample_per_sentence(root, tok):
     assert len(ReferringDataset(root, "refcoco", "test", tokenizer=tok)) == 2
 
 
-def test_item_contents(root, tok):
+def test_item_contents(root, tok, mask_utils):
     S = 24
     ds = ReferringDataset(root, "refcoco", "train", tokenizer=tok, image_size=S, max_tokens=10)
     item = ds.get(0)
@@ -359,7 +373,7 @@ def test_preprocess_image_array_and_pil_agree():
         preprocess_image("img.png", 5)
 
 
-def test_train_dataset_random_sentence_reproducible(root, tok):
+def test_train_dataset_random_sentence_reproducible(root, tok, mask_utils):
     ds = ReferringDataset(root, "refcoco", "train", tokenizer=tok, train=True, image_size=16)
     assert ds.train and len(ds) == 2  # one sample per ref
     assert ds.get(0)["sentence"] == "the left box"  # seed None: first sentence
@@ -369,7 +383,7 @@ def test_train_dataset_random_sentence_reproducible(root, tok):
     assert all(ds.get(1, seed=s)["sentence"] == "the blob" for s in range(3))
 
 
-def test_gres_dataset(root, tok):
+def test_gres_dataset(root, tok, mask_utils):
     ds = ReferringDataset(root, "grefcoco", "train", tokenizer=tok, image_size=16)
     assert ds.task == "gres" and len(ds) == 3
     masks = expected_masks()
@@ -382,7 +396,7 @@ def test_gres_dataset(root, tok):
     assert len(val) == 2 and val.get(1, seed=0)["no_target"]
 
 
-def test_no_target_repeat(root, tok):
+def test_no_target_repeat(root, tok, mask_utils):
     once = ReferringDataset(root, "grefcoco", "val", tokenizer=tok, train=True, image_size=16)
     ds = ReferringDataset(root, "grefcoco", "val", tokenizer=tok, train=True, image_size=16, no_target_repeat=3)
     assert len(once) == 2 and len(ds) == 4 and ds.no_target_repeat == 3  # 1 target ref + 3 x 1 no-target ref

@@ -328,6 +328,7 @@ def test_demo_quick_runs_end_to_end_and_writes_everything(tmp_path):
     assert Path(result["training_curve"]).is_file() and result["overlays"]
     assert all(Path(p).is_file() for p in result["overlays"])
     assert "gIoU" in proc.stdout and "untrained" in proc.stdout
+    assert "--quick is a smoke test" in proc.stdout  # why its 'trained' column may be the lower one
     # it ends with the next step, the page for the model it trained, whose example rows are its scenes
     assert proc.stdout.strip().splitlines()[-1].endswith(f"rexfast serve {out / 'train' / 'best'}")
     from rexfast.serve.examples import demo_data_root

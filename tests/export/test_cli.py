@@ -43,7 +43,9 @@ def test_export_a_training_checkpoint_at_its_training_size(run, tmp_path):
     from rexfast.export import check_tensorrt_compatibility
 
     out = tmp_path / "exports" / "cgformer.onnx"
-    summary = _ok(_rexfast("export", "--checkpoint", run / "best.pt", "--out", out))
+    proc = _rexfast("export", "--checkpoint", run / "best.pt", "--out", out)
+    summary = _ok(proc)
+    assert proc.stderr == ""  # the exporter's known chatter (torchvision, deprecations, constant folding) is gone
     assert summary["model"] == "cgformer" and summary["mode"] == "decomposed" and summary["opset"] == 18
     assert summary["image_size"] == [32, 32]  # the checkpoint's data.image_size
     assert summary["inputs"] == ["images", "input_ids", "attention_mask"] and summary["outputs"] == ["logits"]
@@ -52,6 +54,17 @@ def test_export_a_training_checkpoint_at_its_training_size(run, tmp_path):
     assert summary["onnxruntime_vs_torch_max_abs_error"]["logits"] < 1e-5
     proto = onnx.load(out)
     assert check_tensorrt_compatibility(proto) == []
+    # everything needed to feed the file without rexfast (the README's export section lists the keys)
+    props = {p.key: p.value for p in proto.metadata_props}
+    assert props["model_type"] == "cgformer" and json.loads(props["image_size"]) == [32, 32]
+    assert json.loads(props["image_mean"]) == [0.485, 0.456, 0.406] and json.loads(props["image_std"]) == [
+        0.229, 0.224, 0.225]
+    assert props["text_max_tokens"] == "20" and "WordPiece" in props["tokenizer"]
+    vocab = props["tokenizer_vocab"].split("\n")
+    assert vocab[:4] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]"] and "circle" in vocab
+    assert json.loads(props["model_config"])["token_dim"] == 32 and props["rexfast_version"]
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert all(f"`{key}`" in readme for key in props), sorted(k for k in props if f"`{k}`" not in readme)
     assert sorted(p.name for p in out.parent.iterdir()) == ["cgformer.onnx"]  # no temporary left
 
 
@@ -96,3 +109,25 @@ def test_readme_export_commands_use_existing_flags():
     # export section exists and is among them.
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert "rexfast export --checkpoint" in readme and "## Export" in readme
+
+
+def test_a_noisy_cgformer_exports_with_the_set_its_error_names(noisy_tiny_cgformer_run, tmp_path, monkeypatch,
+                                                              capsys):
+    import rexfast.export
+    from rexfast.cli import main
+
+    best = noisy_tiny_cgformer_run["best"]
+    assert main(["export", "--checkpoint", str(best), "--out", str(tmp_path / "m.onnx")]) == 2
+    line = capsys.readouterr().err.strip()
+    assert "--set model.eval_noise=false" in line and "set eval_noise=False" not in line, line
+    exported = {}
+
+    def fake_export(model, path, **kwargs):  # the real export is covered above; this checks what reaches it
+        exported.update(eval_noise=model.config.eval_noise, metadata=kwargs["metadata"])
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(rexfast.export, "export_onnx", fake_export)
+    assert main(["export", "--checkpoint", str(best), "--out", str(tmp_path / "m.onnx"), "--set",
+                 "model.eval_noise=false"]) == 2
+    assert exported["eval_noise"] is False and exported["metadata"]["text_max_tokens"] == "20"
+    assert not (tmp_path / "m.onnx").exists()

@@ -3,6 +3,7 @@ checkpoint round trips with strict key checks, and the full-size parameter count
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -485,7 +486,9 @@ def test_save_pretrained_from_pretrained_bit_identical(tmp_path, preset):
     cfg = CGFormerConfig.preset(preset)
     model = CGFormer(cfg).eval()
     model.save_pretrained(tmp_path / "m")
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
+    # no tokenizer given: the folder says so in its card, and holds everything else
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["README.md", "config.json", "model.safetensors",
+                                                                 "preprocessor_config.json"]
     loaded = CGFormer.from_pretrained(tmp_path / "m")
     assert loaded.config == cfg
     size = cfg.image_size if preset in ("tiny", "demo") else 96
@@ -508,9 +511,16 @@ def test_convert_official_to_a_model_folder(tmp_path):
                                              image_size=64)).eval()
     official = tmp_path / "cgformer_refcoco.pth"
     torch.save({"epoch": 3, **to_official_state_dict(model, ddp_prefix=True)}, official)
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "the", "dog"]) + "\n")
     proc = subprocess.run([sys.executable, "-m", "rexfast", "convert", "--official", official, "--out",
-                           tmp_path / "converted"], capture_output=True, text=True, timeout=600)
+                           tmp_path / "converted", "--tokenizer", vocab], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    # self-contained: the tokenizer and the input size the weights imply (positional embeddings for 64²)
+    assert sorted(p.name for p in (tmp_path / "converted").iterdir()) == [
+        "README.md", "config.json", "model.safetensors", "preprocessor_config.json", "tokenizer_config.json",
+        "vocab.txt"]
+    assert json.loads((tmp_path / "converted" / "preprocessor_config.json").read_text())["size"]["height"] == 64
     loaded = CGFormer.from_pretrained(tmp_path / "converted")
     images, ids, mask, _ = make_batch(b=1)
     with torch.no_grad():

@@ -86,6 +86,18 @@ def make_case(shape, *, dtype=torch.float32, noise="explicit", device="cpu", see
             bump.scatter_(1, top.unsqueeze(1), (2 * MIN_MARGIN * tau).float().expand(B, 1, P).clone())
             noise_t = noise_t + bump * bad.unsqueeze(1)
         noise_t = noise_t.to(dtype)
+        # Rounding to bf16 (ulp 1/64 at 2) can undo a nudge of 2·MIN_MARGIN·τ: nudge what
+        # is still ambiguous again, doubling the step until it survives the rounding.
+        step = 2 * MIN_MARGIN * tau
+        for _ in range(16):
+            margin, z = _margins(q, k, tau, noise_t)
+            bad = margin <= MIN_MARGIN / 2
+            if not bad.any():
+                break
+            step = 2 * step
+            bump = torch.zeros(B, N, P)
+            bump.scatter_(1, z.argmax(dim=1).unsqueeze(1), step.float().expand(B, 1, P).clone())
+            noise_t = (noise_t.float() + bump * bad.unsqueeze(1)).to(dtype)
         assert (_margins(q, k, tau, noise_t)[0] > MIN_MARGIN / 2).all()
     elif noise == "seed":
         for _ in range(200):
@@ -214,3 +226,49 @@ def assert_one_hot(assign: torch.Tensor) -> None:
 
 __all__ = ["SPEC", "make_case", "PARITY_SHAPES", "NOISE_MODES", "EDGE_CASES", "assert_one_hot", "tie_case",
            "MIN_MARGIN"]
+
+
+# ----------------------------------------------------------------------------- Triton: several tiles per program
+class _LaunchSpy:
+    """Stands in for one @triton.jit kernel of the group_assign Triton backend and records,
+    per launch, the grid and the pixel tiles T the SPLITS programs of a batch item share."""
+
+    def __init__(self, kernel, launches):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            bound = {**dict(zip(self.kernel.arg_names, args)), **kwargs}
+            self.launches.append({"kernel": self.kernel.__name__, "grid": grid, "T": bound["T"],
+                                  "SPLITS": bound["SPLITS"]})
+            return launch(*args, **kwargs)
+
+        return run
+
+
+def force_tiles_per_program(monkeypatch, programs: int) -> list:
+    """Make the group_assign Triton wrappers aim at ``programs`` programs in all (instead of
+    4 per SM), so each program walks several pixel tiles: the forward's two phases over more
+    than one tile, the backward's dq̂ read-modify-write across tiles and its barrier. On a GPU
+    the natural choice gives one tile per program at CGFormer's sizes (P = 3600), so without
+    this no GPU test takes that path. Returns the list the launches are recorded in."""
+    from rexfast.ops.group_assign import triton_kernels as tk
+
+    launches: list = []
+    monkeypatch.setattr(tk, "_target_programs", lambda device: programs)
+    for name in ("_group_assign_fwd_kernel", "_group_assign_bwd_kernel"):
+        monkeypatch.setattr(tk, name, _LaunchSpy(getattr(tk, name), launches))
+    return launches
+
+
+def assert_several_tiles_per_program(launches, *, uneven: bool = False) -> None:
+    """Both kernels ran, and every program of every launch owned at least two tiles
+    (``uneven``: and the tiles did not divide evenly among the programs)."""
+    kernels = {launch["kernel"] for launch in launches}
+    assert kernels == {"_group_assign_fwd_kernel", "_group_assign_bwd_kernel"}, kernels
+    for launch in launches:
+        assert launch["T"] >= 2 * launch["SPLITS"], launch
+        if uneven:
+            assert launch["T"] % launch["SPLITS"], launch

@@ -14,7 +14,10 @@ backend the op declares and every shape and edge case:
 * upstream gradients are seeded random tensors, so results are reproducible.
 
 A backend the op declares but that cannot run here is skipped — except in CI
-(``CI=true``), where a missing C++ extension or Triton on CPU fails the run.
+(``CI=true``), where a missing C++ extension or Triton on CPU fails the run, and
+under ``REXFAST_REQUIRE_CUDA=1`` (benchmarks/run_device.sh on a GPU), where a GPU
+backend that cannot run on CUDA tensors fails: a build that silently left the CUDA
+kernels out must not read as a row of skips.
 """
 
 from __future__ import annotations
@@ -70,6 +73,14 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+REQUIRE_CUDA_ENV = "REXFAST_REQUIRE_CUDA"
+
+
+def require_cuda() -> bool:
+    """``REXFAST_REQUIRE_CUDA=1``: a CUDA device and every GPU backend must be there (see tests/conftest.py)."""
+    return os.environ.get(REQUIRE_CUDA_ENV, "") == "1"
+
+
 def cpu_backends(spec: OpSpec) -> list[str]:
     """The backends of ``spec`` meant to run on CPU tensors here: the reference,
     the C++ kernel, and Triton under its interpreter (when TRITON_INTERPRET=1)."""
@@ -78,12 +89,15 @@ def cpu_backends(spec: OpSpec) -> list[str]:
 
 
 def require_backend(spec: OpSpec, backend: str, device_type: str) -> None:
-    """Skip when ``backend`` cannot run here; in CI a missing CPU backend is a failure."""
+    """Skip when ``backend`` cannot run here; in CI a missing CPU backend is a failure,
+    and with ``REXFAST_REQUIRE_CUDA=1`` so is a missing CUDA-tensor backend."""
     if backend in spec.backends.available(device_type):
         return
     why = spec.backends.why_unavailable(backend, device_type)
     if in_ci() and device_type == "cpu":
         pytest.fail(f"{spec.name}: the {backend} backend must run in CI but cannot: {why}")
+    if require_cuda() and device_type == "cuda":
+        pytest.fail(f"{spec.name}: the {backend} backend must run on CUDA tensors ({REQUIRE_CUDA_ENV}=1) but cannot: {why}")
     pytest.skip(f"{spec.name}: {backend} unavailable for {device_type} tensors ({why})")
 
 
@@ -176,5 +190,5 @@ def check_against_reference(spec: OpSpec, case: Case, backend: str, dtype: torch
     return outputs, grads
 
 
-__all__ = ["TOLERANCE", "Case", "OpSpec", "stable_seed", "in_ci", "cpu_backends", "require_backend", "run_backend",
+__all__ = ["TOLERANCE", "Case", "OpSpec", "stable_seed", "in_ci", "require_cuda", "cpu_backends", "require_backend", "run_backend",
            "run_reference", "rel_err", "assert_close_to_reference", "check_against_reference", "as_tuple"]

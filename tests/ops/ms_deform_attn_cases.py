@@ -11,8 +11,8 @@ inputs) away from integers, nudging the few that are not. Half-precision
 locations need no nudge: their x·W_l − 0.5 is exact in float32.
 
 The edge cases do the opposite on purpose: locations exactly on pixel centres,
-on the map border (loc ∈ {0, 1}) and on the half-pixel edges (x = −1, x = W_l),
-all exactly representable (power-of-two map sizes) so that every backend and the
+on the map border (loc ∈ {0, 1}) and on the half-pixel edges (x = −1: a weight-0
+tap and a zero location gradient; x = W_l: no tap), all exactly representable (power-of-two map sizes) so that every backend and the
 reference compute the same taps; far outside and ±inf locations; NaN/±inf in
 every input; B = 0 and Q = 0. Every backend must give what the reference gives.
 """
@@ -124,7 +124,8 @@ def _case(value, loc, attn, levels, dtype, device, label):
 
 def border_case(dtype, device):
     """Locations exactly on the map border (0, 1), on pixel centres and on the
-    half-pixel edges x = −1 and x = W (weight-0 taps), in x and y, per level."""
+    half-pixel edges x = −1 (a weight-0 tap, location gradient 0) and x = W (no
+    tap), in x and y, per level."""
     value, loc, attn, levels, g = _edge_base()
     for lvl, (h, w) in enumerate(levels):
         xs = [0.0, 1.0, 0.5 / w, (w - 0.5) / w, -0.5 / w, (w + 0.5) / w, 1.5 / w, 2.0 / w]

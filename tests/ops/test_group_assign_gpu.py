@@ -8,7 +8,8 @@ Every test is marked ``gpu`` (skipped without a CUDA device, see conftest.py).
 import pytest
 import torch
 
-from group_assign_cases import SPEC, assert_one_hot, make_case
+from group_assign_cases import (SPEC, assert_one_hot, assert_several_tiles_per_program, force_tiles_per_program,
+                                make_case)
 from harness import check_against_reference, rel_err, require_backend
 from rexfast.ops import group_assign, gumbel_noise
 from test_parity import SPECS, edge_params, shape_params
@@ -61,6 +62,39 @@ def test_group_assign_cgformer_shape(poisoned_outputs, backend, dtype, noise):
     case = make_case(CGFORMER, dtype=dtype, noise=noise, device="cuda", seed=21)
     out, _ = check_against_reference(SPEC, case, backend, dtype, device_type="cuda")
     assert_one_hot(out[1])
+
+
+# ------------------------------------------------------------------ Triton: several pixel tiles per program
+# On a GPU the Triton wrappers launch ~4 programs per SM, which at CGFormer's P = 3600
+# (57 tiles of 64 pixels) is one tile per program: the multi-tile path (the forward's
+# second phase over several tiles, the backward's dq̂ read-modify-write and its barrier)
+# would run only at P ≥ ~15,000. These force it: (shape, programs in all).
+FORCED = [  # (shape, programs in all, make_case seed)
+    (CGFORMER, 40, 21),  # 5 programs per batch item share 57 tiles: 11 + 11 + 12 + 11 + 12
+    ((4, 17, 1000, 256, 128), 8, 16),  # BLOCK_N = 32: 2 programs per batch item, 32 tiles of 32
+]
+
+
+@pytest.mark.parametrize("noise", ["explicit", "none"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("shape, programs, seed", FORCED, ids=["cgformer-40programs", "N17-8programs"])
+def test_group_assign_triton_several_tiles_per_program(monkeypatch, poisoned_outputs, shape, programs, seed, dtype,
+                                                       noise):
+    _need(SPEC, "triton")
+    launches = force_tiles_per_program(monkeypatch, programs)
+    case = make_case(shape, dtype=dtype, noise=noise, device="cuda", seed=seed)
+    out, _ = check_against_reference(SPEC, case, "triton", dtype, device_type="cuda")
+    assert_one_hot(out[1])
+    assert_several_tiles_per_program(launches, uneven=shape == CGFORMER)
+
+
+def test_group_assign_triton_several_tiles_per_program_seeded(monkeypatch, poisoned_outputs):
+    # in-kernel Gumbel noise: 1 program per batch item walks all 10 tiles
+    _need(SPEC, "triton")
+    launches = force_tiles_per_program(monkeypatch, 2)
+    case = make_case((2, 4, 640, 64, 32), noise="seed", device="cuda", seed=11)
+    check_against_reference(SPEC, case, "triton", torch.float32, device_type="cuda")
+    assert_several_tiles_per_program(launches)
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])

@@ -10,7 +10,8 @@ BLOCK_C = 32; BLOCK_D = 64 (32 for BLOCK_N = 64).
 import pytest
 import torch
 
-from group_assign_cases import SPEC, assert_one_hot, make_case
+from group_assign_cases import (EDGE_CASES, SPEC, assert_one_hot, assert_several_tiles_per_program,
+                                force_tiles_per_program, make_case)
 from harness import check_against_reference, rel_err, require_backend
 from rexfast.ops.gumbel import gumbel_noise_from_key
 
@@ -60,6 +61,37 @@ def test_many_tiles_per_split(poisoned_outputs):
     # two-phase forward both run over more than one tile.
     case = make_case((1, 3, 1100, 24, 20), noise="none", device=DEVICE, seed=17)
     _parity(case, torch.float32)
+
+
+# (shape, programs in all): (2, 3, 300) has T = 5 tiles of 64 pixels per batch item and
+# 2 programs each (3 + 2 tiles); (1, 17, 200) has T = 7 tiles of 32 and 3 programs (2 + 2 + 3).
+FORCED_MULTI_TILE = [((2, 3, 300, 24, 20), 4), ((1, 17, 200, 40, 17), 3)]
+
+
+@pytest.mark.parametrize("noise", ["explicit", "none", "seed"])
+@pytest.mark.parametrize("shape, programs", FORCED_MULTI_TILE, ids=lambda x: "x".join(map(str, x)) if
+                         isinstance(x, tuple) else f"programs{x}")
+def test_forced_several_tiles_per_program(monkeypatch, poisoned_outputs, shape, programs, noise):
+    launches = force_tiles_per_program(monkeypatch, programs)
+    case = make_case(shape, noise=noise, device=DEVICE, seed=sum(shape))
+    _parity(case, torch.float32)
+    assert_several_tiles_per_program(launches, uneven=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_forced_several_tiles_per_program_half(monkeypatch, poisoned_outputs, dtype):
+    launches = force_tiles_per_program(monkeypatch, 4)
+    _parity(make_case((2, 3, 300, 24, 20), dtype=dtype, noise="explicit", device=DEVICE, seed=9), dtype)
+    assert_several_tiles_per_program(launches, uneven=True)
+
+
+@pytest.mark.parametrize("name", ["ties", "nan_k", "inf_noise", "neg_inf_noise", "nan_v"])
+def test_forced_single_program_edge_cases(monkeypatch, poisoned_outputs, name):
+    # The edge cases' P = 70 is two tiles of 64: one program per batch item walks both,
+    # so a NaN column or tie in either tile must not leak into, or be lost from, the other.
+    launches = force_tiles_per_program(monkeypatch, 1)
+    check_against_reference(SPEC, EDGE_CASES[name](torch.float32, DEVICE), "triton", torch.float32)
+    assert_several_tiles_per_program(launches)
 
 
 def test_strided_kv_and_noise_dtypes(poisoned_outputs):

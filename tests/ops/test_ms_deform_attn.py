@@ -150,6 +150,42 @@ def test_nan_location_gradients(backend):
     assert torch.equal(gv, torch.zeros_like(gv)) and torch.equal(gl, torch.zeros_like(gl)) and ga.isnan().all()
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_location_gradient_is_zero_on_the_half_pixel_edge(backend):
+    """x = −1 or y = −1 exactly (loc = −0.5/W_l): the sample is 0 there and for every
+    x < −1, so the location gradient is 0 (the left-hand derivative), as the module
+    docstring and the official kernel (it skips points with x ≤ −1) give — not the
+    right-hand one of the weight-0 tap x = 0. Both components are 0. Just inside the
+    edge the gradient is the ordinary one (nonzero here), and the value and weight
+    gradients keep their usual rules."""
+    require_backend(SPEC, backend, "cpu")
+    dtype = torch.float64 if SPEC.takes(backend, torch.float64) else torch.float32
+    H, W = 4, 8  # powers of two: −0.5/W, −0.5/H and the points below are exact in every dtype
+    on_edge = [(-0.5 / W, 0.375), (0.4375, -0.5 / H), (-0.5 / W, -0.5 / H)]  # x = −1; y = −1; both
+    inside = [(-0.25 / W, 0.375), (0.4375, -0.25 / H)]  # x = −0.75; y = −0.75
+    points = on_edge + inside
+    shapes, starts = level_tensors([(H, W)])
+    value = (torch.arange(32 * 3, dtype=torch.float64).reshape(1, 32, 1, 3) / 7 + 1).to(dtype)
+    loc = torch.tensor(points, dtype=dtype).reshape(1, len(points), 1, 1, 1, 2)
+    attn = torch.full((1, len(points), 1, 1, 1), 0.75, dtype=dtype)
+    leaves = [t.clone().requires_grad_(True) for t in (value, loc, attn)]
+    out = ms_deform_attn(leaves[0], shapes, starts, leaves[1], leaves[2], backend=backend)
+    upstream = torch.linspace(-1, 2, out.numel(), dtype=dtype).reshape(out.shape)
+    gv, gl, ga = torch.autograd.grad(out, leaves, upstream)
+    gl = gl.reshape(len(points), 2)
+    n_edge = len(on_edge)
+    assert torch.equal(out[0, :n_edge], torch.zeros_like(out[0, :n_edge]))
+    assert torch.equal(gl[:n_edge], torch.zeros_like(gl[:n_edge])), gl[:n_edge]
+    assert (gl[n_edge:].abs() > 0.1).any(dim=1).all(), gl[n_edge:]  # the test can see a location gradient
+    assert torch.equal(ga.reshape(-1)[:n_edge], torch.zeros(n_edge, dtype=dtype))
+    # the float64 reference's autograd is the truth for every point
+    ref = [t.detach().double().requires_grad_(True) for t in (value, loc, attn)]
+    want = torch.autograd.grad(ms_deform_attn_reference(ref[0], shapes, starts, ref[1], ref[2]), ref,
+                               upstream.double())
+    for got, w in zip((gv, gl.reshape(loc.shape), ga), want):
+        torch.testing.assert_close(got.double(), w, rtol=1e-5, atol=1e-6)
+
+
 # ------------------------------------------------------------------ gradcheck (float64)
 @pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "triton"])
 def test_gradcheck_float64(backend):

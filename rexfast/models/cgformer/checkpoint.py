@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ..backbones.swin import SwinConfig
 from ..base import state_dict_mismatch
-from ..official import read_checkpoint
+from ..official import ADVICE, given, merge_partial, read_checkpoint
 from ..text import BERT_BASE_UNCASED
 from .config import CGFormerConfig
 from .model import CGFormer
@@ -57,8 +57,9 @@ def config_from_state_dict(state: Mapping[str, Tensor], **overrides) -> CGFormer
     depths, heads and window; BERT size; token count and width; the image size
     the positional embeddings were built for. What the weights cannot tell —
     the PWAM and BERT head counts — is known for the released widths only; for
-    any other width pass ``config=`` (or ``swin=``/``bert=`` overrides) or the
-    call refuses instead of guessing."""
+    any other width pass ``config=`` or ``swin=``/``bert=`` overrides (whole, or a
+    partial dict such as ``swin={"pwam_heads": (4, 4, 4, 4)}`` completed from the
+    weights), or the call refuses instead of guessing."""
 
     def need(key):
         if key not in state:
@@ -75,17 +76,18 @@ def config_from_state_dict(state: Mapping[str, Tensor], **overrides) -> CGFormer
         heads.append(need(f"backbone.layers.{i}.blocks.0.attn.relative_position_bias_table").shape[1])
     table = need("backbone.layers.0.blocks.0.attn.relative_position_bias_table").shape[0]
     window = (int(round(math.sqrt(table))) + 1) // 2
-    if "swin" not in overrides and embed_dim not in _RELEASED_SWIN_WIDTHS:
+    if not given(overrides, "swin", "pwam_heads") and embed_dim not in _RELEASED_SWIN_WIDTHS:
         raise ValueError(
             f"cannot infer the PWAM head counts of a {embed_dim}-wide Swin from the weights (they are known only "
-            f"for the released widths {sorted(_RELEASED_SWIN_WIDTHS)}): pass config= or swin=SwinConfig(...)")
+            f"for the released widths {sorted(_RELEASED_SWIN_WIDTHS)}): {ADVICE['pwam_heads'].format(h=8)}")
     swin = SwinConfig(embed_dim=embed_dim, depths=tuple(depths), num_heads=tuple(heads), window_size=window)
+    overrides = merge_partial(overrides, "swin", swin)
 
     hidden = need("text_encoder.embeddings.word_embeddings.weight").shape[1]
-    if "bert" not in overrides and hidden not in _BERT_HEADS:
+    if not given(overrides, "bert", "num_attention_heads") and hidden not in _BERT_HEADS:
         raise ValueError(
             f"cannot infer the attention heads of a {hidden}-wide BERT from the weights (known for hidden sizes "
-            f"{sorted(_BERT_HEADS)}): pass config= or bert={{...BertConfig fields...}}")
+            f"{sorted(_BERT_HEADS)}): {ADVICE['bert_heads']}")
     layers = {int(m.group(1)) for k in state if (m := re.match(r"text_encoder\.encoder\.layer\.(\d+)\.", k))}
     bert = dict(
         BERT_BASE_UNCASED,
@@ -97,6 +99,8 @@ def config_from_state_dict(state: Mapping[str, Tensor], **overrides) -> CGFormer
         max_position_embeddings=need("text_encoder.embeddings.position_embeddings.weight").shape[0],
         type_vocab_size=need("text_encoder.embeddings.token_type_embeddings.weight").shape[0],
     )
+    overrides = merge_partial(overrides, "bert", bert)
+    bert = overrides.pop("bert", bert)
     if bert == BERT_BASE_UNCASED:
         bert = "bert-base-uncased"
     tokens = need("decoder.tokens.weight")

@@ -34,7 +34,7 @@ from torch import Tensor
 from ..backbones.resnet import BLOCKS, ResNetConfig
 from ..backbones.swin import SwinConfig
 from ..base import state_dict_mismatch
-from ..official import read_checkpoint
+from ..official import ADVICE, given, merge_partial, read_checkpoint
 from ..text import BERT_BASE_UNCASED
 from .config import ReLAConfig, rela_swin
 from .model import ReLA
@@ -70,12 +70,14 @@ def config_from_state_dict(state: Mapping[str, Tensor], **overrides) -> ReLAConf
                       for i in range(4))
         window = (int(round(math.sqrt(need("backbone.layers.0.blocks.0.attn.relative_position_bias_table")
                                       .shape[0]))) + 1) // 2
-        if "swin" not in overrides and embed not in _RELEASED_SWIN_WIDTHS:
+        if not given(overrides, "swin", "pwam_heads") and embed not in _RELEASED_SWIN_WIDTHS:
             raise ValueError(f"cannot infer the PWAM head counts of a {embed}-wide Swin from the weights (known for "
-                             f"the released widths {sorted(_RELEASED_SWIN_WIDTHS)}): pass config= or swin=SwinConfig(...)")
+                             f"the released widths {sorted(_RELEASED_SWIN_WIDTHS)}): "
+                             + ADVICE["pwam_heads"].format(h=1))
         base.update(backbone="swin", swin=SwinConfig(
             **{**vars(rela_swin("base")), "embed_dim": embed, "depths": depths, "num_heads": heads,
                "window_size": window}))
+        overrides = merge_partial(overrides, "swin", base["swin"])
     elif "backbone.stem.conv1.weight" in state:
         counts = tuple(_count(state, rf"backbone\.res{i}\.(\d+)\.") for i in range(2, 6))
         depth = next((d for d, blocks in BLOCKS.items() if blocks == counts), None)
@@ -88,9 +90,9 @@ def config_from_state_dict(state: Mapping[str, Tensor], **overrides) -> ReLAConf
         raise ValueError("cannot infer the architecture: the checkpoint has neither a Swin nor a ResNet backbone")
 
     hidden = need("text_encoder.embeddings.word_embeddings.weight").shape[1]
-    if "bert" not in overrides and hidden not in _BERT_HEADS:
-        raise ValueError(f"cannot infer the attention heads of a {hidden}-wide BERT from the weights: pass config= "
-                         "or bert={...BertConfig fields...}")
+    if not given(overrides, "bert", "num_attention_heads") and hidden not in _BERT_HEADS:
+        raise ValueError(f"cannot infer the attention heads of a {hidden}-wide BERT from the weights (known for "
+                         f"hidden sizes {sorted(_BERT_HEADS)}): {ADVICE['bert_heads']}")
     bert = dict(
         BERT_BASE_UNCASED,
         vocab_size=state["text_encoder.embeddings.word_embeddings.weight"].shape[0], hidden_size=hidden,
@@ -100,6 +102,8 @@ def config_from_state_dict(state: Mapping[str, Tensor], **overrides) -> ReLAConf
         max_position_embeddings=need("text_encoder.embeddings.position_embeddings.weight").shape[0],
         type_vocab_size=need("text_encoder.embeddings.token_type_embeddings.weight").shape[0],
     )
+    overrides = merge_partial(overrides, "bert", bert)
+    bert = overrides.pop("bert", bert)
     base["bert"] = "bert-base-uncased" if bert == BERT_BASE_UNCASED else bert
 
     p = "sem_seg_head.predictor."
@@ -107,7 +111,7 @@ def config_from_state_dict(state: Mapping[str, Tensor], **overrides) -> ReLAConf
     queries, hidden_dim = need(p + "query_feat.weight").shape
     if not {"nheads", "enc_heads", "enc_points"} <= set(overrides) and hidden_dim != _RELEASED_HIDDEN:
         raise ValueError(f"cannot infer the attention head counts of a {hidden_dim}-wide decoder from the weights "
-                         "(known for the released 256): pass config= or nheads=, enc_heads=, enc_points=")
+                         f"(known for the released 256): {ADVICE['decoder_heads']}")
     base.update(
         hidden_dim=hidden_dim, num_queries=queries, conv_dim=need(d + "adapter_1.weight").shape[0],
         mask_dim=need(d + "mask_features.weight").shape[0],

@@ -17,6 +17,7 @@ Gradients (g = d out[b,q,h,:], s = the point's bilinear sample, w_t its tap weig
     d a       = g · s
     d value_t += a · w_t · g                 (every inside tap t of every point)
     d loc_x   = W_l · a · Σ_t (∂w_t/∂x) (g · value_t),  d loc_y likewise with H_l
+                (both 0 on the half-pixel edge x = −1 or y = −1: the sample is 0 for x ≤ −1)
 None for the integer tensors.
 """
 

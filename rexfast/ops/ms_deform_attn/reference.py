@@ -20,13 +20,19 @@ Non-finite inputs and borders (every backend matches these exactly):
 
 * A tap is inside when its integer corner lies in [0, W_l−1] × [0, H_l−1]; an
   inside tap is read and multiplied by its bilinear weight even when that weight
-  is 0 (a location on a pixel centre or on the half-pixel edge x = −1 or x = W_l),
-  so a NaN or ±inf value at an inside tap makes the sample NaN/±inf (0·inf = NaN),
-  as ``grid_sample`` and the official CUDA kernel compute it. A value outside
-  every tap never matters.
+  is 0 (a location on a pixel centre, or on the half-pixel edge x = −1, whose
+  tap x = 0 has weight 0), so a NaN or ±inf value at an inside tap makes the
+  sample NaN/±inf (0·inf = NaN), as ``grid_sample`` computes it (the official
+  CUDA kernel does too, except at x = −1 or y = −1, where it reads nothing). A
+  value outside every tap never matters.
 * loc_x = 0 is x = −0.5 and loc_x = 1 is x = W_l − 0.5: half of the sample comes
   from the edge column, half is padding. x ≤ −1 or x ≥ W_l (and the same in y) is fully outside:
-  the sample is 0 and its location gradient 0.
+  the sample is 0 (for finite values) and its location gradient 0 — at x = −1
+  exactly too, where the weight-0 tap x = 0 is still read (the rule above) but
+  the sample is 0 on the whole ray x ≤ −1, so the location gradient there is the
+  left-hand derivative, 0 in both components, as in the official kernel (which
+  skips every point with x ≤ −1 or y ≤ −1); ``grid_sample`` gives the one-sided
+  right-hand derivative of the weight-0 tap instead.
 * ±inf (or huge) locations are outside the map: sample 0, location gradient 0
   (``grid_sample`` gives NaN there; the official CUDA kernel 0, as here).
 * A NaN location (x or y) samples NaN in every channel — a broken offset must not
@@ -39,7 +45,8 @@ Non-finite inputs and borders (every backend matches these exactly):
 * Gradients: d/d value at an inside tap is a·w_tap·g (finite unless a or g is not);
   d/d loc comes only from inside taps: W_l·Σ_taps (∂w_tap/∂x)·a·(g·v_tap), with the
   derivative of ⌊x⌋ taken as 0 (so at an integer x the derivative is the
-  right-hand one, as in grid_sample and the official kernel); d/d a = g·sample.
+  right-hand one, as in grid_sample and the official kernel), except at
+  x = −1 or y = −1, where d/d loc = (0, 0) (see above); d/d a = g·sample.
 """
 
 from __future__ import annotations
@@ -66,6 +73,10 @@ def sample_level(value_l: Tensor, height: int, width: int, loc: Tensor) -> Tenso
     Q, P = loc.shape[1], loc.shape[3]
     x = loc[..., 0] * width - 0.5  # (B, Q, M, P) pixel coordinates
     y = loc[..., 1] * height - 0.5
+    # On the half-pixel edge x = −1 or y = −1 the location gets no gradient (the
+    # sample is 0 for all x ≤ −1: the left-hand derivative, see the module docstring).
+    edge = (x == -1) | (y == -1)
+    x, y = torch.where(edge, x.detach(), x), torch.where(edge, y.detach(), y)
     x0, y0 = torch.floor(x), torch.floor(y)
     fx, fy = x - x0, y - y0
     # (B, M, H_l·W_l, D): one gather table per (batch, head)
@@ -167,8 +178,9 @@ def reference_backward(grad_output, value, spatial_shapes, level_start_index, sa
             gfy = gfy + torch.where(inside, (1.0 if dy else -1.0) * (wx * t), 0.0)
         sample = torch.where((torch.isnan(x) | torch.isnan(y)).unsqueeze(-1), float("nan"), sample)
         grad_attn[:, :, :, lvl] = (g * sample).sum(-1)
-        grad_loc[:, :, :, lvl, :, 0] = gfx * width
-        grad_loc[:, :, :, lvl, :, 1] = gfy * height
+        edge = (x == -1) | (y == -1)  # the half-pixel edge: no location gradient
+        grad_loc[:, :, :, lvl, :, 0] = torch.where(edge, 0.0, gfx * width)
+        grad_loc[:, :, :, lvl, :, 1] = torch.where(edge, 0.0, gfy * height)
     grad_value = grad_value.permute(0, 2, 1, 3).contiguous()
     return tuple(gr.to(dt) for gr, dt in zip((grad_value, grad_loc, grad_attn), dtypes))
 

@@ -27,7 +27,8 @@ backward, the scatter of the value gradient), with O(D) arithmetic per tap.
   every tap is also bounded by S, so unchecked bad level shapes cannot read out
   of bounds.
 * Backward, one pass over the same tiles: per point, the sample s and
-  t_c = (a·g)·v_c give d a = g·s and d loc (W_l·Σ_c ±wy_c t_c, H_l·Σ_c ±wx_c t_c);
+  t_c = (a·g)·v_c give d a = g·s and d loc (W_l·Σ_c ±wy_c t_c, H_l·Σ_c ±wx_c t_c;
+  (0, 0) on the half-pixel edge x = −1 or y = −1);
   both are per-row values stored directly. The value gradient (every inside tap
   adds w_c·a·g to the row it read) is a scatter with two modes:
     - atomics (default): ``tl.atomic_add`` of the [BLOCK_R, BLOCK_D] contributions
@@ -75,13 +76,15 @@ def _level(shapes_ptr, starts_ptr, lvl):
 
 @triton.jit
 def _corners(lx, ly, height, width, start, S):
-    """Pixel coordinates of a column of points, their corner validity and the
-    flat value rows of the four corners (0 where outside)."""
+    """Pixel coordinates of a column of points, their corner validity, the flat
+    value rows of the four corners (0 where outside), and whether the point lies
+    on the half-pixel edge x = −1 or y = −1 (no location gradient there)."""
     wf = width.to(tl.float32)
     hf = height.to(tl.float32)
     x = lx * wf - 0.5
     y = ly * hf - 0.5
     nan_loc = (x != x) | (y != y)
+    edge = (x == -1.0) | (y == -1.0)
     x0 = tl.floor(x)
     y0 = tl.floor(y)
     fx = x - x0
@@ -102,7 +105,7 @@ def _corners(lx, ly, height, width, start, S):
     i10 = in_x1 & in_y0 & (p10 >= 0) & (p10 < S)
     i01 = in_x0 & in_y1 & (p01 >= 0) & (p01 < S)
     i11 = in_x1 & in_y1 & (p11 >= 0) & (p11 < S)
-    return nan_loc, fx, fy, p00, p10, p01, p11, i00, i10, i01, i11
+    return nan_loc, edge, fx, fy, p00, p10, p01, p11, i00, i10, i01, i11
 
 
 @triton.jit
@@ -136,7 +139,7 @@ def _msda_fwd_kernel(
             lx = tl.load(loc_ptr + 2 * point, mask=mask_r, other=0.0).to(tl.float32)
             ly = tl.load(loc_ptr + 2 * point + 1, mask=mask_r, other=0.0).to(tl.float32)
             a = tl.load(attn_ptr + point, mask=mask_r, other=0.0).to(tl.float32)
-            nan_loc, fx, fy, p00, p10, p01, p11, i00, i10, i01, i11 = _corners(lx, ly, height, width, start, S)
+            nan_loc, edge, fx, fy, p00, p10, p01, p11, i00, i10, i01, i11 = _corners(lx, ly, height, width, start, S)
             w00 = tl.where(i00, (1.0 - fx) * (1.0 - fy), 0.0)
             w10 = tl.where(i10, fx * (1.0 - fy), 0.0)
             w01 = tl.where(i01, (1.0 - fx) * fy, 0.0)
@@ -197,7 +200,7 @@ def _msda_bwd_kernel(
             lx = tl.load(loc_ptr + 2 * point, mask=mask_r, other=0.0).to(tl.float32)
             ly = tl.load(loc_ptr + 2 * point + 1, mask=mask_r, other=0.0).to(tl.float32)
             a = tl.load(attn_ptr + point, mask=mask_r, other=0.0).to(tl.float32)
-            nan_loc, fx, fy, p00, p10, p01, p11, i00, i10, i01, i11 = _corners(lx, ly, height, width, start, S)
+            nan_loc, edge, fx, fy, p00, p10, p01, p11, i00, i10, i01, i11 = _corners(lx, ly, height, width, start, S)
             wx0 = tl.where(i00 | i01, 1.0 - fx, 0.0)
             wx1 = tl.where(i10 | i11, fx, 0.0)
             wy0 = tl.where(i00 | i10, 1.0 - fy, 0.0)
@@ -229,6 +232,9 @@ def _msda_bwd_kernel(
             gfy += tl.where(i10, -(wx1 * t10), 0.0)
             gfy += tl.where(i01, wx0 * t01, 0.0)
             gfy += tl.where(i11, wx1 * t11, 0.0)
+            # the half-pixel edge x = −1 or y = −1: the sample is 0 for x ≤ −1, left-hand derivative 0
+            gfx = tl.where(edge, 0.0, gfx)
+            gfy = tl.where(edge, 0.0, gfy)
             ety = grad_loc_ptr.dtype.element_ty
             tl.store(grad_loc_ptr + 2 * point, (gfx * width.to(tl.float32)).to(ety), mask=mask_r)
             tl.store(grad_loc_ptr + 2 * point + 1, (gfy * height.to(tl.float32)).to(ety), mask=mask_r)

@@ -1,0 +1,3 @@
+// cuda_sim stand-in for <cuda_fp16.h>: everything lives in cuda_sim.h.
+#pragma once
+#include "cuda_sim.h"

@@ -1,0 +1,131 @@
+"""rexfast.io's readers against files that claim more than they hold (issue 39): torch.save
+files claiming 10¹² elements, and images claiming 100,000² pixels, are refused from their
+headers, before anything is allocated. The files are the fuzz seeds in tests/fuzz/corpus/."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import resource
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from rexfast.engine.checkpoint import CheckpointError, load
+from rexfast.io import check_torch_file, load_image, safe_torch_load
+
+CORPUS = Path(__file__).resolve().parents[1] / "fuzz" / "corpus"
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@pytest.mark.parametrize("name, match", [
+    # torch allocated the 4 TB a legacy file's pickle claims before reading its 6 elements
+    ("seed-claims-1e12-elements-legacy.pt", "its storages claim 1000000000000 elements, more than the file's 355 bytes"),
+    ("seed-claims-1e12-elements.pt", "its storages claim 1000000000000 elements"),
+    # a stride-0 view: free to load, 4 TB once copied
+    ("seed-claims-1e12-element-view.pt", r"a tensor claims 1000000000000 elements \(size \[1000000, 1000000\]\)"),
+])
+def test_torch_files_claiming_1e12_elements_are_refused_before_allocation(tmp_path, name, match):
+    path = tmp_path / "last.pt"
+    path.write_bytes((CORPUS / "checkpoint" / name).read_bytes())
+    before, t = _peak_mb(), time.perf_counter()
+    with pytest.raises(ValueError, match=f"cannot read checkpoint {path}: {match}"):
+        safe_torch_load(path, "checkpoint")
+    with pytest.raises(CheckpointError, match=match):
+        load(path)
+    assert time.perf_counter() - t < 1.0 and _peak_mb() - before < 50
+
+
+def test_legit_torch_files_pass_the_check(tmp_path):
+    """Both formats, shared storages, views, an expanded buffer (BERT's position_ids) and a
+    plain dict of Python values load as before."""
+    base = torch.arange(12.0)
+    obj = {"w": base[:6].view(2, 3), "b": base[6:8], "pos": torch.arange(512).expand(1, -1),
+           "e": torch.arange(4.0).expand(3, 4), "h": torch.ones(2, dtype=torch.float16), "step": 7,
+           "nested": {"k": [1, 2.5, "x", None, (1, 2)]}, "empty": torch.zeros(0, 3)}
+    for legacy in (False, True):
+        path = tmp_path / f"ok-{legacy}.pt"
+        torch.save(obj, path, _use_new_zipfile_serialization=not legacy)
+        check_torch_file(path)
+        out = safe_torch_load(path)
+        assert torch.equal(out["pos"], obj["pos"]) and torch.equal(out["e"], obj["e"]) and out["nested"] == obj["nested"]
+
+
+def _nested_tuple_key(depth: int) -> bytes:
+    """A protocol-2 pickle of {t: 1}, t(k) = (t(k-1), t(k-1)): hashing t takes 2**depth steps."""
+    out = bytearray(b"\x80\x02}q\x00)q\x01")
+    for k in range(1, depth + 1):
+        out += b"0h" + bytes([k]) + b"h" + bytes([k]) + b"\x86q" + bytes([k + 1])
+    out += b"K\x01s."
+    return bytes(out)
+
+
+def test_torch_pickle_checks(tmp_path):
+    real = io.BytesIO()
+    torch.save({"w": torch.zeros(2)}, real)
+    src = zipfile.ZipFile(real)
+
+    def with_pickle(data: bytes) -> Path:
+        path = tmp_path / "x.pt"
+        out = io.BytesIO()
+        with zipfile.ZipFile(out, "w") as z:
+            for name in src.namelist():
+                z.writestr(name, data if name.endswith("data.pkl") else src.read(name))
+        path.write_bytes(out.getvalue())
+        return path
+
+    t = time.perf_counter()
+    with pytest.raises(ValueError, match="a dict key or set item is a tuple holding containers"):
+        safe_torch_load(with_pickle(_nested_tuple_key(100)))  # torch's own unpickler hashes it: 2**100 steps
+    assert time.perf_counter() - t < 1.0
+    with pytest.raises(ValueError, match="memo index 2147483647 at byte 3 is larger"):
+        safe_torch_load(with_pickle(b"\x80\x02]r\xff\xff\xff\x7f."))
+    with pytest.raises(ValueError, match="it holds a EXT1 opcode"):
+        safe_torch_load(with_pickle(b"\x80\x02\x82\x01."))
+    path = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr("archive/data.pkl", pickle.dumps({}, protocol=2))
+        z.writestr("archive/data/0", b"\0" * 1_000_000)  # 1 MB declared, about 1 KB stored
+    with pytest.raises(ValueError, match="its zip entries declare 10000.. bytes, more than the file's"):
+        safe_torch_load(path)
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height RGB pixels, over a few bytes of data."""
+    import struct
+    import zlib
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def test_images_over_the_pixel_limit_are_refused_from_the_header(tmp_path, monkeypatch):
+    path = tmp_path / "bomb.png"
+    path.write_bytes((CORPUS / "image" / "seed-claims-100000x100000.png").read_bytes())
+    before, t = _peak_mb(), time.perf_counter()
+    with pytest.raises(ValueError, match=f"image {path} is too large to decode: Image size .10000000000 pixels."):
+        load_image(path)  # PIL's own check comes first above 178,956,970
+    monkeypatch.setenv("REXFAST_MAX_IMAGE_PIXELS", str(10**8))
+    path.write_bytes(_png_claiming(12000, 12000))
+    with pytest.raises(ValueError, match=f"image {path} is 12000x12000 pixels, more than 100000000"):
+        load_image(path)  # below PIL's limit, above ours: refused before decoding
+    assert time.perf_counter() - t < 1.0 and _peak_mb() - before < 50
+    monkeypatch.delenv("REXFAST_MAX_IMAGE_PIXELS")
+    small = tmp_path / "small.png"
+    Image.new("RGB", (5, 4)).save(small)
+    assert load_image(small).size == (5, 4)
+    monkeypatch.setenv("REXFAST_MAX_IMAGE_PIXELS", "19")
+    with pytest.raises(ValueError, match="is 5x4 pixels, more than 19 .REXFAST_MAX_IMAGE_PIXELS."):
+        load_image(small)
+    monkeypatch.setenv("REXFAST_MAX_IMAGE_PIXELS", "20")
+    assert load_image(small).size == (5, 4)

@@ -1,0 +1,137 @@
+"""The fuzz targets of fuzz_harness: the corpus replayed in the default suite, and
+``pytest -m fuzz``, which fuzzes each target for ``REXFAST_FUZZ_SECONDS`` (default 60)
+with atheris.
+
+Default suite: every committed corpus file (the seeds, and every crash, timeout or
+out-of-memory input a fuzzer found, kept as ``crash-*``/``timeout-*``/``oom-*``) goes through
+its target under the contract once, so a fixed finding stays fixed; and the seeds are
+what fuzz_seeds.py writes.
+
+``-m fuzz``: each target in a child process under glibc's ``MALLOC_CHECK_=3`` (with
+libc_malloc_debug preloaded, which glibc >= 2.34 needs for it), so heap corruption aborts
+at the input that caused it. libFuzzer's ``-timeout`` and ``-rss_limit_mb`` bound each
+input; a crash's input is written into ``corpus/<target>/`` as a new corpus file (commit it
+and fix the reader: it then runs in the default suite). Inputs that only add coverage go
+to a working corpus under ``tests/fuzz/.work/`` (not committed), and each run's figures
+(inputs executed, coverage, corpus size) to ``tests/fuzz/.work/<target>.json``.
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import fuzz_harness
+from fuzz_harness import CORPUS, HERE, REPO, TARGETS, check_one, corpus_files
+
+WORK = HERE / ".work"
+
+
+def malloc_check_env() -> dict:
+    """glibc's heap checking: MALLOC_CHECK_=3 aborts at the first corrupted chunk; glibc >= 2.34
+    honours it only with libc_malloc_debug preloaded."""
+    env = {"MALLOC_CHECK_": "3"}
+    debug = ctypes.util.find_library("c_malloc_debug")
+    if debug:
+        env["LD_PRELOAD"] = " ".join(filter(None, [debug, os.environ.get("LD_PRELOAD", "")]))
+    return env
+
+
+# ----------------------------------------------------------------------------- default suite
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    out = {}
+    for name, target in TARGETS.items():
+        folder = tmp_path_factory.mktemp(f"fuzz-{name}")
+        target.setup(folder)
+        out[name] = folder
+    return out
+
+
+CASES = [(name, path) for name in TARGETS for path in corpus_files(name)]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("name, path", CASES, ids=[f"{n}/{p.name}" for n, p in CASES])
+def test_corpus_input_keeps_the_contract(folders, monkeypatch, name, path):
+    folder = folders[name]
+    monkeypatch.chdir(folder)  # restored after the test; a hostile `touch PWNED` would land here
+    fuzz_harness.install_guards(folder)
+    check_one(TARGETS[name], path.read_bytes(), folder)
+
+
+def test_every_target_has_seeds():
+    for name in TARGETS:
+        assert any(p.name.startswith("seed-") for p in corpus_files(name)), name
+
+
+def test_seeds_are_what_fuzz_seeds_writes(tmp_path):
+    import fuzz_seeds
+
+    fuzz_seeds.write_seeds(tmp_path)
+    for name in TARGETS:
+        made = {p.name: p.read_bytes() for p in (tmp_path / name).iterdir()}
+        committed = {p.name: p.read_bytes() for p in corpus_files(name) if p.name.startswith("seed-")}
+        assert made == committed, f"{name}: run python tests/fuzz/fuzz_seeds.py and commit the seeds"
+
+
+# ----------------------------------------------------------------------------- pytest -m fuzz
+def fuzz_seconds() -> int:
+    raw = os.environ.get("REXFAST_FUZZ_SECONDS", "60")
+    try:
+        seconds = int(raw)
+    except ValueError:
+        seconds = 0
+    if seconds < 1:
+        raise ValueError(f"REXFAST_FUZZ_SECONDS must be a whole number of seconds >= 1, got {raw!r}")
+    return seconds
+
+
+def parse_libfuzzer(log: str) -> dict:
+    """Inputs executed, coverage and corpus from libFuzzer's last status line (``#N DONE cov: …``)."""
+    status = [m for m in re.finditer(r"^#(\d+)\s+(\w+)\s+cov: (\d+) ft: (\d+) corp: (\d+)/(\S+)", log, re.M)]
+    out = {}
+    if status:
+        last = status[-1]
+        out.update(inputs=int(last.group(1)), coverage_edges=int(last.group(3)), features=int(last.group(4)),
+                   corpus_inputs=int(last.group(5)), corpus_size=last.group(6))
+    done = re.search(r"^Done (\d+) runs in (\d+) second", log, re.M)
+    if done:
+        out.update(inputs=int(done.group(1)), seconds=int(done.group(2)))
+    return out
+
+
+@pytest.mark.fuzz
+@pytest.mark.parametrize("name", list(TARGETS))
+def test_fuzz(name):
+    pytest.importorskip("atheris", reason="fuzzing needs atheris: pip install -e .[fuzz]")
+    seconds = fuzz_seconds()
+    work = WORK / name
+    work.mkdir(parents=True, exist_ok=True)
+    for path in corpus_files(name):  # the committed corpus seeds the working one
+        shutil.copyfile(path, work / path.name)
+    before = set(corpus_files(name))
+    cmd = [sys.executable, str(HERE / "fuzz_main.py"), name, f"-max_total_time={seconds}",
+           f"-timeout={int(fuzz_harness.INPUT_SECONDS)}", f"-rss_limit_mb={fuzz_harness.RSS_LIMIT_MB}",
+           "-max_len=65536", "-print_final_stats=1", f"-artifact_prefix={CORPUS / name}{os.sep}", str(work)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1", **malloc_check_env())
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=seconds + 600)
+    log = proc.stdout + proc.stderr
+    stats = dict(parse_libfuzzer(log), target=name, seconds_asked=seconds, returncode=proc.returncode)
+    new = sorted(set(corpus_files(name)) - before)
+    stats["findings"] = [p.name for p in new]
+    (WORK / f"{name}.json").write_text(json.dumps(stats, indent=1) + "\n")
+    (WORK / f"{name}.log").write_text(log)
+    assert proc.returncode == 0 and not new, (
+        f"fuzzing {name} found {len(new)} input(s) that break the contract, saved as "
+        f"{[str(p.relative_to(REPO)) for p in new]}:\n{log[-6000:]}")
+    assert stats.get("inputs", 0) > 0, log[-3000:]
