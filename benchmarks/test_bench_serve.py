@@ -19,11 +19,12 @@ wait included) as p50 / p95 / max, the burst's throughput (requests / wall time 
 the direct calls' median latency and throughput (the N pairs run in one worker thread, as the
 server runs them, before and again after the burst: the two totals are kept, a drift between
 them says the machine's load changed), the ratio of throughputs, and the direct calls' latency
-in the main thread (on a loaded 2-core machine torch's 2-thread intra-op regions in the main
-thread were measured 17x slower per call than the same calls in a worker thread: 2.3 s against
-0.13 s for the demo ReLA, so the server's threads are compared with a worker thread); with
-the machine's 1-minute load average (the benchmark machine is shared: record only on a quiet
-machine).
+in the main thread (the two differ, and not always the same way: in functional runs of the
+demo ReLA on this 2-core machine, the main thread's call took 2.3 s against 0.13 s in a worker
+thread at load ≈ 5, where torch's 2-thread intra-op regions wait for a descheduled thread, and
+19 ms against 39 ms at load ≈ 1.5; the server computes in worker threads, so its ratio is taken
+against the worker thread); with the machine's 1-minute load average (the benchmark machine is
+shared: record only on a quiet machine).
 """
 
 from __future__ import annotations
