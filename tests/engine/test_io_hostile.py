@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import pickle
 import resource
-import time
 import zipfile
 from pathlib import Path
 
@@ -35,12 +34,12 @@ def _peak_mb() -> float:
 def test_torch_files_claiming_1e12_elements_are_refused_before_allocation(tmp_path, name, match):
     path = tmp_path / "last.pt"
     path.write_bytes((CORPUS / "checkpoint" / name).read_bytes())
-    before, t = _peak_mb(), time.perf_counter()
+    before = _peak_mb()
     with pytest.raises(ValueError, match=f"cannot read checkpoint {path}: {match}"):
         safe_torch_load(path, "checkpoint")
     with pytest.raises(CheckpointError, match=match):
         load(path)
-    assert time.perf_counter() - t < 1.0 and _peak_mb() - before < 50
+    assert _peak_mb() - before < 50  # refused before allocation (speed is not asserted: shared machines)
 
 
 def test_legit_torch_files_pass_the_check(tmp_path):
@@ -81,10 +80,9 @@ def test_torch_pickle_checks(tmp_path):
         path.write_bytes(out.getvalue())
         return path
 
-    t = time.perf_counter()
     with pytest.raises(ValueError, match="a dict key or set item is a tuple holding containers"):
-        safe_torch_load(with_pickle(_nested_tuple_key(100)))  # torch's own unpickler hashes it: 2**100 steps
-    assert time.perf_counter() - t < 1.0
+        # torch's own unpickler would hash it (2**100 steps, never returning): this message is the pre-check's
+        safe_torch_load(with_pickle(_nested_tuple_key(100)))
     with pytest.raises(ValueError, match="memo index 2147483647 at byte 3 is larger"):
         safe_torch_load(with_pickle(b"\x80\x02]r\xff\xff\xff\x7f."))
     with pytest.raises(ValueError, match="it holds a EXT1 opcode"):
@@ -112,14 +110,14 @@ def _png_claiming(width: int, height: int) -> bytes:
 def test_images_over_the_pixel_limit_are_refused_from_the_header(tmp_path, monkeypatch):
     path = tmp_path / "bomb.png"
     path.write_bytes((CORPUS / "image" / "seed-claims-100000x100000.png").read_bytes())
-    before, t = _peak_mb(), time.perf_counter()
+    before = _peak_mb()
     with pytest.raises(ValueError, match=f"image {path} is too large to decode: Image size .10000000000 pixels."):
         load_image(path)  # PIL's own check comes first above 178,956,970
     monkeypatch.setenv("REXFAST_MAX_IMAGE_PIXELS", str(10**8))
     path.write_bytes(_png_claiming(12000, 12000))
     with pytest.raises(ValueError, match=f"image {path} is 12000x12000 pixels, more than 100000000"):
         load_image(path)  # below PIL's limit, above ours: refused before decoding
-    assert time.perf_counter() - t < 1.0 and _peak_mb() - before < 50
+    assert _peak_mb() - before < 50  # refused before allocation (speed is not asserted: shared machines)
     monkeypatch.delenv("REXFAST_MAX_IMAGE_PIXELS")
     small = tmp_path / "small.png"
     Image.new("RGB", (5, 4)).save(small)
