@@ -144,6 +144,10 @@ def _zip_kind(path: Path, size: int) -> str:
             names = z.namelist()
     except (zipfile.BadZipFile, OSError):
         return f"a truncated or damaged zip archive ({size:,} bytes, no zip directory at its end)"
+    except Exception as exc:  # noqa: BLE001 - zipfile also raises NotImplementedError (an unknown zip
+        # version or compression), RuntimeError, ValueError, struct.error... on a damaged directory;
+        # describe_file never raises, it says what the file is
+        return f"a damaged zip archive ({size:,} bytes; its directory cannot be read: {type(exc).__name__}: {exc})"
     if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
         return "a torch.save file"
     if "[Content_Types].xml" in names:

@@ -1,6 +1,7 @@
 """The fuzz targets of fuzz_harness: the corpus replayed in the default suite, and
 ``pytest -m fuzz``, which fuzzes each target for ``REXFAST_FUZZ_SECONDS`` (default 60)
-with atheris.
+with atheris, from libFuzzer's seed ``REXFAST_FUZZ_SEED`` when set (CI: reproducible) or a
+fresh one.
 
 Default suite: every committed corpus file (the seeds, and every crash, timeout or
 out-of-memory input a fuzzer found, kept as ``crash-*``/``timeout-*``/``oom-*``) goes through
@@ -95,6 +96,18 @@ def fuzz_seconds() -> int:
     return seconds
 
 
+def fuzz_seed() -> int | None:
+    """``REXFAST_FUZZ_SEED``: libFuzzer's ``-seed``. CI sets one, so that its run mutates the
+    same inputs in the same order every time and a finding reproduces with the same command;
+    unset, libFuzzer draws a seed (exploration: every run tries new mutations)."""
+    raw = os.environ.get("REXFAST_FUZZ_SEED", "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"REXFAST_FUZZ_SEED must be a whole number >= 1, got {raw!r}")
+    return int(raw)
+
+
 def parse_libfuzzer(log: str) -> dict:
     """Inputs executed, coverage and corpus from libFuzzer's last status line (``#N DONE cov: …``)."""
     status = [m for m in re.finditer(r"^#(\d+)\s+(\w+)\s+cov: (\d+) ft: (\d+) corp: (\d+)/(\S+)", log, re.M)]
@@ -122,11 +135,15 @@ def test_fuzz(name):
     cmd = [sys.executable, str(HERE / "fuzz_main.py"), name, f"-max_total_time={seconds}",
            f"-timeout={int(fuzz_harness.INPUT_SECONDS)}", f"-rss_limit_mb={fuzz_harness.RSS_LIMIT_MB}",
            "-max_len=65536", "-print_final_stats=1", f"-artifact_prefix={CORPUS / name}{os.sep}", str(work)]
+    seed = fuzz_seed()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1", **malloc_check_env())
+    if seed is not None:
+        cmd.insert(2, f"-seed={seed}")
+        env["PYTHONHASHSEED"] = "0"  # set and dict orders the same in every run too
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=seconds + 600)
     log = proc.stdout + proc.stderr
-    stats = dict(parse_libfuzzer(log), target=name, seconds_asked=seconds, returncode=proc.returncode)
+    stats = dict(parse_libfuzzer(log), target=name, seconds_asked=seconds, seed=seed, returncode=proc.returncode)
     new = sorted(set(corpus_files(name)) - before)
     stats["findings"] = [p.name for p in new]
     (WORK / f"{name}.json").write_text(json.dumps(stats, indent=1) + "\n")
