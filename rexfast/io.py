@@ -10,6 +10,7 @@ else 0o666 less the umask), not the temporary file's private 0o600.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -587,11 +588,33 @@ def max_image_pixels() -> int:
     return value
 
 
+class _ClampedReader(io.BufferedReader):
+    """A binary file whose ``read(n)`` asks for no more than the bytes left in it.
+
+    A decoder reads a chunk at the length its header claims, and Python allocates the
+    buffer for ``n`` bytes before it reads: a 94-byte PNG whose IDAT chunk claims
+    0xfb000025 bytes made PIL ask for 4.2 GB (a MemoryError where memory is capped, found by
+    fuzzing). Clamped, the read returns what the file has, and the decoder reports the
+    file as truncated."""
+
+    def __init__(self, path: PathLike):
+        super().__init__(io.FileIO(os.fspath(path), "rb"))
+        self._size = os.fstat(self.fileno()).st_size
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is not None and size > 0:
+            size = min(size, max(self._size - self.tell(), 0))
+            if size == 0:
+                return b""
+        return super().read(size)
+
+
 def load_image(path: PathLike) -> Image.Image:
     """An RGB PIL image; FileNotFoundError / ValueError naming the path.
 
     An image of more than :func:`max_image_pixels` pixels is refused from its header,
-    before it is decoded (a 69-byte PNG can claim 100,000 x 100,000 pixels: 30 GB as RGB)."""
+    before it is decoded (a 69-byte PNG can claim 100,000 x 100,000 pixels: 30 GB as RGB);
+    no read asks for more bytes than the file has (:class:`_ClampedReader`)."""
     import warnings
 
     path = Path(path)
@@ -603,7 +626,7 @@ def load_image(path: PathLike) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # PIL's notice at half its limit
-            with Image.open(path) as im:
+            with _ClampedReader(path) as f, Image.open(f) as im:
                 width, height = im.size
                 if width * height > limit:
                     raise ValueError(f"image {path} is {width}x{height} pixels, more than {limit} "

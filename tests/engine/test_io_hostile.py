@@ -127,3 +127,31 @@ def test_images_over_the_pixel_limit_are_refused_from_the_header(tmp_path, monke
         load_image(small)
     monkeypatch.setenv("REXFAST_MAX_IMAGE_PIXELS", "20")
     assert load_image(small).size == (5, 4)
+
+
+def test_a_chunk_claiming_4gb_is_not_allocated(tmp_path):
+    """The fuzzer's 94-byte PNG whose IDAT chunk claims 0xfb000025 bytes: PIL read the chunk at
+    its claimed length, and Python allocated 4.2 GB for it (MemoryError under a memory cap;
+    with overcommit it passes unseen). Run in a child under an address-space cap of 1 GiB
+    above its start: the read must ask only for what the file holds."""
+    import subprocess
+    import sys
+    import textwrap
+
+    path = CORPUS / "image" / "crash-idat-claims-4gb.png"
+    assert int.from_bytes(path.read_bytes()[33:37], "big") == 0xFB000025  # the chunk's claimed length
+    child = textwrap.dedent(f"""
+        import resource, os
+        from pathlib import Path
+        from rexfast.io import load_image
+        vsz = int(Path("/proc/self/statm").read_text().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        resource.setrlimit(resource.RLIMIT_AS, (vsz + (1 << 30), resource.getrlimit(resource.RLIMIT_AS)[1]))
+        try:
+            im = load_image({str(path)!r})
+            print("decoded", im.size)
+        except ValueError as exc:
+            print("refused", exc)
+    """)
+    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith(("decoded (3, 4)", "refused")), proc.stdout
