@@ -588,7 +588,7 @@ def max_image_pixels() -> int:
     return value
 
 
-class _ClampedReader(io.BufferedReader):
+class ClampedReader(io.BufferedReader):
     """A binary file whose ``read(n)`` asks for no more than the bytes left in it.
 
     A decoder reads a chunk at the length its header claims, and Python allocates the
@@ -614,7 +614,7 @@ def load_image(path: PathLike) -> Image.Image:
 
     An image of more than :func:`max_image_pixels` pixels is refused from its header,
     before it is decoded (a 69-byte PNG can claim 100,000 x 100,000 pixels: 30 GB as RGB);
-    no read asks for more bytes than the file has (:class:`_ClampedReader`)."""
+    no read asks for more bytes than the file has (:class:`ClampedReader`)."""
     import warnings
 
     path = Path(path)
@@ -626,7 +626,7 @@ def load_image(path: PathLike) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # PIL's notice at half its limit
-            with _ClampedReader(path) as f, Image.open(f) as im:
+            with ClampedReader(path) as f, Image.open(f) as im:
                 width, height = im.size
                 if width * height > limit:
                     raise ValueError(f"image {path} is {width}x{height} pixels, more than {limit} "
@@ -639,6 +639,6 @@ def load_image(path: PathLike) -> Image.Image:
         raise ValueError(f"cannot read image {path}: {e}") from None
 
 
-__all__ = ["UnsafeFileError", "safe_torch_load", "atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_write_png",
+__all__ = ["UnsafeFileError", "ClampedReader", "safe_torch_load", "atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_write_png",
            "check_output_dir", "check_output_file", "load_image", "max_image_pixels", "check_pickle", "pickle_opcodes",
            "check_torch_file", "RefusedOpcode", "HASHABLE_SCALARS", "DEFAULT_MAX_IMAGE_PIXELS"]

@@ -38,34 +38,38 @@ def open_image(path, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: Optional[str
     limit (PIL's DecompressionBombError included), or one that cannot be decoded."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    from ..io import ClampedReader
+
     shown = name or os.path.basename(os.fspath(path))
     if not os.path.isfile(path):
         raise RequestError(f"the upload {shown} did not arrive as a file: upload it again")
     if os.path.getsize(path) == 0:
         raise RequestError(f"{shown} is empty (0 bytes): upload a PNG, JPEG, WebP, BMP or GIF image")
-    try:
-        image = Image.open(path)  # reads the header only
-    except Image.DecompressionBombError as exc:
-        raise RequestError(f"{shown} is refused: it would decode to more pixels than PIL allows ({exc})") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        raise RequestError(f"{shown} is not an image this page can read: upload a PNG, JPEG, WebP, BMP or GIF "
-                           "image") from None
-    with image:
-        width, height = image.size
-        if width < 1 or height < 1:
-            raise RequestError(f"{shown} has no pixels ({width}×{height})")
-        if width * height > max_pixels:
-            raise RequestError(
-                f"{shown} is {width}×{height} = {_megapixels(width * height)}; this server takes images of at most "
-                f"{_megapixels(max_pixels)} (a decompression-bomb guard): scale it down and upload it again")
+    # no read asks for more bytes than the upload holds (a chunk may claim gigabytes)
+    with ClampedReader(path) as upload:
         try:
-            image.load()
-            oriented = ImageOps.exif_transpose(image)
-            return oriented.convert("RGB")
+            image = Image.open(upload)  # reads the header only
         except Image.DecompressionBombError as exc:
-            raise RequestError(f"{shown} is refused: {exc}") from None
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise RequestError(f"{shown} could not be decoded ({exc}): it may be truncated or damaged") from None
+            raise RequestError(f"{shown} is refused: it would decode to more pixels than PIL allows ({exc})") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+            raise RequestError(f"{shown} is not an image this page can read: upload a PNG, JPEG, WebP, BMP or GIF "
+                               "image") from None
+        with image:
+            width, height = image.size
+            if width < 1 or height < 1:
+                raise RequestError(f"{shown} has no pixels ({width}×{height})")
+            if width * height > max_pixels:
+                raise RequestError(
+                    f"{shown} is {width}×{height} = {_megapixels(width * height)}; this server takes images of at "
+                    f"most {_megapixels(max_pixels)} (a decompression-bomb guard): scale it down and upload it again")
+            try:
+                image.load()
+                oriented = ImageOps.exif_transpose(image)
+                return oriented.convert("RGB")
+            except Image.DecompressionBombError as exc:
+                raise RequestError(f"{shown} is refused: {exc}") from None
+            except (OSError, SyntaxError, ValueError) as exc:
+                raise RequestError(f"{shown} could not be decoded ({exc}): it may be truncated or damaged") from None
 
 
 def check_image_size(image, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
