@@ -16,7 +16,8 @@ to the contract of issue 39:
   would create PWNED in the target's folder, the working directory); both are checked after
   every input, and so are the audit events of starting a process.
 
-Targets (``TARGETS``): ``refer``, ``checkpoint``, ``model_folder``, ``annotations``, ``image``,
+Targets (``TARGETS``): ``refer``, ``checkpoint``, ``model_folder``, ``annotations``, ``image`` (the CLI's and the
+web page's readers),
 ``pairs``. A new target is a ``Target`` whose ``run`` writes the input where its reader expects
 the file and calls the reader, with seeds in ``fuzz_seeds.py`` and corpus files under
 ``corpus/<target>/``.
@@ -252,11 +253,17 @@ def annotations_run(data: bytes, folder: Path) -> None:
 
 # -- 5. images -------------------------------------------------------------------------------------
 def image_run(data: bytes, folder: Path) -> None:
+    """``load_image`` (the CLI's and the Python API's reader), then the web page's check of an
+    upload (``rexfast.serve.checks.open_image``: its RequestError is a ValueError)."""
     from rexfast.io import load_image
+    from rexfast.serve.checks import open_image
 
     path = folder / "image"
     path.write_bytes(data)
-    load_image(path).tobytes()
+    try:
+        load_image(path).tobytes()
+    finally:
+        open_image(path).tobytes()
 
 
 # -- 6. pairs files (JSONL / CSV) ------------------------------------------------------------------
@@ -324,7 +331,7 @@ TARGETS = {
                             "rexfast.models.rela.config", "safetensors", "json")),
     "annotations": Target("annotations", annotations_run, (ValueError,),
                           ("rexfast.data.refer", "rexfast.data.masks", "json", "pycocotools"), annotations_setup),
-    "image": Target("image", image_run, (ValueError,), ("rexfast.io", "PIL")),
+    "image": Target("image", image_run, (ValueError,), ("rexfast.io", "rexfast.serve.checks", "PIL")),
     "pairs": Target("pairs", pairs_run, (ValueError,), ("rexfast.data.pairs", "json", "csv"), pairs_setup),
 }
 

@@ -49,6 +49,7 @@ def main() -> None:
             import PIL.Image  # noqa: F401
 
             import rexfast.io  # noqa: F401
+            import rexfast.serve.checks  # noqa: F401
         elif name == "pairs":
             import csv  # noqa: F401
 
