@@ -139,7 +139,7 @@ def test_fuzz(name):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1", **malloc_check_env())
     if seed is not None:
-        cmd.insert(2, f"-seed={seed}")
+        cmd.insert(3, f"-seed={seed}")  # a libFuzzer flag, after the script and the target's name
         env["PYTHONHASHSEED"] = "0"  # set and dict orders the same in every run too
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=seconds + 600)
     log = proc.stdout + proc.stderr
@@ -148,7 +148,8 @@ def test_fuzz(name):
     stats["findings"] = [p.name for p in new]
     (WORK / f"{name}.json").write_text(json.dumps(stats, indent=1) + "\n")
     (WORK / f"{name}.log").write_text(log)
-    assert proc.returncode == 0 and not new, (
+    assert not new, (
         f"fuzzing {name} found {len(new)} input(s) that break the contract, saved as "
         f"{[str(p.relative_to(REPO)) for p in new]}:\n{log[-6000:]}")
+    assert proc.returncode == 0, f"the fuzzer of {name} exited with {proc.returncode}, no input saved:\n{log[-6000:]}"
     assert stats.get("inputs", 0) > 0, log[-3000:]
