@@ -34,9 +34,11 @@ def make_batch(b=2, size=SIZE, seed=0):
     return images, ids, mask, targets
 
 
-def tiny(seed=0, **overrides):
+def tiny(seed=0, **kwargs):
+    """The tiny preset; ``kwargs``: config fields and runtime options."""
     torch.manual_seed(seed)
-    return ReLA(ReLAConfig.tiny(**overrides))
+    options, overrides = ReLA.runtime_class.split(kwargs)
+    return ReLA(ReLAConfig.tiny(**overrides), **options)
 
 
 def perturb(model, seed=1):
@@ -352,12 +354,19 @@ def test_bad_inputs_raise_clear_errors():
 
 @pytest.mark.parametrize("field, value, expected", [
     ("no_target_if_empty", "yes", "bool"), ("no_target_if_empty", 1, "bool"),
-    ("region_masks_at_key_resolution", None, "bool"), ("num_queries", 16.0, "int"), ("dec_layers", True, "int"),
+    ("num_queries", 16.0, "int"), ("dec_layers", True, "int"),
     ("dice_weight", True, "float"), ("rla_weight", "0.1", "float"), ("decision", None, "str"),
-    ("ops_backend", 3, "str or None"), ("bert_weights", 1, "str or None")])
+    ("bert_weights", 1, "str or None")])
 def test_config_fields_of_the_wrong_kind_raise_a_type_error_naming_them(field, value, expected):
     with pytest.raises(TypeError, match=rf"^ReLAConfig\.{field} must be {expected}, got "):
         ReLAConfig.tiny(**{field: value})
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("region_masks_at_key_resolution", None, "bool"), ("ops_backend", 3, "str or None")])
+def test_runtime_options_of_the_wrong_kind_raise_a_type_error_naming_them(field, value, expected):
+    with pytest.raises(TypeError, match=rf"^ReLARuntime\.{field} must be {expected}, got "):
+        ReLA(ReLAConfig.tiny(), **{field: value})
 
 
 def test_backbone_configs_check_their_scalar_fields():

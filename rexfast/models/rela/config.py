@@ -1,14 +1,16 @@
-"""``ReLAConfig``: everything that defines a ReLA, with its presets."""
+"""``ReLAConfig``: everything that defines a ReLA, with its presets; ``ReLARuntime``: how one
+runs (not part of what it is: keyword arguments of ``ReLA(...)``)."""
 
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 from ..backbones.resnet import ResNetConfig
 from ..backbones.swin import SwinConfig, swin_config
-from ..base import ConfigBase, check_field_types
+from ..base import ConfigBase, RuntimeOptions, check_field_types
 
 BACKBONES = ("swin", "resnet")
 DECISIONS = ("released", "logits")
@@ -69,8 +71,6 @@ class ReLAConfig(ConfigBase):
     # the released optimizer trains BERT's layers 0..9 only (not its embeddings nor layers 10-11);
     # None trains all of BERT
     text_trained_layers: Optional[int] = 10
-    ops_backend: Optional[str] = None  # pin the ops' backend (reference | cpu | cuda | triton)
-    region_masks_at_key_resolution: bool = True  # exact reformulation (rexfast/models/rela/decoder.py)
 
     def __post_init__(self):
         check_field_types(self)
@@ -160,4 +160,16 @@ class ReLAConfig(ConfigBase):
         return cls(**{**base, **overrides})
 
 
-__all__ = ["ReLAConfig", "BACKBONES", "DECISIONS", "rela_swin"]
+@dataclass(frozen=True)
+class ReLARuntime(RuntimeOptions):
+    """How a ReLA runs (:class:`~rexfast.models.base.RuntimeOptions`):
+    ``ReLA(config, ops_backend="reference", region_masks_at_key_resolution=False)``.
+    ``ops_backend`` pins the backend of every op (deformable attention, region attention)."""
+
+    region_masks_at_key_resolution: bool = True  # exact reformulation (rexfast/models/rela/decoder.py)
+
+    def fused_ops(self) -> "ReLARuntime":
+        return dataclasses.replace(self, ops_backend=None, region_masks_at_key_resolution=True)
+
+
+__all__ = ["ReLAConfig", "ReLARuntime", "BACKBONES", "DECISIONS", "rela_swin"]

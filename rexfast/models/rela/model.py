@@ -20,7 +20,6 @@ mean/std on [0, 1] pixels), which is the authors' in-model normalisation
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Mapping, Optional, Sequence
 
 import torch
@@ -32,7 +31,7 @@ from ..backbones.swin import MultiModalSwinTransformer
 from ..base import Prediction, ReferringModel
 from ..explain import RegionMinimap
 from ..text import bert_config, build_bert
-from .config import ReLAConfig
+from .config import ReLAConfig, ReLARuntime
 from .decoder import ReferringDecoder
 from .losses import rela_losses
 from .pixel_decoder import PixelDecoder
@@ -63,7 +62,8 @@ class ReLA(ReferringModel):
 
     ``ReLA()`` builds the released architecture (Swin-B; random weights, BERT
     from ``config.bert_weights`` if given); ``ReLA(ReLAConfig.tiny())`` a toy;
-    ``ReLA.from_official(path)`` the authors' checkpoint.
+    ``ReLA.from_official(path)`` the authors' checkpoint. Keyword arguments are runtime
+    options (:class:`ReLARuntime`: ``ReLA(ops_backend="reference")``) or override config fields.
 
     ``forward(images, input_ids, attention_mask, targets=None)``: images
     (B, 3, H, W), H and W multiples of 32; ids / mask (B, L) (released: L = 20).
@@ -75,13 +75,11 @@ class ReLA(ReferringModel):
 
     model_type = "rela"
     config_class = ReLAConfig
+    runtime_class = ReLARuntime
 
-    def __init__(self, config: Optional[ReLAConfig] = None, **overrides):
+    def __init__(self, config: Optional[ReLAConfig] = None, **kwargs):
         super().__init__()
-        if config is None:
-            config = ReLAConfig.released(**overrides)
-        elif overrides:
-            config = dataclasses.replace(config, **overrides)
+        config, self.runtime = self._config_and_runtime(config, kwargs)
         self.config = config
         text_cfg = bert_config(config.bert)
         if config.backbone == "swin":
@@ -90,12 +88,13 @@ class ReLA(ReferringModel):
             self.backbone = ResNet(config.resnet)
         self.text_encoder = build_bert(text_cfg, config.bert_weights)
         pixel_decoder = PixelDecoder(self.backbone.num_features, config.conv_dim, config.mask_dim, config.enc_layers,
-                                     config.enc_heads, config.enc_points, config.enc_ffn, backend=config.ops_backend,
+                                     config.enc_heads, config.enc_points, config.enc_ffn, backend=self.runtime.ops_backend,
                                      mask_stride=config.mask_stride)
         predictor = ReferringDecoder(
             config.hidden_dim, config.num_queries, config.nheads, config.dim_feedforward, config.dec_layers,
             config.mask_dim, text_cfg.hidden_size, config.rla_weight,
-            region_masks_at_key_resolution=config.region_masks_at_key_resolution, backend=config.ops_backend)
+            region_masks_at_key_resolution=self.runtime.region_masks_at_key_resolution,
+            backend=self.runtime.ops_backend)
         self.sem_seg_head = ReferringHead(pixel_decoder, predictor)
 
     def fp32_modules(self) -> tuple[str, ...]:
@@ -104,13 +103,11 @@ class ReLA(ReferringModel):
         # The Swin backbone keeps its pixel-word attentions float32 (see its fp32_modules).
         return ("sem_seg_head.pixel_decoder",) + tuple(f"backbone.{name}" for name in self.backbone.fp32_modules())
 
-    def use_fused_ops(self) -> None:
-        self.config = dataclasses.replace(self.config, ops_backend=None, region_masks_at_key_resolution=True)
-        predictor = self.sem_seg_head.predictor
-        predictor.region_masks_at_key_resolution = True
+    def _apply_runtime(self) -> None:
+        self.sem_seg_head.predictor.region_masks_at_key_resolution = self.runtime.region_masks_at_key_resolution
         for module in self.modules():  # the decoder and every MSDeformAttn hold their backend
             if hasattr(module, "backend"):
-                module.backend = None
+                module.backend = self.runtime.ops_backend
 
     # -- forward ----------------------------------------------------------------
     def check_inputs(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> None:
@@ -221,4 +218,4 @@ class ReLA(ReferringModel):
         return [g for g in groups if g["params"]]
 
 
-__all__ = ["ReLA", "ReLAConfig", "ReferringHead"]
+__all__ = ["ReLA", "ReLAConfig", "ReLARuntime", "ReferringHead"]
