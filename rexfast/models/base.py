@@ -11,7 +11,7 @@ this protocol and the registry (:mod:`rexfast.models.registry`):
 ``predict(images, input_ids, attention_mask, *, sample_seeds=None)`` → :class:`Prediction`
     the mask probability (B, H, W) at the input size and the no-target
     probability (B,) — ``None`` for a model without a no-target head (then an
-    empty mask means "no target"). A model that draws noise at inference draws
+    empty mask means "no target"; with a head, where ``empty_mask_says_no_target`` says so). A model that draws noise at inference draws
     sample b's from ``sample_seeds[b]`` when given, so that a sample's answer does not
     depend on its batch (:class:`rexfast.Segmenter` passes them); others ignore them.
 ``explain(images, input_ids, attention_mask, *, sample_seeds=None)`` → (Prediction, internals)
@@ -223,9 +223,6 @@ class RuntimeOptions:
 class Prediction(NamedTuple):
     mask: Tensor  # (B, H, W) probability that a pixel belongs to the referred object(s)
     no_target: Optional[Tensor]  # (B,) probability that nothing is referred; None without a no-target head
-    # with a no-target head: an empty thresholded mask says "no target" too (the model config's
-    # no_target_if_empty; not released, the demo presets)
-    no_target_if_empty: bool = False
 
 
 class ReferringModel(nn.Module):
@@ -240,6 +237,14 @@ class ReferringModel(nn.Module):
     # weights expect, so that callers keep passing float32 NCHW images.
     input_dtype: Optional[torch.dtype] = None
     input_memory_format: Optional[torch.memory_format] = None
+
+    @property
+    def empty_mask_says_no_target(self) -> bool:
+        """Whether an empty thresholded mask also means "no target" for this model, beside its
+        no-target head (a model without a head always answers so:
+        :func:`rexfast.engine.inference.decide_no_target`). False here: the head alone decides;
+        models whose config can say otherwise (``no_target_if_empty``) override it."""
+        return False
 
     def fp32_modules(self) -> tuple[str, ...]:
         """Submodules that stay float32 under a bf16 model (see the module docstring)."""

@@ -450,7 +450,7 @@ def test_no_target_head_and_no_target_if_empty_reach_predict():
         with torch.no_grad():
             pred = model.eval().predict(images, ids, mask)
         assert (pred.no_target is not None and pred.no_target.shape == (2,)) is head
-        assert pred.no_target_if_empty is (head and flag)
+        assert model.empty_mask_says_no_target is (head and flag)
 
 
 @pytest.mark.slow

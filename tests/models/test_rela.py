@@ -149,7 +149,7 @@ def test_decision_released_ties_where_sigmoids_saturate_and_logits_does_not():
 
 def test_no_target_if_empty_is_the_demo_presets_alone_and_reaches_predict():
     """The authors' evaluator asks the no-target head alone: every released preset keeps that;
-    the demo preset also calls an empty mask "no target", and predict() says which rule holds."""
+    the demo preset also calls an empty mask "no target", and the model says which rule holds."""
     for name in ("released", "swin_tiny", "r50", "tiny"):
         assert ReLAConfig.preset(name).no_target_if_empty is False
     assert ReLAConfig.demo().no_target_if_empty is True
@@ -157,7 +157,8 @@ def test_no_target_if_empty_is_the_demo_presets_alone_and_reaches_predict():
     for flag in (False, True):
         model = tiny(no_target_if_empty=flag).eval()
         with torch.no_grad():
-            assert model.predict(images, ids, mask).no_target_if_empty is flag
+            assert model.predict(images, ids, mask).no_target.shape == (2,)
+        assert model.empty_mask_says_no_target is flag
 
 
 # Parameters the released initialisation gives no gradient at the first step

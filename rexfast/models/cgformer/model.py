@@ -419,8 +419,9 @@ class CGFormer(ReferringModel):
         evaluation computes it. Without the no-target head (the released model)
         ``no_target`` is None and an empty mask means "no target"; with it, the
         probability softmax(nt_logits)[1] (and with ``config.no_target_if_empty`` an empty
-        thresholded mask says "no target" too). ``sample_seeds``: see :meth:`forward_features`
-        (only a model with ``eval_noise`` draws noise here)."""
+        thresholded mask says "no target" too: :attr:`empty_mask_says_no_target`).
+        ``sample_seeds``: see :meth:`forward_features` (only a model with ``eval_noise`` draws
+        noise here)."""
         return self._prediction(self.forward_features(images, input_ids, attention_mask, sample_seeds=sample_seeds))
 
     def explain(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor, *,
@@ -434,8 +435,11 @@ class CGFormer(ReferringModel):
 
     def _prediction(self, out: Mapping[str, Any]) -> Prediction:
         nt = out["nt_logits"].float().softmax(-1)[:, 1] if "nt_logits" in out else None
-        return Prediction(mask=out["logits"].float().sigmoid()[:, 0], no_target=nt,
-                          no_target_if_empty=nt is not None and self.config.no_target_if_empty)
+        return Prediction(mask=out["logits"].float().sigmoid()[:, 0], no_target=nt)
+
+    @property
+    def empty_mask_says_no_target(self) -> bool:
+        return self.config.no_target_head and self.config.no_target_if_empty
 
 
 __all__ = ["CGFormer", "CGFormerConfig", "CGFormerRuntime", "CGAttention", "DProjector", "Decoder", "Fusion", "LoadLayer", "LoadToken"]

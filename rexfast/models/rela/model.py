@@ -164,7 +164,7 @@ class ReLA(ReferringModel):
         ``"logits"``: where target − background > 0, no target − target > 0). Returned as
         probabilities (softmax of the two logits) that exceed 0.5 exactly where those
         decisions pick. With ``config.no_target_if_empty`` an empty thresholded mask says "no
-        target" too (:func:`rexfast.engine.inference.predict_batch`). ReLA draws no noise at
+        target" too (:attr:`empty_mask_says_no_target`). ReLA draws no noise at
         inference: ``sample_seeds`` (the protocol's) changes nothing."""
         return self._prediction(self.forward_features(images, input_ids, attention_mask), images.shape[-2:])
 
@@ -181,8 +181,11 @@ class ReLA(ReferringModel):
         logits = F.interpolate(out["mask_logits"].float(), size=tuple(size), mode="bilinear", align_corners=False)
         nt = out["nt_logits"].float()
         return Prediction(mask=self._win_probability(logits[:, 1], logits[:, 0]),
-                          no_target=self._win_probability(nt[:, 1], nt[:, 0]),
-                          no_target_if_empty=self.config.no_target_if_empty)
+                          no_target=self._win_probability(nt[:, 1], nt[:, 0]))
+
+    @property
+    def empty_mask_says_no_target(self) -> bool:
+        return self.config.no_target_if_empty
 
     def _win_probability(self, a: Tensor, b: Tensor) -> Tensor:
         """softmax of (b, a) at a, above 0.5 exactly where class ``a`` wins by ``config.decision``
