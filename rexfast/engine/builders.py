@@ -210,13 +210,8 @@ def load_model(source, *, overrides=(), tokenizer=None, device="cpu", require_to
     return Loaded(loaded.model, cfg, loaded.tokenizer, preprocessing, loaded)
 
 
-def describe(model: torch.nn.Module) -> str:
-    params = sum(p.numel() for p in model.parameters())
-    return f"{type(model).__name__} ({params / 1e6:.2f} M parameters)"
-
-
 __all__ = [
     "build_tokenizer", "vocab_of", "tokenizer_from_vocab", "task_of", "build_dataset", "collate", "original_mask", "eval_mask",
     "original_image", "sentence_of", "generate_synthetic_data", "model_class",
-    "check_input_size", "build_model", "Loaded", "load_model", "describe",
+    "check_input_size", "build_model", "Loaded", "load_model",
 ]

@@ -44,7 +44,8 @@ class DataConfig:
     # (GT polygons rasterised at the input size, for training and evaluation) and eval_resolution=input.
     mask_resize: str = "nearest"  # nearest | polygon
     eval_resolution: str = "original"  # original | input
-    # GRES training: each no-target ref appears this many times per epoch (1: once, as released)
+    # experimental, GRES training: each no-target ref appears this many times per epoch (1: once, as released;
+    # the README measures the trade: more no-target accuracy, less target accuracy)
     no_target_repeat: int = 1
 
 

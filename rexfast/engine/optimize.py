@@ -32,7 +32,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-from typing import Optional
 
 import torch
 from torch import nn
@@ -138,12 +137,4 @@ def optimize(model: nn.Module, *, precision: str = "auto", compile: bool = False
     return opt
 
 
-def model_dtype(model: nn.Module) -> Optional[torch.dtype]:
-    """The dtype of the model's first floating parameter."""
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return None
-
-
-__all__ = ["Optimization", "model_dtype", "optimize"]
+__all__ = ["Optimization", "optimize"]

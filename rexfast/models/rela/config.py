@@ -42,7 +42,7 @@ class ReLAConfig(ConfigBase):
     enc_heads: int = 8
     enc_points: int = 4
     enc_ffn: int = 1024
-    # 4 (released): region and target masks at 1/4 of the input; 2 (not released): one more FPN
+    # 4 (released): region and target masks at 1/4 of the input; 2 (experimental, not released): one more FPN
     # step to 1/2 on an image stem (rexfast/models/rela/pixel_decoder.py). The demo preset keeps 4:
     # at 2 its target masks gain (held-out mIoU +5) but its no-target head fires less (N-acc -11 to -22)
     mask_stride: int = 4
