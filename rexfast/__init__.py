@@ -8,9 +8,8 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from . import ops  # noqa: E402
+from ._version import __version__
+from . import ops
 
 _LAZY = {name: "rexfast.models" for name in ("CGFormer", "CGFormerConfig", "ReLA", "ReLAConfig")}
 _LAZY["optimize"] = "rexfast.engine.optimize"  # imports torch only (the models load when it runs)

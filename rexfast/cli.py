@@ -434,7 +434,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train from a config file (works under torchrun for DDP)")
     p.add_argument("--config", help="YAML/JSON config (sections data, model, train): see configs/; needed unless "
                                     "--set gives the whole run")
-    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override a config value (model.FIELD also sets a runtime option, e.g. model.ops_backend="
+                        "reference). Experimental, not released and measured as a loss on the demo (README): "
+                        "model.mask_stride=2 (ReLA), data.no_target_repeat=R")
     p.add_argument("--out", help="output directory (train.out_dir)")
     p.add_argument("--resume", metavar="CKPT", help="continue exactly from a training checkpoint (last.pt)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs and CI)")

@@ -86,7 +86,7 @@ def source_fingerprint(source) -> Optional[dict]:
 def run_arguments(source, pairs: PairList, *, mask_threshold: float, no_target_threshold: float, precision: str,
                   overrides=(), tokenizer=None, save_masks: bool = False, save_overlays: bool = False) -> dict:
     """What the run file records: everything that changes a prediction or the folder's contents."""
-    from rexfast import __version__
+    from .._version import __version__
 
     local = Path(str(source))
     return {

@@ -142,7 +142,7 @@ def build_model(cfg: Config, tokenizer) -> torch.nn.Module:
     if bert is not model_cfg.bert:
         model_cfg = dataclasses.replace(model_cfg, bert=bert)
     cfg.model.config = model_cfg
-    return model_class(cfg)(model_cfg)
+    return model_class(cfg)(model_cfg, **cfg.model.runtime)
 
 
 # ----------------------------------------------------------------------------- loading a model source
@@ -200,7 +200,7 @@ def load_model(source, *, overrides=(), tokenizer=None, device="cpu", require_to
         cfg = Config.from_dict(apply_overrides(base, [o for o in overrides if not o.startswith("model.")]))
     entry_presets = type(loaded.model.config).PRESETS
     cfg.model = ModelSection(name=loaded.model.model_type, preset=loaded.preset or entry_presets[0],
-                             config=loaded.model.config)
+                             config=loaded.model.config, runtime=loaded.model.runtime.changed())
     if isinstance(tokenizer, (str, Path)):
         cfg.data.tokenizer = str(tokenizer)
     check_input_size(cfg)
@@ -210,13 +210,8 @@ def load_model(source, *, overrides=(), tokenizer=None, device="cpu", require_to
     return Loaded(loaded.model, cfg, loaded.tokenizer, preprocessing, loaded)
 
 
-def describe(model: torch.nn.Module) -> str:
-    params = sum(p.numel() for p in model.parameters())
-    return f"{type(model).__name__} ({params / 1e6:.2f} M parameters)"
-
-
 __all__ = [
     "build_tokenizer", "vocab_of", "tokenizer_from_vocab", "task_of", "build_dataset", "collate", "original_mask", "eval_mask",
     "original_image", "sentence_of", "generate_synthetic_data", "model_class",
-    "check_input_size", "build_model", "Loaded", "load_model", "describe",
+    "check_input_size", "build_model", "Loaded", "load_model",
 ]

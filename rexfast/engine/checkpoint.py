@@ -30,7 +30,7 @@ from ..models.loading import CheckpointError, read_training_checkpoint
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to ``path`` atomically (see :func:`rexfast.data.io.atomic_write`)."""
+    """``torch.save`` to ``path`` atomically (see :func:`rexfast.io.atomic_write`)."""
     return atomic_write(path, lambda f: torch.save(obj, f))
 
 

@@ -3,7 +3,8 @@
 Three sections. ``data`` and ``train`` are :class:`DataConfig` and
 :class:`TrainConfig`; ``model`` is typed by the model's own config class (from
 the model registry): ``name`` and ``preset`` pick it, every other key is a field
-of that class (e.g. ``CGFormerConfig.token_dim``), validated by it::
+of that class (e.g. ``CGFormerConfig.token_dim``), validated by it, or one of the model's
+runtime options (e.g. ``ops_backend``, :class:`rexfast.models.base.RuntimeOptions`)::
 
     model:
       name: cgformer
@@ -43,7 +44,8 @@ class DataConfig:
     # (GT polygons rasterised at the input size, for training and evaluation) and eval_resolution=input.
     mask_resize: str = "nearest"  # nearest | polygon
     eval_resolution: str = "original"  # original | input
-    # GRES training: each no-target ref appears this many times per epoch (1: once, as released)
+    # experimental, GRES training: each no-target ref appears this many times per epoch (1: once, as released;
+    # the README measures the trade: more no-target accuracy, less target accuracy)
     no_target_repeat: int = 1
 
 
@@ -88,9 +90,12 @@ class ModelSection:
     name: str
     preset: str
     config: Any  # an instance of the registered model's config class
+    # the runtime options set (rexfast.models.base.RuntimeOptions: how the model runs, e.g.
+    # ops_backend), kept beside the config fields in the run config's model section
+    runtime: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "preset": self.preset, **self.config.to_dict()}
+        return {"name": self.name, "preset": self.preset, **self.config.to_dict(), **self.runtime}
 
 
 @dataclass
@@ -142,6 +147,7 @@ def model_section(raw: dict, data: DataConfig) -> ModelSection:
     name = raw.pop("name", "cgformer")
     entry = registry.get(name)
     cls = entry.config_class
+    runtime, raw = entry.model_class.runtime_class.split(raw)
     preset = raw.pop("preset", cls.PRESETS[0])
     if preset not in cls.PRESETS:
         raise ValueError(f"config model.preset: unknown {name} preset {preset!r}; expected one of {list(cls.PRESETS)}")
@@ -149,7 +155,7 @@ def model_section(raw: dict, data: DataConfig) -> ModelSection:
     bad = set(raw) - set(fields)
     if bad:
         raise ValueError(f"unknown keys in config section 'model' for {name}: {sorted(bad)}; valid: "
-                         f"{sorted(['name', 'preset', *fields])}")
+                         f"{sorted(['name', 'preset', *fields, *entry.model_class.runtime_class.field_names()])}")
     values = {k: _coerce(v, fields[k], f"model.{k}") for k, v in raw.items()}
     if "image_size" in fields and "image_size" not in values:
         values["image_size"] = data.image_size
@@ -157,7 +163,12 @@ def model_section(raw: dict, data: DataConfig) -> ModelSection:
         config = cls.preset(preset, **values)
     except TypeError as exc:  # a field of the wrong type deep in a dataclass
         raise ValueError(f"config section 'model': {exc}") from None
-    return ModelSection(name=name, preset=preset, config=config)
+    runtime = entry.model_class.runtime_class.coerce(runtime, "model")
+    try:
+        entry.model_class.runtime_class(**runtime)  # checked now, before any long work
+    except TypeError as exc:
+        raise ValueError(f"config section 'model': {exc}") from None
+    return ModelSection(name=name, preset=preset, config=config, runtime=runtime)
 
 
 def _coerce(value: Any, annotation: str, where: str) -> Any:

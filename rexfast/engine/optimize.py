@@ -9,9 +9,10 @@ What it does to the copy (the given model is not touched: same weights, same mod
    and replaced by ``nn.Identity``: exact up to rounding, one pass over the
    activations fewer per conv.
 3. Every op on its automatically chosen (fused) backend and the models' exact fused
-   formulations (``model.use_fused_ops()``), whatever the config pinned.
+   formulations (``model.use_fused_ops()``), whatever the model's runtime options pinned.
 4. Convolution weights and the image input channels-last (NHWC), the layout oneDNN's
-   CPU convolutions compute in, so no conv reorders its input and output.
+   CPU convolutions compute in, so no conv reorders its input and output
+   (``model.use_channels_last()``).
 5. The precision (:mod:`rexfast.engine.precision`): ``bf16`` casts the weights and the
    input images to bf16 — activations then stay bf16 from end to end instead of being
    cast at every layer, as ``torch.autocast`` does — except the submodules the model
@@ -31,7 +32,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-from typing import Optional
 
 import torch
 from torch import nn
@@ -111,10 +111,7 @@ def optimize(model: nn.Module, *, precision: str = "auto", compile: bool = False
     folded = opt.fold_batchnorm()
     opt.use_fused_ops()
     if channels_last:
-        opt.to(memory_format=torch.channels_last)
-        opt.input_memory_format = torch.channels_last
-        if "channels_last" in opt.config_class.field_names():  # the model keeps its feature maps NHWC too
-            opt.config = dataclasses.replace(opt.config, channels_last=True)
+        opt.use_channels_last()
     islands: tuple[str, ...] = ()
     if dtype != torch.float32:
         islands = tuple(opt.fp32_modules())
@@ -140,12 +137,4 @@ def optimize(model: nn.Module, *, precision: str = "auto", compile: bool = False
     return opt
 
 
-def model_dtype(model: nn.Module) -> Optional[torch.dtype]:
-    """The dtype of the model's first floating parameter."""
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return None
-
-
-__all__ = ["Optimization", "model_dtype", "optimize"]
+__all__ = ["Optimization", "optimize"]

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from . import builders
-from .inference import (EMPTY_MASK, HEAD, MASK_THRESHOLD, NO_TARGET_THRESHOLD, check_threshold, predict_batch)
+from .inference import MASK_THRESHOLD, NO_TARGET_THRESHOLD, NoTargetDecision, check_threshold, predict_batch
 
 OVERLAY_COLOUR = (255, 0, 255)  # magenta: unlike any common scene colour
 
@@ -52,11 +52,10 @@ class Segmentation:
 
     ``mask``: bool (H, W) at the image's own size, empty when the answer is "no target".
     ``probability``: float32 (H, W), the model's mask probability resized to the image.
-    ``no_target``: the model says nothing in the image matches the sentence.
+    ``decision``: whether the answer is "no target", the rule that said so and why
+    (:class:`rexfast.engine.inference.NoTargetDecision`, decided once, where the model ran);
+    ``no_target`` and ``no_target_reason`` read it.
     ``no_target_prob``: the no-target head's probability (None for a model without one).
-    ``no_target_reason``: which rule said "no target": ``"head"`` (the no-target probability
-    exceeds ``no_target_threshold``) or ``"empty_mask"`` (no pixel exceeds ``mask_threshold``:
-    a model without a no-target head, or one trained with ``no_target_if_empty``); None for a target.
     ``internals``: with ``explain=True``, what the model grouped to reach this answer
     (:class:`rexfast.models.explain.TokenGrouping` for CGFormer, :class:`~rexfast.models.explain.RegionMinimap`
     for ReLA; :func:`rexfast.engine.explain_figure.explain_figure` draws it); None otherwise.
@@ -64,14 +63,26 @@ class Segmentation:
 
     mask: np.ndarray
     probability: np.ndarray
-    no_target: bool
+    decision: NoTargetDecision
     no_target_prob: Optional[float]
     text: str
-    no_target_reason: Optional[str]
     mask_threshold: float
     no_target_threshold: float
     image: object = None  # the PIL image it was computed on, when kept (overlay() draws on it)
     internals: object = None  # explain=True: the model's internals for this answer (rexfast.models.explain)
+
+    @property
+    def no_target(self) -> bool:
+        """The model says nothing in the image matches the sentence."""
+        return self.decision.no_target
+
+    @property
+    def no_target_reason(self) -> Optional[str]:
+        """Which rule said "no target": ``"head"`` (the no-target probability exceeds
+        ``no_target_threshold``) or ``"empty_mask"`` (no pixel exceeds ``mask_threshold``: a
+        model without a no-target head, or one trained with ``no_target_if_empty``); None for a
+        target."""
+        return self.decision.reason
 
     @property
     def size(self) -> tuple[int, int]:
@@ -91,16 +102,7 @@ class Segmentation:
         if not self.no_target:
             pixels = int(self.mask.sum())
             return f"{pixels} of {h * w} pixels ({100.0 * pixels / (h * w):.1f}%) match the sentence"
-        lead = "no target (nothing in the image matches the sentence; the mask is empty): "
-        if self.no_target_reason == HEAD:
-            return (f"{lead}the no-target head's probability {self.no_target_prob:.3f} exceeds the no-target "
-                    f"threshold {self.no_target_threshold:g}")
-        if self.no_target_prob is None:
-            why = "this model has no no-target head, so an empty mask is its no-target answer"
-        else:
-            why = (f"the no-target head's probability {self.no_target_prob:.3f} does not exceed the no-target "
-                   f"threshold {self.no_target_threshold:g}, but this model also says no target for an empty mask")
-        return f"{lead}no pixel's mask probability exceeds the mask threshold {self.mask_threshold:g} ({why})"
+        return f"no target (nothing in the image matches the sentence; the mask is empty): {self.decision.why}"
 
     def overlay(self, image=None, *, colour=OVERLAY_COLOUR, alpha: float = 0.6):
         """The image with the mask painted over it in ``colour`` (magenta by default) as a PIL image.
@@ -359,8 +361,8 @@ class Segmenter:
         preds = predict_batch(self.model, batch, sizes, mask_threshold=mt, no_target_threshold=nt,
                               sample_seeds=[self.seed] * len(items), explain=explain)
         return [Segmentation(mask=p.shown_mask.cpu().numpy(), probability=p.probability.cpu().numpy(),
-                             no_target=p.no_target, no_target_prob=p.no_target_prob, text=item["text"],
-                             no_target_reason=p.reason, mask_threshold=mt, no_target_threshold=nt,
+                             decision=p.decision, no_target_prob=p.no_target_prob, text=item["text"],
+                             mask_threshold=mt, no_target_threshold=nt,
                              image=item.get("original_image"), internals=p.internals)
                 for p, item in zip(preds, items)]
 

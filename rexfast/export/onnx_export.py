@@ -308,11 +308,11 @@ def metadata_props(model, image_size: tuple[int, int], mode: str, opset: int,
     what it is (rexfast version, model type and config, mode, opset), its one image size, its
     inputs and how to decode its outputs; ``extra`` adds the preprocessing the caller knows
     (image mean/std, text length, tokenizer: ``rexfast export`` adds them from the checkpoint)."""
-    import rexfast
+    from .._version import __version__
 
     h, w = image_size
     props = {
-        "rexfast_version": rexfast.__version__,
+        "rexfast_version": __version__,
         "model_type": model.model_type,
         "model_config": json.dumps(model.config.to_dict(), sort_keys=True),
         "export_mode": mode,

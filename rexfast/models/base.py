@@ -11,7 +11,7 @@ this protocol and the registry (:mod:`rexfast.models.registry`):
 ``predict(images, input_ids, attention_mask, *, sample_seeds=None)`` → :class:`Prediction`
     the mask probability (B, H, W) at the input size and the no-target
     probability (B,) — ``None`` for a model without a no-target head (then an
-    empty mask means "no target"). A model that draws noise at inference draws
+    empty mask means "no target"; with a head, where ``empty_mask_says_no_target`` says so). A model that draws noise at inference draws
     sample b's from ``sample_seeds[b]`` when given, so that a sample's answer does not
     depend on its batch (:class:`rexfast.Segmenter` passes them); others ignore them.
 ``explain(images, input_ids, attention_mask, *, sample_seeds=None)`` → (Prediction, internals)
@@ -28,9 +28,12 @@ this protocol and the registry (:mod:`rexfast.models.registry`):
     the authors' released checkpoint, architecture inferred from the weights.
 ``config``
     the model's config dataclass (``Config.preset(name)``, ``to_dict``/``from_dict``).
-``fold_batchnorm()``, ``use_fused_ops()``
+``runtime``, ``set_runtime(options)``
+    how the model runs (:class:`RuntimeOptions`: op backends, fused formulations, memory
+    layout), apart from what it is (``config``); chosen when it is built or loaded.
+``fold_batchnorm()``, ``use_fused_ops()``, ``use_channels_last()``
     what :func:`rexfast.optimize` does to its copy: BatchNorm folded into the
-    preceding convolutions; every op on its fused backend.
+    preceding convolutions; every op on its fused backend; NHWC convolutions.
 ``fp32_modules()``
     names of submodules that must compute in float32 even when the rest of the
     model runs in bf16 (:func:`rexfast.optimize`); their forward casts its inputs
@@ -168,12 +171,58 @@ def _plain(value: Any) -> Any:
     return value
 
 
+@dataclasses.dataclass(frozen=True)
+class RuntimeOptions:
+    """How a model runs, as opposed to what it is (its config): chosen when the model is built
+    or loaded — keyword arguments of the model class, of ``from_official`` and of the loader's
+    ``model_overrides`` (``--set model.OPTION=VALUE``) — and by :func:`rexfast.optimize`, the way
+    transformers picks ``attn_implementation`` at load time. Never written into ``config.json``.
+    Every option changes speed or memory layout only: outputs agree up to rounding. Each model
+    extends this class with its own options (:attr:`ReferringModel.runtime_class`).
+
+    Configs written before the options left them (``config.json`` of older model folders, the
+    run config of older training checkpoints, YAML run configs) hold them as config fields: the
+    loaders read those keys once, as options (:meth:`split`)."""
+
+    ops_backend: Optional[str] = None  # pin every op's backend (reference | cpu | cuda | triton); None: chosen per call
+
+    def __post_init__(self):
+        check_field_types(self)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def split(cls, values: Mapping) -> tuple[dict, dict]:
+        """(the options among ``values``, everything else): how a mapping that may mix options
+        with config fields (a config written before the options left the configs, ``--set``
+        overrides, keyword arguments) is read."""
+        names = set(cls.field_names())
+        return ({k: v for k, v in values.items() if k in names}, {k: v for k, v in values.items() if k not in names})
+
+    @classmethod
+    def coerce(cls, values: Mapping, where: str = "model") -> dict:
+        """``values`` coerced to the options' types (values parsed from text, e.g.
+        ``--set model.fused=false``): :func:`coerce_value`."""
+        types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+        return {k: coerce_value(v, types[k], f"{where}.{k}") for k, v in values.items()}
+
+    def changed(self) -> dict:
+        """The options that differ from their defaults (what a run config records)."""
+        default = type(self)()
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if getattr(self, f.name) != getattr(default, f.name)}
+
+    def fused_ops(self) -> "RuntimeOptions":
+        """These options with every op on its automatically chosen (fused) backend and the
+        model's exact fused formulations (what :func:`rexfast.optimize` runs)."""
+        return dataclasses.replace(self, ops_backend=None)
+
+
 class Prediction(NamedTuple):
     mask: Tensor  # (B, H, W) probability that a pixel belongs to the referred object(s)
     no_target: Optional[Tensor]  # (B,) probability that nothing is referred; None without a no-target head
-    # with a no-target head: an empty thresholded mask says "no target" too (the model config's
-    # no_target_if_empty; not released, the demo presets)
-    no_target_if_empty: bool = False
 
 
 class ReferringModel(nn.Module):
@@ -181,11 +230,21 @@ class ReferringModel(nn.Module):
 
     model_type: ClassVar[str]  # the registry name, written into model folders
     config_class: ClassVar[type]
+    runtime_class: ClassVar[type] = RuntimeOptions  # how it runs (its RuntimeOptions subclass)
+    runtime: RuntimeOptions
     input_multiple: ClassVar[int] = 32  # image height and width must be multiples of this
     # Set on an optimized copy (rexfast.optimize): the dtype / memory format its
     # weights expect, so that callers keep passing float32 NCHW images.
     input_dtype: Optional[torch.dtype] = None
     input_memory_format: Optional[torch.memory_format] = None
+
+    @property
+    def empty_mask_says_no_target(self) -> bool:
+        """Whether an empty thresholded mask also means "no target" for this model, beside its
+        no-target head (a model without a head always answers so:
+        :func:`rexfast.engine.inference.decide_no_target`). False here: the head alone decides;
+        models whose config can say otherwise (``no_target_if_empty``) override it."""
+        return False
 
     def fp32_modules(self) -> tuple[str, ...]:
         """Submodules that stay float32 under a bf16 model (see the module docstring)."""
@@ -198,13 +257,41 @@ class ReferringModel(nn.Module):
 
         return fold_batchnorm(self)
 
+    @classmethod
+    def _config_and_runtime(cls, config, kwargs: Mapping):
+        """The constructor's arguments read: (config, runtime options). ``kwargs`` holds runtime
+        options (:attr:`runtime_class`) and config field overrides; without ``config`` the
+        overrides apply to the first preset (the released architecture)."""
+        options, overrides = cls.runtime_class.split(kwargs)
+        if config is None:
+            config = cls.config_class.preset(cls.config_class.PRESETS[0], **overrides)
+        elif overrides:
+            config = dataclasses.replace(config, **overrides)
+        return config, cls.runtime_class(**options)
+
+    def set_runtime(self, runtime: RuntimeOptions) -> None:
+        """Run with other :class:`RuntimeOptions` from now on (same weights; outputs agree up to
+        rounding). Models whose submodules hold an option extend :meth:`_apply_runtime`."""
+        if not isinstance(runtime, self.runtime_class):
+            raise TypeError(f"runtime must be a {self.runtime_class.__name__}, got {type(runtime).__name__}")
+        self.runtime = runtime
+        self._apply_runtime()
+
+    def _apply_runtime(self) -> None:
+        """Hand :attr:`runtime` to the submodules that hold an option (nothing by default)."""
+
     def use_fused_ops(self) -> None:
-        """Run every op on its automatically chosen (fused) backend and take the exact
-        fused formulations, whatever the config pinned (``rexfast.optimize`` calls this
-        on its copy). Models whose submodules hold these choices extend it."""
-        fields = set(self.config_class.field_names())
-        fused = {k: v for k, v in (("ops_backend", None), ("fused", True)) if k in fields}
-        self.config = dataclasses.replace(self.config, **fused)
+        """Run every op on its automatically chosen (fused) backend and take the exact fused
+        formulations, whatever the runtime options pinned (``rexfast.optimize`` calls this on its
+        copy): :meth:`RuntimeOptions.fused_ops`."""
+        self.set_runtime(self.runtime.fused_ops())
+
+    def use_channels_last(self) -> None:
+        """Convolution weights, and the images given, channels-last (NHWC) from now on
+        (``rexfast.optimize`` calls this on its copy). Models that also keep their feature
+        maps NHWC extend it."""
+        self.to(memory_format=torch.channels_last)
+        self.input_memory_format = torch.channels_last
 
     def prepare_images(self, images: Tensor) -> Tensor:
         """The images in the dtype and memory format the (optimized) weights expect."""
@@ -237,9 +324,10 @@ class ReferringModel(nn.Module):
         model_type, fields = read_pretrained_config(directory)
         if model_type != cls.model_type:
             raise ValueError(f"{directory} holds a {model_type!r} model, not a {cls.model_type!r} ({cls.__name__})")
+        options, fields = cls.runtime_class.split(fields)  # (keys of folders written before they left the config)
         config = cls.config_class.from_dict(fields)
         state = read_pretrained_weights(directory)
-        model = cls(config)
+        model = cls(config, **cls.runtime_class.coerce(options))
         load_state_strict(model, state, directory)
         return model.eval()
 
@@ -330,5 +418,5 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-__all__ = ["ConfigBase", "Prediction", "check_field_types", "coerce_value", "ReferringModel", "count_parameters", "load_state_strict",
+__all__ = ["ConfigBase", "Prediction", "RuntimeOptions", "check_field_types", "coerce_value", "ReferringModel", "count_parameters", "load_state_strict",
            "state_dict_mismatch"]

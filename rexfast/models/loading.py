@@ -147,6 +147,16 @@ def _check_tokenizer_fits(model, tokenizer, source) -> None:
                               "it is not the vocabulary this model was trained with")
 
 
+def _runtime_options(entry, fields: Mapping, overrides: Mapping) -> tuple[dict, dict, dict]:
+    """(the model's runtime options, the stored config fields, the config overrides): the
+    options a stored config holds (one written before they left the configs: read once, as
+    options) updated by those among ``overrides``, coerced to their types."""
+    runtime = entry.model_class.runtime_class
+    stored, fields = runtime.split(fields)
+    given, overrides = runtime.split(overrides)
+    return runtime.coerce({**stored, **given}), fields, overrides
+
+
 def load_model_source(source, *, tokenizer=None, model_overrides: Optional[Mapping] = None, device="cpu",
                       require_tokenizer: bool = True, official_model: Optional[str] = None) -> LoadedModel:
     """The model of ``source`` (see the module docstring) in eval mode on ``device``, with its
@@ -155,9 +165,10 @@ def load_model_source(source, *, tokenizer=None, model_overrides: Optional[Mappi
     ``tokenizer`` (a vocab.txt, a tokenizer folder, or a loaded tokenizer) replaces the
     source's own; a released ``.pth`` and a folder without one need it, unless
     ``require_tokenizer=False`` (export feeds token ids). ``model_overrides`` replaces model
-    config fields before the weights load (e.g. ``{"eval_noise": False}``; values given as
-    text are coerced to the field's type). ``official_model`` names the model of a released
-    ``.pth`` instead of recognising it from its keys."""
+    config fields before the weights load (e.g. ``{"eval_noise": False}``) and sets runtime
+    options (e.g. ``{"ops_backend": "reference"}``, :class:`rexfast.models.base.RuntimeOptions`);
+    values given as text are coerced to the field's type. ``official_model`` names the model of
+    a released ``.pth`` instead of recognising it from its keys."""
     from . import registry
     from .base import load_state_strict
     from .official import read_checkpoint
@@ -186,8 +197,9 @@ def load_model_source(source, *, tokenizer=None, model_overrides: Optional[Mappi
     if kind in ("folder", "hub"):
         name, fields = read_pretrained_config(path)
         entry = registry.get(name)
+        options, fields, overrides = _runtime_options(entry, fields, overrides)
         config = entry.config_class.from_dict(fields).with_overrides(overrides)
-        model = entry.model_class(config)
+        model = entry.model_class(config, **options)
         load_state_strict(model, read_pretrained_weights(path), path)
         preprocessing = read_preprocessing(path)
         if preprocessing is None:
@@ -216,10 +228,11 @@ def load_model_source(source, *, tokenizer=None, model_overrides: Optional[Mappi
             fields = {k: v for k, v in run["model"].items() if k not in ("name", "preset")}
             try:
                 entry = registry.get(run["model"]["name"])
+                options, fields, overrides = _runtime_options(entry, fields, overrides)
                 config = entry.config_class.from_dict(fields).with_overrides(overrides)
             except (TypeError, ValueError) as exc:
                 raise CheckpointError(f"{path}: malformed rexfast checkpoint ({exc})") from None
-            model = entry.model_class(config)
+            model = entry.model_class(config, **options)
             try:
                 load_state_strict(model, obj["model"], path)
             except ValueError as exc:
@@ -246,7 +259,8 @@ def load_model_source(source, *, tokenizer=None, model_overrides: Optional[Mappi
                     "(the local bert-base-uncased vocab.txt or folder; Python: tokenizer=), or convert it once with "
                     "`rexfast convert --official ... --tokenizer ...` into a self-contained model folder")
             entry = registry.get(name)
-            model = entry.official_loader(state, **entry.config_class.coerce_overrides(overrides))
+            options, _, overrides = _runtime_options(entry, {}, overrides)
+            model = entry.official_loader(state, **entry.config_class.coerce_overrides(overrides), **options)
             loaded = LoadedModel(model, user_tokenizer, default_preprocessing(model.config), "official", path, given)
     _check_tokenizer_fits(loaded.model, loaded.tokenizer, given)
     loaded.model = loaded.model.to(device).eval()

@@ -24,6 +24,7 @@ import os
 from pathlib import Path
 from typing import Mapping, Optional, Union
 
+from .._version import __version__
 from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text, check_output_dir
 from .preprocessing import Preprocessing, default_preprocessing, write_preprocessing
 
@@ -65,8 +66,6 @@ def save_pretrained(model, directory: PathLike, *, tokenizer=None, preprocessing
         if value.numel() and ptr in seen:
             state[key] = value.clone()
         seen[ptr] = key
-    from .. import __version__
-
     atomic_write_bytes(directory / WEIGHTS_FILE, save(state, metadata={"format": "pt", "model_type": model.model_type}))
     atomic_write_json(directory / CONFIG_FILE,
                       {"model_type": model.model_type, "rexfast_version": __version__, **model.config.to_dict()})
@@ -88,7 +87,6 @@ def model_card(model, directory: PathLike, *, preprocessing: Preprocessing, toke
     """The folder's ``README.md``: a Hugging Face style front matter and what a user needs to
     know before using the model; nothing is stated that the caller did not pass or the model
     does not show."""
-    from .. import __version__
     from .base import count_parameters
 
     name = type(model).__name__

@@ -70,11 +70,12 @@ class _Guesser(torch.nn.Module):
     """A stand-in model with a no-target head that answers at random (seeded by its input):
     many "no target" answers keep pixels, the case where a file must keep the thresholded mask."""
 
+    empty_mask_says_no_target = False
+
     def predict(self, images, input_ids, attention_mask):
         g = torch.Generator().manual_seed(int(input_ids.sum()) + int(1000 * images.abs().sum()))
         b, _, h, w = images.shape
-        return SimpleNamespace(mask=torch.rand(b, h // 4, w // 4, generator=g), no_target=torch.rand(b, generator=g),
-                               no_target_if_empty=False)
+        return SimpleNamespace(mask=torch.rand(b, h // 4, w // 4, generator=g), no_target=torch.rand(b, generator=g))
 
 
 @pytest.mark.parametrize("dataset", ["synthetic", "synthetic_res"])

@@ -51,7 +51,9 @@ def _bicubic_align_corners(img: np.ndarray, out_h: int, out_w: int) -> np.ndarra
 
 
 class _FixedModel(torch.nn.Module):
-    """predict() returns hand-made probability maps, one per sample in order."""
+    """predict() returns hand-made probability maps, one per sample in order (no no-target head)."""
+
+    empty_mask_says_no_target = False
 
     def __init__(self, probs):
         super().__init__()
@@ -133,10 +135,10 @@ class _HeadModel(torch.nn.Module):
 
     def __init__(self, probs, nt, if_empty):
         super().__init__()
-        self.probs, self.nt, self.if_empty = probs, nt, if_empty
+        self.probs, self.nt, self.empty_mask_says_no_target = probs, nt, if_empty
 
     def predict(self, images, input_ids, attention_mask):
-        return Prediction(mask=self.probs, no_target=self.nt, no_target_if_empty=self.if_empty)
+        return Prediction(mask=self.probs, no_target=self.nt)
 
 
 @pytest.mark.parametrize("if_empty", [False, True])

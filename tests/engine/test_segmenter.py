@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from rexfast import Segmentation, Segmenter
+from rexfast.engine.inference import NoTargetDecision
 from rexfast.models.preprocessing import Preprocessing
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "red", "blue", "green", "circle", "square", "left",
@@ -149,10 +150,10 @@ def test_the_two_thresholds_decide_two_things(tokenizer):
     class Fixed(torch.nn.Module):
         def __init__(self, mask, nt, if_empty=False):
             super().__init__()
-            self.mask, self.nt, self.if_empty = mask, nt, if_empty
+            self.mask, self.nt, self.empty_mask_says_no_target = mask, nt, if_empty
 
         def predict(self, images, input_ids, attention_mask):
-            return Prediction(mask=self.mask, no_target=self.nt, no_target_if_empty=self.if_empty)
+            return Prediction(mask=self.mask, no_target=self.nt)
 
     g = torch.Generator().manual_seed(0)
     probs = torch.rand(1, 32, 32, generator=g) * 0.3  # in [0, 0.3)
@@ -171,17 +172,25 @@ def test_the_two_thresholds_decide_two_things(tokenizer):
 
 
 def test_the_explanation_names_the_rule_that_decided(tokenizer):
-    def result(reason, prob):
-        mask = np.zeros((4, 4), bool)
-        return Segmentation(mask=mask, probability=np.full((4, 4), 0.2, np.float32), no_target=reason is not None,
-                            no_target_prob=prob, text="x", no_target_reason=reason, mask_threshold=0.5,
-                            no_target_threshold=0.5)
+    """The decision is made once, with its reason (decide_no_target); the result only shows it."""
+    from rexfast.engine.inference import decide_no_target
 
-    head = result("head", 0.91).explanation
-    assert head.startswith("no target") and "no-target head's probability 0.910 exceeds the no-target threshold 0.5" in head
-    empty = result("empty_mask", 0.3).explanation
-    assert "mask threshold 0.5 " in empty and "0.300 does not exceed the no-target threshold 0.5" in empty
-    assert "no no-target head" in result("empty_mask", None).explanation
+    def result(prob, empty_rule=True):
+        mask = np.zeros((4, 4), bool)
+        decision = decide_no_target(mask_empty=True, no_target_prob=prob, no_target_threshold=0.5, mask_threshold=0.5,
+                                    empty_mask_says_no_target=empty_rule)
+        return Segmentation(mask=mask, probability=np.full((4, 4), 0.2, np.float32), decision=decision,
+                            no_target_prob=prob, text="x", mask_threshold=0.5, no_target_threshold=0.5)
+
+    head = result(0.91)
+    assert head.no_target_reason == "head" and head.explanation.startswith("no target")
+    assert "no-target head's probability 0.910 exceeds the no-target threshold 0.5" in head.explanation
+    empty = result(0.3)
+    assert empty.no_target_reason == "empty_mask" and "mask threshold 0.5 " in empty.explanation
+    assert "0.300 does not exceed the no-target threshold 0.5" in empty.explanation
+    assert "no no-target head" in result(None, empty_rule=False).explanation
+    target = result(0.3, empty_rule=False)  # the head says target and an empty mask is no answer for this model
+    assert not target.no_target and target.no_target_reason is None and target.explanation.startswith("0 of 16")
 
 
 def test_thresholds_are_defaults_of_from_pretrained_and_of_each_call(tokenizer):
@@ -204,8 +213,8 @@ def test_rle_decodes_to_the_mask_and_overlay_paints_it(tokenizer):
     mask[5:30, 3:20] = True
     mask ^= g.random((45, 37)) < 0.05  # ragged: many runs
     image = images(1)[0]
-    result = Segmentation(mask=mask, probability=mask.astype(np.float32), no_target=False, no_target_prob=0.1,
-                          text="x", no_target_reason=None, mask_threshold=0.5, no_target_threshold=0.5,
+    result = Segmentation(mask=mask, probability=mask.astype(np.float32), decision=NoTargetDecision(False, None, ""),
+                          no_target_prob=0.1, text="x", mask_threshold=0.5, no_target_threshold=0.5,
                           image=Image.fromarray(image))
     rle = result.rle()
     assert rle["size"] == [45, 37] and isinstance(rle["counts"], str)

@@ -29,9 +29,11 @@ def make_batch(b=2, h=SIZE, w=SIZE, seed=0):
     return images, input_ids, attention_mask, targets
 
 
-def tiny_model(seed=0, **overrides):
+def tiny_model(seed=0, **kwargs):
+    """The tiny preset; ``kwargs``: config fields and runtime options (``fused=False``)."""
     torch.manual_seed(seed)
-    return CGFormer(CGFormerConfig.tiny(**overrides))
+    options, overrides = CGFormer.runtime_class.split(kwargs)
+    return CGFormer(CGFormerConfig.tiny(**overrides), **options)
 
 
 def explicit_noise(model, b=2, h=SIZE, w=SIZE, seed=1):
@@ -420,9 +422,13 @@ def test_presets_and_config_dict_round_trip():
         CGFormerConfig.tiny(image_size=100)
     for field, value, expected in (("no_target_if_empty", "yes", "bool"), ("no_target_head", 1, "bool"),
                                    ("num_tokens", 2.0, "int"), ("decoder_dropout", "0.1", "float"),
-                                   ("variant", None, "str"), ("ops_backend", True, "str or None")):
+                                   ("variant", None, "str")):
         with pytest.raises(TypeError, match=rf"^CGFormerConfig\.{field} must be {expected}, got "):
             CGFormerConfig.tiny(**{field: value})
+    for field, value, expected in (("ops_backend", True, "str or None"), ("fused", "no", "bool"),
+                                   ("channels_last", 1, "bool")):
+        with pytest.raises(TypeError, match=rf"^CGFormerRuntime\.{field} must be {expected}, got "):
+            CGFormer(CGFormerConfig.tiny(), **{field: value})
 
 
 def test_no_target_head_and_no_target_if_empty_reach_predict():
@@ -444,7 +450,7 @@ def test_no_target_head_and_no_target_if_empty_reach_predict():
         with torch.no_grad():
             pred = model.eval().predict(images, ids, mask)
         assert (pred.no_target is not None and pred.no_target.shape == (2,)) is head
-        assert pred.no_target_if_empty is (head and flag)
+        assert model.empty_mask_says_no_target is (head and flag)
 
 
 @pytest.mark.slow

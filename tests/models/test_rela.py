@@ -34,9 +34,11 @@ def make_batch(b=2, size=SIZE, seed=0):
     return images, ids, mask, targets
 
 
-def tiny(seed=0, **overrides):
+def tiny(seed=0, **kwargs):
+    """The tiny preset; ``kwargs``: config fields and runtime options."""
     torch.manual_seed(seed)
-    return ReLA(ReLAConfig.tiny(**overrides))
+    options, overrides = ReLA.runtime_class.split(kwargs)
+    return ReLA(ReLAConfig.tiny(**overrides), **options)
 
 
 def perturb(model, seed=1):
@@ -147,7 +149,7 @@ def test_decision_released_ties_where_sigmoids_saturate_and_logits_does_not():
 
 def test_no_target_if_empty_is_the_demo_presets_alone_and_reaches_predict():
     """The authors' evaluator asks the no-target head alone: every released preset keeps that;
-    the demo preset also calls an empty mask "no target", and predict() says which rule holds."""
+    the demo preset also calls an empty mask "no target", and the model says which rule holds."""
     for name in ("released", "swin_tiny", "r50", "tiny"):
         assert ReLAConfig.preset(name).no_target_if_empty is False
     assert ReLAConfig.demo().no_target_if_empty is True
@@ -155,7 +157,8 @@ def test_no_target_if_empty_is_the_demo_presets_alone_and_reaches_predict():
     for flag in (False, True):
         model = tiny(no_target_if_empty=flag).eval()
         with torch.no_grad():
-            assert model.predict(images, ids, mask).no_target_if_empty is flag
+            assert model.predict(images, ids, mask).no_target.shape == (2,)
+        assert model.empty_mask_says_no_target is flag
 
 
 # Parameters the released initialisation gives no gradient at the first step
@@ -352,12 +355,19 @@ def test_bad_inputs_raise_clear_errors():
 
 @pytest.mark.parametrize("field, value, expected", [
     ("no_target_if_empty", "yes", "bool"), ("no_target_if_empty", 1, "bool"),
-    ("region_masks_at_key_resolution", None, "bool"), ("num_queries", 16.0, "int"), ("dec_layers", True, "int"),
+    ("num_queries", 16.0, "int"), ("dec_layers", True, "int"),
     ("dice_weight", True, "float"), ("rla_weight", "0.1", "float"), ("decision", None, "str"),
-    ("ops_backend", 3, "str or None"), ("bert_weights", 1, "str or None")])
+    ("bert_weights", 1, "str or None")])
 def test_config_fields_of_the_wrong_kind_raise_a_type_error_naming_them(field, value, expected):
     with pytest.raises(TypeError, match=rf"^ReLAConfig\.{field} must be {expected}, got "):
         ReLAConfig.tiny(**{field: value})
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("region_masks_at_key_resolution", None, "bool"), ("ops_backend", 3, "str or None")])
+def test_runtime_options_of_the_wrong_kind_raise_a_type_error_naming_them(field, value, expected):
+    with pytest.raises(TypeError, match=rf"^ReLARuntime\.{field} must be {expected}, got "):
+        ReLA(ReLAConfig.tiny(), **{field: value})
 
 
 def test_backbone_configs_check_their_scalar_fields():

@@ -127,15 +127,17 @@ def check_keys(model: torch.nn.Module, state: Mapping[str, Tensor]) -> dict[str,
 
 def load_official(checkpoint, config=None, **overrides):
     """Build a CGFormer for ``checkpoint`` (architecture inferred unless
-    ``config`` is given) and load it strictly. Returns the model in eval mode."""
+    ``config`` is given) and load it strictly. Returns the model in eval mode.
+    ``overrides``: config fields and runtime options (:class:`CGFormerRuntime`)."""
     state = read_checkpoint(checkpoint)
+    options, overrides = CGFormer.runtime_class.split(overrides)
     if config is None:
         config = config_from_state_dict(state, **overrides)
     elif overrides:
         import dataclasses
 
         config = dataclasses.replace(config, **overrides)
-    model = CGFormer(config)
+    model = CGFormer(config, **options)
     kept = check_keys(model, state)
     model.load_state_dict(kept, strict=True)
     return model.eval()

@@ -1,12 +1,14 @@
-"""``CGFormerConfig``: everything that defines a CGFormer, with its presets."""
+"""``CGFormerConfig``: everything that defines a CGFormer, with its presets; ``CGFormerRuntime``:
+how one runs (not part of what it is: keyword arguments of ``CGFormer(...)``)."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 from ..backbones.swin import SwinConfig, swin_config
-from ..base import ConfigBase, check_field_types
+from ..base import ConfigBase, RuntimeOptions, check_field_types
 
 VARIANTS = ("released", "paper")
 
@@ -29,9 +31,6 @@ class CGFormerConfig(ConfigBase):
     contrastive_weight: float = 0.0
     contrastive_temperature: float = 0.07
     eval_noise: bool = False  # True: Gumbel noise at eval too, like the released code
-    ops_backend: Optional[str] = None  # pin group_assign's backend (reference | cpu | cuda | triton)
-    fused: bool = True  # the exact algebraic fusions (see rexfast/models/cgformer/model.py)
-    channels_last: bool = False  # keep conv feature maps (and conv weights) in NHWC
     # The released optimizer groups (model/__init__.py: lr 1e-4 for the decoder
     # and PWAM, 5e-5 for the rest of the backbone and for BERT): learning-rate
     # factors relative to train.lr, used by CGFormer.param_groups.
@@ -109,4 +108,17 @@ class CGFormerConfig(ConfigBase):
         return cls(**{**base, **overrides})
 
 
-__all__ = ["CGFormerConfig", "VARIANTS"]
+@dataclass(frozen=True)
+class CGFormerRuntime(RuntimeOptions):
+    """How a CGFormer runs (:class:`~rexfast.models.base.RuntimeOptions`):
+    ``CGFormer(config, ops_backend="reference", fused=False)``. ``ops_backend`` pins group_assign's
+    backend."""
+
+    fused: bool = True  # the exact algebraic fusions (see rexfast/models/cgformer/model.py)
+    channels_last: bool = False  # keep conv feature maps (and conv weights) in NHWC
+
+    def fused_ops(self) -> "CGFormerRuntime":
+        return dataclasses.replace(self, ops_backend=None, fused=True)
+
+
+__all__ = ["CGFormerConfig", "CGFormerRuntime", "VARIANTS"]

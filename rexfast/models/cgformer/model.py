@@ -50,7 +50,7 @@ from ..base import Prediction, ReferringModel
 from ..explain import TokenGrouping
 from ..layers import CrossAttn, Mlp, ReluMLP, conv_bn_relu
 from ..text import bert_config, build_bert
-from .config import CGFormerConfig
+from .config import CGFormerConfig, CGFormerRuntime
 from .losses import cgformer_losses, no_target_loss
 
 
@@ -258,8 +258,9 @@ class CGFormer(ReferringModel):
 
     ``CGFormer()`` builds the released architecture (random weights; BERT from
     ``config.bert_weights`` if given); ``CGFormer(CGFormerConfig.tiny())`` a toy;
-    ``CGFormer.from_official(path)`` the released checkpoint. Keyword arguments
-    override config fields: ``CGFormer(ops_backend="reference", fused=False)``.
+    ``CGFormer.from_official(path)`` the released checkpoint. Keyword arguments are
+    runtime options (:class:`CGFormerRuntime`: ``CGFormer(ops_backend="reference", fused=False)``)
+    or override config fields (``CGFormer(num_tokens=3)``).
 
     ``forward(images, input_ids, attention_mask, targets=None)``:
         images (B, 3, H, W), H and W divisible by 32, normalised as the data
@@ -271,20 +272,25 @@ class CGFormer(ReferringModel):
 
     model_type = "cgformer"
     config_class = CGFormerConfig
+    runtime_class = CGFormerRuntime
 
-    def __init__(self, config: Optional[CGFormerConfig] = None, **overrides):
+    def __init__(self, config: Optional[CGFormerConfig] = None, **kwargs):
         super().__init__()
-        if config is None:
-            config = CGFormerConfig.released(**overrides)
-        elif overrides:
-            config = dataclasses.replace(config, **overrides)
+        config, self.runtime = self._config_and_runtime(config, kwargs)
         self.config = config
         text_cfg = bert_config(config.bert)
         self.backbone = MultiModalSwinTransformer(config.swin, text_dim=text_cfg.hidden_size)
         self.decoder = Decoder(config, self.backbone.num_features, text_cfg.hidden_size)
         self.text_encoder = build_bert(text_cfg, config.bert_weights)
-        if config.channels_last:
+        self._apply_runtime()
+
+    def _apply_runtime(self) -> None:
+        if self.runtime.channels_last:
             self.to(memory_format=torch.channels_last)
+
+    def use_channels_last(self) -> None:
+        super().use_channels_last()
+        self.set_runtime(dataclasses.replace(self.runtime, channels_last=True))  # the feature maps too
 
     def fp32_modules(self) -> tuple[str, ...]:
         # the Swin backbone's pixel-word attentions stay float32 under bf16 (see its fp32_modules)
@@ -340,21 +346,21 @@ class CGFormer(ReferringModel):
         if sample_seeds is not None and len(sample_seeds) != images.shape[0]:
             raise ValueError(f"sample_seeds needs one int per sample ({images.shape[0]}), got {len(sample_seeds)}")
         images = self.prepare_images(images)
-        cfg = self.config
+        cfg, run = self.config, self.runtime
         words = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         word_mask = attention_mask.to(words.dtype)
-        if cfg.channels_last:
+        if run.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         features = self.backbone(images, words, word_mask)
-        memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        memory_format = torch.channels_last if run.channels_last else torch.contiguous_format
         features = [f.contiguous(memory_format=memory_format) for f in features]
         noises, seeds = self._noise_plan(gumbel_noise, sample_seeds)
         if noises[0] == "per_sample":
             noises = [self._sample_noise(features, i, sample_seeds) for i in range(3)]
         elif any(isinstance(n, str) for n in noises):
             noises = [self._torch_noise(features, i) for i in range(3)]
-        logits, maps, tokens = self.decoder(features, words, word_mask, noises=noises, seeds=seeds, fused=cfg.fused,
-                                            backend=cfg.ops_backend)
+        logits, maps, tokens = self.decoder(features, words, word_mask, noises=noises, seeds=seeds, fused=run.fused,
+                                            backend=run.ops_backend)
         logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=True)
         out = {"logits": logits, "hit_maps": maps, "tokens": tokens, "words": words}
         if cfg.no_target_head:  # (B, 2): target, no target
@@ -413,8 +419,9 @@ class CGFormer(ReferringModel):
         evaluation computes it. Without the no-target head (the released model)
         ``no_target`` is None and an empty mask means "no target"; with it, the
         probability softmax(nt_logits)[1] (and with ``config.no_target_if_empty`` an empty
-        thresholded mask says "no target" too). ``sample_seeds``: see :meth:`forward_features`
-        (only a model with ``eval_noise`` draws noise here)."""
+        thresholded mask says "no target" too: :attr:`empty_mask_says_no_target`).
+        ``sample_seeds``: see :meth:`forward_features` (only a model with ``eval_noise`` draws
+        noise here)."""
         return self._prediction(self.forward_features(images, input_ids, attention_mask, sample_seeds=sample_seeds))
 
     def explain(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor, *,
@@ -428,8 +435,11 @@ class CGFormer(ReferringModel):
 
     def _prediction(self, out: Mapping[str, Any]) -> Prediction:
         nt = out["nt_logits"].float().softmax(-1)[:, 1] if "nt_logits" in out else None
-        return Prediction(mask=out["logits"].float().sigmoid()[:, 0], no_target=nt,
-                          no_target_if_empty=nt is not None and self.config.no_target_if_empty)
+        return Prediction(mask=out["logits"].float().sigmoid()[:, 0], no_target=nt)
+
+    @property
+    def empty_mask_says_no_target(self) -> bool:
+        return self.config.no_target_head and self.config.no_target_if_empty
 
 
-__all__ = ["CGFormer", "CGFormerConfig", "CGAttention", "DProjector", "Decoder", "Fusion", "LoadLayer", "LoadToken"]
+__all__ = ["CGFormer", "CGFormerConfig", "CGFormerRuntime", "CGAttention", "DProjector", "Decoder", "Fusion", "LoadLayer", "LoadToken"]

@@ -3,7 +3,7 @@
 ``checkpoint.py`` (the authors' released checkpoint format)."""
 
 from . import checkpoint  # noqa: F401 (the released format; the registry names its loader)
-from .config import ReLAConfig
+from .config import ReLAConfig, ReLARuntime
 from .model import ReLA
 
-__all__ = ["ReLA", "ReLAConfig"]
+__all__ = ["ReLA", "ReLAConfig", "ReLARuntime"]

@@ -142,15 +142,17 @@ def load_official(checkpoint, config: Optional[ReLAConfig] = None, *, honour_lan
                   **overrides) -> ReLA:
     """Build a ReLA for a released checkpoint (architecture inferred unless ``config``
     is given), load it strictly, and return it in eval mode. ``lang_weight`` keeps
-    its initial 0 unless ``honour_lang_weight`` (see the module docstring)."""
+    its initial 0 unless ``honour_lang_weight`` (see the module docstring). ``overrides``:
+    config fields and runtime options (:class:`ReLARuntime`)."""
     import dataclasses
 
     state = read_checkpoint(checkpoint)
+    options, overrides = ReLA.runtime_class.split(overrides)
     if config is None:
         config = config_from_state_dict(state, **overrides)
     elif overrides:
         config = dataclasses.replace(config, **overrides)
-    model = ReLA(config)
+    model = ReLA(config, **options)
     kept = check_keys(model, state)
     if not honour_lang_weight:
         kept[LANG_WEIGHT] = torch.zeros_like(model.state_dict()[LANG_WEIGHT])  # as the authors' loader leaves it

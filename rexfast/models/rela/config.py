@@ -1,14 +1,16 @@
-"""``ReLAConfig``: everything that defines a ReLA, with its presets."""
+"""``ReLAConfig``: everything that defines a ReLA, with its presets; ``ReLARuntime``: how one
+runs (not part of what it is: keyword arguments of ``ReLA(...)``)."""
 
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 from ..backbones.resnet import ResNetConfig
 from ..backbones.swin import SwinConfig, swin_config
-from ..base import ConfigBase, check_field_types
+from ..base import ConfigBase, RuntimeOptions, check_field_types
 
 BACKBONES = ("swin", "resnet")
 DECISIONS = ("released", "logits")
@@ -40,7 +42,7 @@ class ReLAConfig(ConfigBase):
     enc_heads: int = 8
     enc_points: int = 4
     enc_ffn: int = 1024
-    # 4 (released): region and target masks at 1/4 of the input; 2 (not released): one more FPN
+    # 4 (released): region and target masks at 1/4 of the input; 2 (experimental, not released): one more FPN
     # step to 1/2 on an image stem (rexfast/models/rela/pixel_decoder.py). The demo preset keeps 4:
     # at 2 its target masks gain (held-out mIoU +5) but its no-target head fires less (N-acc -11 to -22)
     mask_stride: int = 4
@@ -69,8 +71,6 @@ class ReLAConfig(ConfigBase):
     # the released optimizer trains BERT's layers 0..9 only (not its embeddings nor layers 10-11);
     # None trains all of BERT
     text_trained_layers: Optional[int] = 10
-    ops_backend: Optional[str] = None  # pin the ops' backend (reference | cpu | cuda | triton)
-    region_masks_at_key_resolution: bool = True  # exact reformulation (rexfast/models/rela/decoder.py)
 
     def __post_init__(self):
         check_field_types(self)
@@ -160,4 +160,16 @@ class ReLAConfig(ConfigBase):
         return cls(**{**base, **overrides})
 
 
-__all__ = ["ReLAConfig", "BACKBONES", "DECISIONS", "rela_swin"]
+@dataclass(frozen=True)
+class ReLARuntime(RuntimeOptions):
+    """How a ReLA runs (:class:`~rexfast.models.base.RuntimeOptions`):
+    ``ReLA(config, ops_backend="reference", region_masks_at_key_resolution=False)``.
+    ``ops_backend`` pins the backend of every op (deformable attention, region attention)."""
+
+    region_masks_at_key_resolution: bool = True  # exact reformulation (rexfast/models/rela/decoder.py)
+
+    def fused_ops(self) -> "ReLARuntime":
+        return dataclasses.replace(self, ops_backend=None, region_masks_at_key_resolution=True)
+
+
+__all__ = ["ReLAConfig", "ReLARuntime", "BACKBONES", "DECISIONS", "rela_swin"]

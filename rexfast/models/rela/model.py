@@ -20,7 +20,6 @@ mean/std on [0, 1] pixels), which is the authors' in-model normalisation
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Mapping, Optional, Sequence
 
 import torch
@@ -32,7 +31,7 @@ from ..backbones.swin import MultiModalSwinTransformer
 from ..base import Prediction, ReferringModel
 from ..explain import RegionMinimap
 from ..text import bert_config, build_bert
-from .config import ReLAConfig
+from .config import ReLAConfig, ReLARuntime
 from .decoder import ReferringDecoder
 from .losses import rela_losses
 from .pixel_decoder import PixelDecoder
@@ -63,7 +62,8 @@ class ReLA(ReferringModel):
 
     ``ReLA()`` builds the released architecture (Swin-B; random weights, BERT
     from ``config.bert_weights`` if given); ``ReLA(ReLAConfig.tiny())`` a toy;
-    ``ReLA.from_official(path)`` the authors' checkpoint.
+    ``ReLA.from_official(path)`` the authors' checkpoint. Keyword arguments are runtime
+    options (:class:`ReLARuntime`: ``ReLA(ops_backend="reference")``) or override config fields.
 
     ``forward(images, input_ids, attention_mask, targets=None)``: images
     (B, 3, H, W), H and W multiples of 32; ids / mask (B, L) (released: L = 20).
@@ -75,13 +75,11 @@ class ReLA(ReferringModel):
 
     model_type = "rela"
     config_class = ReLAConfig
+    runtime_class = ReLARuntime
 
-    def __init__(self, config: Optional[ReLAConfig] = None, **overrides):
+    def __init__(self, config: Optional[ReLAConfig] = None, **kwargs):
         super().__init__()
-        if config is None:
-            config = ReLAConfig.released(**overrides)
-        elif overrides:
-            config = dataclasses.replace(config, **overrides)
+        config, self.runtime = self._config_and_runtime(config, kwargs)
         self.config = config
         text_cfg = bert_config(config.bert)
         if config.backbone == "swin":
@@ -90,12 +88,13 @@ class ReLA(ReferringModel):
             self.backbone = ResNet(config.resnet)
         self.text_encoder = build_bert(text_cfg, config.bert_weights)
         pixel_decoder = PixelDecoder(self.backbone.num_features, config.conv_dim, config.mask_dim, config.enc_layers,
-                                     config.enc_heads, config.enc_points, config.enc_ffn, backend=config.ops_backend,
+                                     config.enc_heads, config.enc_points, config.enc_ffn, backend=self.runtime.ops_backend,
                                      mask_stride=config.mask_stride)
         predictor = ReferringDecoder(
             config.hidden_dim, config.num_queries, config.nheads, config.dim_feedforward, config.dec_layers,
             config.mask_dim, text_cfg.hidden_size, config.rla_weight,
-            region_masks_at_key_resolution=config.region_masks_at_key_resolution, backend=config.ops_backend)
+            region_masks_at_key_resolution=self.runtime.region_masks_at_key_resolution,
+            backend=self.runtime.ops_backend)
         self.sem_seg_head = ReferringHead(pixel_decoder, predictor)
 
     def fp32_modules(self) -> tuple[str, ...]:
@@ -104,13 +103,11 @@ class ReLA(ReferringModel):
         # The Swin backbone keeps its pixel-word attentions float32 (see its fp32_modules).
         return ("sem_seg_head.pixel_decoder",) + tuple(f"backbone.{name}" for name in self.backbone.fp32_modules())
 
-    def use_fused_ops(self) -> None:
-        self.config = dataclasses.replace(self.config, ops_backend=None, region_masks_at_key_resolution=True)
-        predictor = self.sem_seg_head.predictor
-        predictor.region_masks_at_key_resolution = True
+    def _apply_runtime(self) -> None:
+        self.sem_seg_head.predictor.region_masks_at_key_resolution = self.runtime.region_masks_at_key_resolution
         for module in self.modules():  # the decoder and every MSDeformAttn hold their backend
             if hasattr(module, "backend"):
-                module.backend = None
+                module.backend = self.runtime.ops_backend
 
     # -- forward ----------------------------------------------------------------
     def check_inputs(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> None:
@@ -167,7 +164,7 @@ class ReLA(ReferringModel):
         ``"logits"``: where target − background > 0, no target − target > 0). Returned as
         probabilities (softmax of the two logits) that exceed 0.5 exactly where those
         decisions pick. With ``config.no_target_if_empty`` an empty thresholded mask says "no
-        target" too (:func:`rexfast.engine.inference.predict_batch`). ReLA draws no noise at
+        target" too (:attr:`empty_mask_says_no_target`). ReLA draws no noise at
         inference: ``sample_seeds`` (the protocol's) changes nothing."""
         return self._prediction(self.forward_features(images, input_ids, attention_mask), images.shape[-2:])
 
@@ -184,8 +181,11 @@ class ReLA(ReferringModel):
         logits = F.interpolate(out["mask_logits"].float(), size=tuple(size), mode="bilinear", align_corners=False)
         nt = out["nt_logits"].float()
         return Prediction(mask=self._win_probability(logits[:, 1], logits[:, 0]),
-                          no_target=self._win_probability(nt[:, 1], nt[:, 0]),
-                          no_target_if_empty=self.config.no_target_if_empty)
+                          no_target=self._win_probability(nt[:, 1], nt[:, 0]))
+
+    @property
+    def empty_mask_says_no_target(self) -> bool:
+        return self.config.no_target_if_empty
 
     def _win_probability(self, a: Tensor, b: Tensor) -> Tensor:
         """softmax of (b, a) at a, above 0.5 exactly where class ``a`` wins by ``config.decision``
@@ -221,4 +221,4 @@ class ReLA(ReferringModel):
         return [g for g in groups if g["params"]]
 
 
-__all__ = ["ReLA", "ReLAConfig", "ReferringHead"]
+__all__ = ["ReLA", "ReLAConfig", "ReLARuntime", "ReferringHead"]
