@@ -18,7 +18,7 @@ import pickle
 import re
 import tempfile
 from pathlib import Path
-from typing import Callable, IO, Union
+from typing import Callable, IO, NamedTuple, Optional, Union
 
 from PIL import Image, UnidentifiedImageError
 
@@ -609,14 +609,54 @@ class ClampedReader(io.BufferedReader):
         return super().read(size)
 
 
-def load_image(path: PathLike) -> Image.Image:
-    """An RGB PIL image; FileNotFoundError / ValueError naming the path.
+# How much larger than the model's input side a JPEG decoded at reduced size must stay: the
+# decoder's 1/2, 1/4, 1/8 scaling is a block average, and the bilinear resize to the input
+# (an antialiasing triangle filter, as wide as the reduction) smooths over what remains.
+# At 2x, the model input from a reduced decode differs from the full decode's by at most 4/255
+# on photo-like images, and the masks agree about as well as after re-saving the photo at JPEG
+# quality 95 (README, "Large JPEGs"; tests/engine/test_large_jpegs.py).
+DRAFT_MARGIN = 2
 
-    An image of more than :func:`max_image_pixels` pixels is refused from its header,
-    before it is decoded (a 69-byte PNG can claim 100,000 x 100,000 pixels: 30 GB as RGB);
-    no read asks for more bytes than the file has (:class:`ClampedReader`)."""
+
+class DecodedImage(NamedTuple):
+    """An image as :func:`decode_image` read it.
+
+    ``image``: the RGB PIL image, possibly decoded at a reduced size;
+    ``original_size``: (width, height) of the image in the file (its header);
+    ``box``: (left, upper, right, lower) of the region of ``image`` that the file's full
+    image covers, in ``image``'s pixels (``image.resize(size, box=box)`` lines the reduced
+    image up with the full one exactly: the decoder rounds a partial 8-pixel block up to a
+    whole output pixel); None when ``image`` is the full image."""
+
+    image: Image.Image
+    original_size: tuple
+    box: Optional[tuple] = None
+
+    @property
+    def reduced(self) -> bool:
+        """True when the image was decoded at a reduced size."""
+        return self.box is not None
+
+
+def decode_image(path: PathLike, *, min_side: Optional[int] = None) -> DecodedImage:
+    """Read an image file, a JPEG at a reduced size where the use needs far fewer pixels.
+
+    With ``min_side``, a JPEG of at least ``2 * min_side`` pixels on each side is decoded at
+    the smallest of the decoder's scales 1/2, 1/4, 1/8 that keeps every side at least
+    ``min_side`` (PIL's ``Image.draft``: the scaled inverse DCT, which never builds the full
+    image; a 12000x9000 JPEG is 324 MB decoded in full, 5 MB at 1/8). Every other format, and
+    every call without ``min_side``, decodes in full. ``original_size`` is always the file's own
+    size, so a caller can answer at the full size.
+
+    The pixel limit (:func:`max_image_pixels`) applies to the size in the header, before
+    anything is decoded, and no read asks for more bytes than the file has
+    (:class:`ClampedReader`). FileNotFoundError / ValueError naming the path."""
     import warnings
 
+    from PIL import JpegImagePlugin
+
+    if min_side is not None and (isinstance(min_side, bool) or not isinstance(min_side, int) or min_side < 1):
+        raise ValueError(f"min_side must be a positive int or None, got {min_side!r}")
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"image {path} is a folder, not an image file")
@@ -631,14 +671,31 @@ def load_image(path: PathLike) -> Image.Image:
                 if width * height > limit:
                     raise ValueError(f"image {path} is {width}x{height} pixels, more than {limit} "
                                      "(REXFAST_MAX_IMAGE_PIXELS)")
+                box = None
+                if (min_side is not None and isinstance(im, JpegImagePlugin.JpegImageFile)
+                        and min(width, height) >= 2 * min_side):
+                    # draft picks the largest scale s in (8, 4, 2) with s <= min(width, height) // min_side;
+                    # None where it cannot scale (a JPEG of several tiles)
+                    drafted = im.draft("RGB", (min_side, min_side))
+                    if drafted is not None and im.size != (width, height):
+                        box = tuple(drafted[1])
                 im.load()
-                return im.convert("RGB")
+                return DecodedImage(im.convert("RGB"), (width, height), box)
     except Image.DecompressionBombError as e:  # PIL's own check, at the open
         raise ValueError(f"image {path} is too large to decode: {e}") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from None
 
 
+def load_image(path: PathLike) -> Image.Image:
+    """An RGB PIL image, decoded in full; FileNotFoundError / ValueError naming the path.
+
+    An image of more than :func:`max_image_pixels` pixels is refused from its header,
+    before it is decoded (a 69-byte PNG can claim 100,000 x 100,000 pixels: 30 GB as RGB);
+    no read asks for more bytes than the file has (:class:`ClampedReader`)."""
+    return decode_image(path).image
+
+
 __all__ = ["UnsafeFileError", "ClampedReader", "safe_torch_load", "atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_write_png",
-           "check_output_dir", "check_output_file", "load_image", "max_image_pixels", "check_pickle", "pickle_opcodes",
+           "check_output_dir", "check_output_file", "load_image", "decode_image", "DecodedImage", "DRAFT_MARGIN", "max_image_pixels", "check_pickle", "pickle_opcodes",
            "check_torch_file", "RefusedOpcode", "HASHABLE_SCALARS", "DEFAULT_MAX_IMAGE_PIXELS"]

@@ -71,11 +71,14 @@ def check_image_size(image, what: str = "image") -> None:
                          "nearly uniform field once resized to its input)")
 
 
-def preprocess_image(image, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+def preprocess_image(image, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, *, box=None) -> torch.Tensor:
     """float32 (3, size, size): PIL bilinear resize, [0, 1] scaling, normalisation by
     ``mean`` and ``std`` (ImageNet's unless a model folder's preprocessor says otherwise).
 
-    ``image`` is a PIL image or a uint8 (H, W, 3) array.
+    ``image`` is a PIL image or a uint8 (H, W, 3) array. PIL's bilinear resize is a
+    triangle filter as wide as the reduction (it antialiases), so a downscale averages
+    every source pixel. ``box``: the region of ``image`` to resize (PIL's ``resize(box=)``),
+    for a JPEG decoded at reduced size (:class:`rexfast.io.DecodedImage`).
     """
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
@@ -84,7 +87,8 @@ def preprocess_image(image, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> 
     elif not isinstance(image, Image.Image):
         raise TypeError(f"image must be a PIL image or a uint8 array, got {type(image).__name__}")
     size = int(size)
-    resized = np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.float32) / 255.0
+    resized = np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR, box=box),
+                         dtype=np.float32) / 255.0
     mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     return ((torch.from_numpy(resized).permute(2, 0, 1) - mean_t) / std_t).contiguous()
@@ -264,6 +268,9 @@ class ReferringDataset:
         info = self.index.image_info(ref)
         height, width = int(info["height"]), int(info["width"])
         path = self.image_path(ref)
+        # decoded in full, never at a reduced size (rexfast.io.decode_image's min_side, which the
+        # Segmenter uses for large JPEGs): training and evaluation see the pixels the authors' pipelines
+        # saw, so scores stay comparable with the published ones
         image = load_image(path)
         if image.size != (width, height):
             raise ValueError(f"image {path} is {image.size[0]}x{image.size[1]} (WxH) but its annotations say "
