@@ -52,7 +52,7 @@ import torch
 from ..data.pairs import PairList
 from ..data.predictions import (PREDICTIONS_FILE, JsonlAppender, error_record, prediction_record, record_line,
                                 scan_jsonl)
-from ..io import atomic_write, atomic_write_json, atomic_write_png, check_output_dir, load_image
+from ..io import atomic_write, atomic_write_json, atomic_write_png, check_output_dir
 
 __all__ = ["RUN_FILE", "BatchSummary", "run_arguments", "file_stems", "predict_pairs", "source_fingerprint"]
 
@@ -237,7 +237,9 @@ class _PairInputs(torch.utils.data.Dataset):
         if pair.error is not None:
             return {"k": k, "error": pair.error}
         try:
-            inputs = self.processor(load_image(pair.image), pair.text, keep_image=self.keep_image)
+            # the path, not a decoded image: the processor decodes a large JPEG at a reduced size
+            # unless the overlay needs the full image (keep_image)
+            inputs = self.processor(pair.image, pair.text, keep_image=self.keep_image)
         except (OSError, ValueError, TypeError) as exc:  # deleted or corrupt since the up-front check
             return {"k": k, "error": str(exc) or type(exc).__name__}
         return {"k": k, "inputs": inputs}

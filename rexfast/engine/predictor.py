@@ -56,7 +56,9 @@ def predict_to_files(checkpoint_path, image_path, text, *, out_dir=".", mask_thr
     mask_threshold = check_threshold(mask_threshold, "--mask-threshold")
     no_target_threshold = check_threshold(no_target_threshold, "--no-target-threshold")
     out = check_output_dir(out_dir, "--out-dir")
-    image = load_image(image_path)  # fail fast, before loading the model
+    # fail fast, before loading the model; decoded in full (not at a reduced size, as a Segmenter
+    # does for a large JPEG given as a path) because the overlay is drawn on the full image
+    image = load_image(image_path)
     check_image_size(image, f"image {image_path}")
     segmenter = Segmenter.from_pretrained(checkpoint_path, device=device, tokenizer=tokenizer, overrides=overrides,
                                           precision=precision, compile=compile)

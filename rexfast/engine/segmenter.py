@@ -68,7 +68,9 @@ class Segmentation:
     text: str
     mask_threshold: float
     no_target_threshold: float
-    image: object = None  # the PIL image it was computed on, when kept (overlay() draws on it)
+    # the PIL image it was computed on, when kept (overlay() draws on it); for a large JPEG given as a
+    # path and decoded at reduced size for the model, its path (overlay() decodes it in full when asked)
+    image: object = None
     internals: object = None  # explain=True: the model's internals for this answer (rexfast.models.explain)
 
     @property
@@ -194,9 +196,18 @@ class Processor:
     ``processor(image, text)`` → ``{"image": float32 (3, S, S), "input_ids": int64 (L,),
     "attention_mask": int64 (L,), "original_size": (h, w), "text": text}``; with
     ``keep_image=True`` also ``"original_image"`` (the RGB PIL image, for overlays).
-    ``S`` and ``L`` are the preprocessing's ``image_size`` and ``max_tokens``."""
+    ``S`` and ``L`` are the preprocessing's ``image_size`` and ``max_tokens``.
 
-    def __init__(self, tokenizer, preprocessing):
+    A JPEG given as a path and at least ``4 S`` pixels on each side is decoded at a reduced
+    size (the decoder's 1/2, 1/4 or 1/8 scale that keeps at least ``2 S`` =
+    :data:`rexfast.io.DRAFT_MARGIN` ``S`` per side, :func:`rexfast.io.decode_image`): the model
+    sees the image resized to ``S`` either way, and the reduced decode gives nearly the same
+    input (README, "Large JPEGs") in a fraction of the time and memory. ``original_size`` is
+    still the file's own size, so masks come back at the full size. ``keep_image=True`` (the
+    image itself is wanted, for an overlay) and ``reduce_large_jpegs=False`` decode in full.
+    Images given as PIL images or arrays are used as they are."""
+
+    def __init__(self, tokenizer, preprocessing, *, reduce_large_jpegs: bool = True):
         from rexfast.models.preprocessing import Preprocessing
 
         if tokenizer is None:
@@ -205,14 +216,30 @@ class Processor:
             raise TypeError(f"preprocessing must be a rexfast Preprocessing, got {type(preprocessing).__name__}")
         self.tokenizer = tokenizer
         self.preprocessing = preprocessing
+        self.reduce_large_jpegs = _check_flag(reduce_large_jpegs, "reduce_large_jpegs")
+
+    def decode(self, image, name: str = "image", *, full: bool = False):
+        """``image`` (a PIL image, a uint8 (H, W, 3) array or a path) as a
+        :class:`rexfast.io.DecodedImage`: a path to a large JPEG is decoded at a reduced size
+        unless ``full`` (or ``reduce_large_jpegs`` is off); ``original_size`` is (width, height)."""
+        from ..io import DecodedImage, DRAFT_MARGIN, decode_image
+
+        if isinstance(image, DecodedImage):
+            return image
+        if isinstance(image, (str, os.PathLike)) and self.reduce_large_jpegs and not full:
+            return decode_image(image, min_side=DRAFT_MARGIN * self.preprocessing.image_size)
+        pil = _as_pil(image, name)
+        return DecodedImage(pil, pil.size)
 
     def image_tensor(self, image) -> torch.Tensor:
+        """float32 (3, S, S): ``image`` (a PIL image, an array, a path or a :meth:`decode` result)
+        resized and normalised as the model was trained."""
         from rexfast.data.datasets import check_image_size, preprocess_image
 
         spec = self.preprocessing
-        pil = _as_pil(image)
-        check_image_size(pil)  # below 8x8 nothing referable fits (MIN_IMAGE_SIDE says why)
-        return preprocess_image(pil, spec.image_size, mean=spec.mean, std=spec.std)
+        decoded = self.decode(image)
+        check_image_size(decoded.image)  # below 8x8 nothing referable fits (MIN_IMAGE_SIDE says why)
+        return preprocess_image(decoded.image, spec.image_size, mean=spec.mean, std=spec.std, box=decoded.box)
 
     def text_tensors(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
         from rexfast.data.tokenize import tokenize
@@ -221,12 +248,13 @@ class Processor:
 
     def __call__(self, image, text: str, *, keep_image: bool = False) -> dict:
         text = _check_text(text)
-        pil = _as_pil(image)
+        decoded = self.decode(image, full=keep_image)
         ids, mask = self.text_tensors(text)
-        item = {"image": self.image_tensor(pil), "input_ids": ids, "attention_mask": mask,
-                "original_size": (pil.height, pil.width), "text": text}
+        width, height = decoded.original_size
+        item = {"image": self.image_tensor(decoded), "input_ids": ids, "attention_mask": mask,
+                "original_size": (height, width), "text": text}
         if keep_image:
-            item["original_image"] = pil
+            item["original_image"] = decoded.image
         return item
 
     def __repr__(self) -> str:
@@ -411,12 +439,15 @@ class Segmenter:
                 image, text = image_list[index], text_list[index]
                 key = os.fspath(image) if isinstance(image, (str, os.PathLike)) else id(image)
                 if cached is None or key != cached_key:
-                    pil = _as_pil(image, f"images[{index}]" if many_images else "images")
-                    cached_key, cached = key, (pil, self.processor.image_tensor(pil))
-                pil, tensor = cached
+                    decoded = self.processor.decode(image, f"images[{index}]" if many_images else "images")
+                    # a reduced decode is no image to draw on: the result keeps the path, and overlay()
+                    # decodes it in full only when it is asked for
+                    shown = image if decoded.reduced else decoded.image
+                    cached_key, cached = key, (decoded.original_size, shown, self.processor.image_tensor(decoded))
+                (width, height), shown, tensor = cached
                 ids, attention = self.processor.text_tensors(text)
                 items.append({"image": tensor, "input_ids": ids, "attention_mask": attention,
-                              "original_size": (pil.height, pil.width), "text": text, "original_image": pil})
+                              "original_size": (height, width), "text": text, "original_image": shown})
             results.extend(self.segment_items(items, mask_threshold=mt, no_target_threshold=nt, explain=explain))
         return results if (many_images or many_texts) else results[0]
 
