@@ -16,9 +16,13 @@ from rexfast.engine.batch_predict import RUN_FILE, file_stems, predict_pairs, ru
 
 
 class BrightProcessor:
-    """Picklable per-sample preprocessing: the image as an array, and the sentence."""
+    """Picklable per-sample preprocessing: the image (the engine passes its path, which a
+    Segmenter's processor decodes) as an array, and the sentence."""
 
     def __call__(self, image, text, keep_image=False):
+        from rexfast.io import load_image
+
+        image = load_image(image)
         return {"pixels": np.asarray(image), "text": text, "original_image": image if keep_image else None}
 
 
