@@ -222,12 +222,16 @@ class Processor:
         """``image`` (a PIL image, a uint8 (H, W, 3) array or a path) as a
         :class:`rexfast.io.DecodedImage`: a path to a large JPEG is decoded at a reduced size
         unless ``full`` (or ``reduce_large_jpegs`` is off); ``original_size`` is (width, height)."""
+        from rexfast.data.datasets import MIN_IMAGE_SIDE
+
         from ..io import DecodedImage, DRAFT_MARGIN, decode_image
 
         if isinstance(image, DecodedImage):
             return image
         if isinstance(image, (str, os.PathLike)) and self.reduce_large_jpegs and not full:
-            return decode_image(image, min_side=DRAFT_MARGIN * self.preprocessing.image_size)
+            # never reduced below the smallest image rexfast segments (an input side under 4)
+            min_side = max(DRAFT_MARGIN * self.preprocessing.image_size, MIN_IMAGE_SIDE)
+            return decode_image(image, min_side=min_side)
         pil = _as_pil(image, name)
         return DecodedImage(pil, pil.size)
 
