@@ -108,7 +108,8 @@ class Segmentation:
 
     def overlay(self, image=None, *, colour=OVERLAY_COLOUR, alpha: float = 0.6):
         """The image with the mask painted over it in ``colour`` (magenta by default) as a PIL image.
-        ``image`` defaults to the one the result was computed on."""
+        ``image`` defaults to the one the result was computed on (for a large JPEG given as a
+        path, the path: decoded in full here)."""
         from PIL import Image
 
         image = self.image if image is None else image
