@@ -84,7 +84,8 @@ def source_fingerprint(source) -> Optional[dict]:
 
 
 def run_arguments(source, pairs: PairList, *, mask_threshold: float, no_target_threshold: float, precision: str,
-                  overrides=(), tokenizer=None, save_masks: bool = False, save_overlays: bool = False) -> dict:
+                  overrides=(), tokenizer=None, save_masks: bool = False, save_overlays: bool = False,
+                  full_decode: bool = False) -> dict:
     """What the run file records: everything that changes a prediction or the folder's contents."""
     from .._version import __version__
 
@@ -102,6 +103,7 @@ def run_arguments(source, pairs: PairList, *, mask_threshold: float, no_target_t
         "pairs_digest": pairs.digest,
         "save_masks": bool(save_masks),
         "save_overlays": bool(save_overlays),
+        "full_decode": bool(full_decode),  # a reduced JPEG decode moves a few pixels (README)
     }
 
 

@@ -198,3 +198,38 @@ def test_the_reduced_decode_gives_nearly_the_full_decodes_input_and_mask(jpeg, s
     assert ours.mask.shape == theirs.mask.shape == (HEIGHT, WIDTH)
     assert 0.4 < theirs.mask.mean() < 0.8
     assert (ours.mask == theirs.mask).mean() >= 0.995
+
+
+def test_predict_full_decode_turns_the_reduced_decode_off(jpeg, seg, tmp_path, monkeypatch):
+    """``predict --pairs ... --full-decode``: the segmenter decodes every JPEG in full, and the run
+    file records it (a rerun without the flag is a different run: its masks may move a pixel)."""
+    import json
+
+    from rexfast import cli
+    from rexfast.engine import batch_predict
+    from rexfast.engine.segmenter import Segmenter as SegmenterClass
+
+    seen = []
+
+    def fake_from_pretrained(source, **kw):
+        seen.append(kw)
+        return seg
+
+    monkeypatch.setattr(SegmenterClass, "from_pretrained", staticmethod(fake_from_pretrained))
+    monkeypatch.setattr(batch_predict, "source_fingerprint", lambda source: "test")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"image": str(jpeg), "text": "the red circle", "id": "a"}) + "\n")
+    out = tmp_path / "out"
+    try:
+        assert cli.main(["predict", "--checkpoint", "model", "--pairs", str(pairs), "--out-dir", str(out), "--workers", "0",
+                         "--full-decode", "--no-progress", "--device", "cpu"]) == 0
+        assert seen and seg.processor.reduce_large_jpegs is False
+        assert json.loads((out / batch_predict.RUN_FILE).read_text())["full_decode"] is True
+        row = json.loads((out / batch_predict.PREDICTIONS_FILE).read_text().splitlines()[0])
+        assert row["id"] == "a" and "error" not in row
+    finally:
+        seg.processor.reduce_large_jpegs = True
+    assert cli.main(["predict", "--checkpoint", "model", "--pairs", str(pairs), "--out-dir", str(tmp_path / "reduced"),
+                     "--workers", "0", "--no-progress", "--device", "cpu"]) == 0
+    assert seg.processor.reduce_large_jpegs is True
+    assert json.loads((tmp_path / "reduced" / batch_predict.RUN_FILE).read_text())["full_decode"] is False
