@@ -52,6 +52,18 @@ def _one_error(proc) -> str:
     return lines[0]
 
 
+def _in_process(capsys, *args) -> subprocess.CompletedProcess:
+    """``rexfast ARGS`` through cli.main in this process: a hostile file unpickled here would
+    run its code here, and leave the marker as in a subprocess, without an interpreter start-up
+    per command (the model folder and the REFER pickle below go through real processes)."""
+    from rexfast.cli import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["rexfast", *map(str, args)], code, out, err)
+
+
 @pytest.fixture
 def genuine(tiny_cgformer_run):
     """A genuine training checkpoint of a tiny CGFormer on synthetic data (shared, read-only)."""
@@ -75,7 +87,7 @@ def _poisoned_genuine(genuine, tmp_path, marker, which="best") -> Path:
 
 # ----------------------------------------------------------------------------- checkpoints
 @pytest.mark.parametrize("kind", ["hostile", "poisoned"])
-def test_cli_refuses_hostile_checkpoints_before_anything_runs(genuine, tmp_path, marker, kind):
+def test_cli_refuses_hostile_checkpoints_before_anything_runs(genuine, tmp_path, marker, kind, capsys):
     path = _hostile_checkpoint(tmp_path, marker) if kind == "hostile" else _poisoned_genuine(genuine, tmp_path, marker)
     resume = _hostile_checkpoint(tmp_path, marker) if kind == "hostile" else _poisoned_genuine(
         genuine, tmp_path, marker, "last")
@@ -89,7 +101,7 @@ def test_cli_refuses_hostile_checkpoints_before_anything_runs(genuine, tmp_path,
         ("convert", "--official", path, "--out", tmp_path / "converted"),
         ("export", "--checkpoint", path, "--out", tmp_path / "exported.onnx"),
     ):
-        line = _one_error(_rexfast(*args))
+        line = _one_error(_in_process(capsys, *args))
         assert "refusing" in line and "posix.system" in line, line
     assert not (tmp_path / "out").exists() and not (tmp_path / "run").exists() and not (tmp_path / "converted").exists()
     assert not (tmp_path / "exported.onnx").exists()

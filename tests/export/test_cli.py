@@ -31,6 +31,20 @@ def _one_error(proc) -> str:
     return lines[0]
 
 
+def _in_process(capsys, *args) -> subprocess.CompletedProcess:
+    """``rexfast ARGS`` through cli.main in this process (no interpreter start-up): the exit
+    code, stdout and stderr as :func:`_rexfast` returns them."""
+    from rexfast.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exc:  # argparse's usage errors
+        code = exc.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["rexfast", *map(str, args)], code, out, err)
+
+
 @pytest.fixture
 def run(tiny_cgformer_run):
     """The shared tiny training run's folder (best.pt, best/)."""
@@ -68,6 +82,7 @@ def test_export_a_training_checkpoint_at_its_training_size(run, tmp_path):
     assert sorted(p.name for p in out.parent.iterdir()) == ["cgformer.onnx"]  # no temporary left
 
 
+@pytest.mark.slow  # a second real export (~30 s); the default run has the cheap sibling below
 def test_export_a_model_folder_hybrid_at_another_size(run, tmp_path):
     out = tmp_path / "cgformer-64.onnx"
     summary = _ok(_rexfast("export", "--checkpoint", run / "best", "--out", out, "--mode", "hybrid",
@@ -77,7 +92,38 @@ def test_export_a_model_folder_hybrid_at_another_size(run, tmp_path):
     assert out.is_file()
 
 
-def test_bad_inputs_fail_with_one_line_and_write_nothing(run, tmp_path):
+def test_the_flags_reach_the_exporter_and_its_result_is_printed(run, tmp_path, monkeypatch, capsys):
+    """A model folder, --mode hybrid, --image-size 64 and --no-verify as export_onnx receives them,
+    and the summary printed from what it returns. The real hybrid export of the tiny CGFormer at
+    64² is tests/export/test_onnx_export.py's; this one's real twin is marked slow."""
+    import rexfast.export
+    from rexfast.export import ExportResult
+
+    received = {}
+
+    def fake_export(model, path, **kwargs):
+        received.update(kwargs, model=type(model).__name__, path=path)
+        return ExportResult(path=Path(path), model_type="cgformer", mode=kwargs["mode"], opset=kwargs["opset"],
+                            image_size=(kwargs["image_size"],) * 2, input_names=("images", "input_ids",
+                                                                                   "attention_mask"),
+                            output_names=("logits",), dynamic_axes={"images": {0: "batch"}},
+                            op_counts={("rexfast", "group_assign"): 3, ("", "MatMul"): 7}, bytes=2**20)
+
+    monkeypatch.setattr(rexfast.export, "export_onnx", fake_export)
+    out = tmp_path / "cgformer-64.onnx"
+    summary = _ok(_in_process(capsys, "export", "--checkpoint", run / "best", "--out", out, "--mode", "hybrid",
+                              "--image-size", "64", "--no-verify"))
+    assert received["model"] == "CGFormer" and received["path"] == out
+    assert received["mode"] == "hybrid" and received["verify"] is False and received["opset"] == 18
+    assert received["image_size"] == 64  # "64": one side, export_onnx makes it square
+    assert received["metadata"]["text_max_tokens"] == "20"
+    assert summary["image_size"] == [64, 64] and summary["rexfast_nodes"] == {"group_assign": 3}
+    assert summary["onnxruntime_vs_torch_max_abs_error"].startswith("not verified")
+    assert summary["dynamic_axes"] == {"images": {"0": "batch"}} and summary["megabytes"] == 1.0
+
+
+def test_bad_inputs_fail_with_one_line_and_write_nothing(run, tmp_path, capsys):
+    """In-process (every check comes before the export), and once through a real process."""
     junk = tmp_path / "junk.pt"
     torch.save({"hello": 1}, junk)
     folder = tmp_path / "a_folder.onnx"
@@ -86,19 +132,21 @@ def test_bad_inputs_fail_with_one_line_and_write_nothing(run, tmp_path):
     a_file.write_text("x")
     out = tmp_path / "out" / "m.onnx"
     best = run / "best.pt"
+
+    def error(*args) -> str:
+        return _one_error(_in_process(capsys, "export", "--checkpoint", *args))
+
     assert "not found" in _one_error(_rexfast("export", "--checkpoint", tmp_path / "missing.pt", "--out", out))
-    assert "not a rexfast checkpoint" in _one_error(_rexfast("export", "--checkpoint", junk, "--out", out))
+    assert "not a rexfast checkpoint" in error(junk, "--out", out)
     empty = tmp_path / "empty_folder"
     empty.mkdir()
-    assert "not a rexfast model folder" in _one_error(_rexfast("export", "--checkpoint", empty, "--out", out))
-    assert "multiples of 32" in _one_error(_rexfast("export", "--checkpoint", best, "--out", out,
-                                                    "--image-size", "100"))
-    assert "multiples of 32" in _one_error(_rexfast("export", "--checkpoint", best, "--out", out,
-                                                    "--image-size", "64x70"))
-    assert "invalid choice" in _one_error(_rexfast("export", "--checkpoint", best, "--out", out, "--mode", "fused"))
-    assert "invalid choice" in _one_error(_rexfast("export", "--checkpoint", best, "--out", out, "--opset", "21"))
-    assert "is a folder" in _one_error(_rexfast("export", "--checkpoint", best, "--out", folder))
-    assert "not a folder" in _one_error(_rexfast("export", "--checkpoint", best, "--out", a_file / "m.onnx"))
+    assert "not a rexfast model folder" in error(empty, "--out", out)
+    assert "multiples of 32" in error(best, "--out", out, "--image-size", "100")
+    assert "multiples of 32" in error(best, "--out", out, "--image-size", "64x70")
+    assert "invalid choice" in error(best, "--out", out, "--mode", "fused")
+    assert "invalid choice" in error(best, "--out", out, "--opset", "21")
+    assert "is a folder" in error(best, "--out", folder)
+    assert "not a folder" in error(best, "--out", a_file / "m.onnx")
     assert not out.parent.exists()
     assert list(folder.iterdir()) == [] and list(empty.iterdir()) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "a_folder.onnx", "empty_folder", "junk.pt"]

@@ -181,6 +181,22 @@ def test_without_tensorrt_registration_says_why():
 
 
 # ----------------------------------------------------------------------------- torch-TensorRT lowering
+def test_the_torch_tensorrt_registration_hands_over_every_inference_decomposition():
+    """The glue to torch_tensorrt's decomposition table; that this table lowers every rexfast op
+    and keeps the values is tests/ops/test_decompositions.py's (each op), and the whole models'
+    lowering below (slow: a torch.export of each tiny model)."""
+    from torch._decomp import register_decomposition
+
+    from rexfast.ops.decompositions import INFERENCE_DECOMPOSITIONS
+    from rexfast.tensorrt.torch_trt import register_torch_tensorrt_decompositions
+
+    table: dict = {}
+    assert register_torch_tensorrt_decompositions(register_decomposition, table) == INFERENCE_DECOMPOSITIONS
+    assert set(table) == set(INFERENCE_DECOMPOSITIONS)
+    assert all(callable(fn) for fn in table.values())
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["cgformer", "rela"])
 def test_the_torch_tensorrt_lowering_removes_every_rexfast_op_from_the_models(name):
     from torch._decomp import register_decomposition

@@ -10,6 +10,15 @@ import torch
 from rexfast.ops import registry
 
 
+@pytest.fixture(autouse=True)
+def _registry_left_as_found(monkeypatch):
+    """The toy ops below register themselves in the global ``registry.OPS`` (and their
+    warn-once notes in ``registry._noted``): both go back to what they were after each test,
+    or later tests that list every registered op (``rexfast info``, the decompositions) see them."""
+    monkeypatch.setattr(registry, "OPS", dict(registry.OPS))
+    monkeypatch.setattr(registry, "_noted", set(registry._noted))
+
+
 def _toy(name, *backends):
     op = registry.OpBackends(name)
     for b in backends:
