@@ -72,14 +72,15 @@ def compile_config(cfg):
 
 
 def all_configs():
-    """Every op's Triton compile configurations, found through the op registry."""
+    """Every op's Triton compile configurations, found through the op registry: each
+    Triton module's once (the two region-attention ops share one)."""
     import importlib
 
-    configs = []
+    modules = []
     for name, op in sorted(registry.OPS.items()):
-        if op.triton_module:
-            configs += importlib.import_module(op.triton_module).compile_configs()
-    return configs
+        if op.triton_module and op.triton_module not in modules:
+            modules.append(op.triton_module)
+    return [cfg for module in modules for cfg in importlib.import_module(module).compile_configs()]
 
 
 def resource_usage(compiled) -> str:

@@ -44,8 +44,8 @@ import torch.nn.functional as F
 from bench_utils import (GPU_BENCH_SKIP, compile_fresh, compile_stats, dry_run, gpu_bench_device, median_ms,
                          no_silent_eager, record, triton_variant_runs)
 from rexfast.ops import region_image_attention, region_language_attention
-from rexfast.ops.region_image_attention import BACKENDS as RIA_BACKENDS
-from rexfast.ops.region_language_attention import BACKENDS as RLA_BACKENDS
+from rexfast.ops.region_attention.region_image_attention import BACKENDS as RIA_BACKENDS
+from rexfast.ops.region_attention.region_language_attention import BACKENDS as RLA_BACKENDS
 
 SUITE = "region_attention"
 RIA_SHAPE = (2, 8, 100, 60, 60, 32, 120, 120)  # B, H, Q, kh, kw, d, mh, mw

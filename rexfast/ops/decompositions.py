@@ -22,12 +22,13 @@ import torch
 
 from . import group_assign as _ga  # noqa: F401  (registers the custom ops)
 from . import ms_deform_attn as _msda  # noqa: F401
-from . import region_image_attention as _ria  # noqa: F401
-from . import region_language_attention as _rla  # noqa: F401
+from .region_attention import region_image_attention as _ria  # noqa: F401
+from .region_attention import region_language_attention as _rla  # noqa: F401
 from .group_assign.decomposition import decompose_registered as _group_assign
 from .ms_deform_attn.decomposition import decompose_registered as _ms_deform_attn
-from .region_image_attention.decomposition import decompose_registered as _region_image_attention
-from .region_language_attention.decomposition import decompose_registered as _region_language_attention
+from .region_attention.region_image_attention.decomposition import decompose_registered as _region_image_attention
+from .region_attention.region_language_attention.decomposition import (
+    decompose_registered as _region_language_attention)
 
 INFERENCE_DECOMPOSITIONS = {
     torch.ops.rexfast.group_assign.default: _group_assign,

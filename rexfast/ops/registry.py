@@ -2,13 +2,15 @@
 them can run on this machine, and which one a call uses.
 
 Every op (``rexfast/ops/<op>/op.py``) creates one :class:`OpBackends` and
-registers a :class:`Backend` per implementation:
+registers a :class:`Backend` per implementation (``rexfast.ops.common.op_backends``
+does both):
 
   ``reference`` – its pure-PyTorch reference (``<op>/reference.py``); runs anywhere.
   ``cpu``       – C++ kernels in ``rexfast._C`` (``csrc/cpu/<op>.cpp``), CPU tensors.
   ``cuda``      – CUDA kernels in ``rexfast._C`` (``kernels/<op>.cu`` + ``csrc/cuda/<op>.cu``).
-  ``triton``    – Triton kernels (``<op>/triton_kernels.py``); CUDA tensors, or CPU
-                  tensors when ``TRITON_INTERPRET=1`` (the interpreter, used by the tests).
+  ``triton``    – Triton kernels (``<op>/triton_kernels.py``, or a family's shared one such as
+                  ``region_attention/triton_kernels.py``); CUDA tensors, or CPU tensors when
+                  ``TRITON_INTERPRET=1`` (the interpreter, used by the tests).
 
 Choice for one call, first match wins: the op's ``backend=`` argument, the
 environment variable ``REXFAST_BACKEND``, then automatic: the op's preference

@@ -1,7 +1,7 @@
 """Pieces every Triton kernel module shares: the Gumbel hash in Triton, and the
 description of one compile configuration for the sm_90 compile check.
 
-Importing this module imports triton; only ``<op>/triton_kernels.py`` modules do.
+Importing this module imports triton; only the ops' ``triton_kernels.py`` modules do.
 """
 
 from __future__ import annotations

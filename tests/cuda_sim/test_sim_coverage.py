@@ -15,7 +15,7 @@ import sim_glue
 from group_assign_cases import make_case as group_assign_case
 from ms_deform_attn_cases import make_case as ms_deform_attn_case
 from region_attention_cases import ria_case, rla_case
-from rexfast.ops.region_attention import RESAMPLE_CUDA, sigmoid_threshold
+from rexfast.ops.region_attention.plan import RESAMPLE_CUDA, sigmoid_threshold
 
 pytestmark = pytest.mark.cuda_sim
 

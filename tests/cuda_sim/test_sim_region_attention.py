@@ -10,7 +10,7 @@ RIA decisions, in the three modes a CUDA tensor uses:
   the reference is tests/ops' own (official_region_blocked);
 * copy (3): equal region and key sizes, again the official mask exactly;
 * cuda (2): the kernel resamples with the arithmetic it assumes torch's CUDA
-  kernel uses; the truth is then rexfast.ops.region_attention.emulate_cuda_resample
+  kernel uses; the truth is then rexfast.ops.region_attention.plan.emulate_cuda_resample
   (that assumption is the GPU's to confirm: cuda_resampler_verified), and a probe
   (q = k = 0, v = identity) reads every decision back bit for bit.
 
@@ -42,10 +42,10 @@ from cuda_sim_lib import DTYPE_CODE, INVALID_VALUE, i64
 from harness import TOLERANCE, assert_close_to_reference
 from region_attention_cases import (RIA_EDGE_CASES, RIA_SHAPES, RIA_SPEC, RLA_EDGE_CASES, RLA_SHAPES, RLA_SPEC,
                                     decision_probe, ria_case, ria_near_zero, ria_near_zero_resampled, rla_case)
-from rexfast.ops.region_attention import (RESAMPLE_COPY, RESAMPLE_CUDA, RESAMPLE_MAP, default_scale,
-                                          emulate_cuda_resample, masked_attention, masked_attention_lse,
-                                          official_region_blocked, sigmoid_threshold)
-from rexfast.ops.region_language_attention.reference import reference_forward as rla_reference_forward
+from rexfast.ops.region_attention.core import default_scale, masked_attention, masked_attention_lse
+from rexfast.ops.region_attention.mask import official_region_blocked
+from rexfast.ops.region_attention.plan import RESAMPLE_COPY, RESAMPLE_CUDA, RESAMPLE_MAP, emulate_cuda_resample, sigmoid_threshold
+from rexfast.ops.region_attention.region_language_attention.reference import reference_forward as rla_reference_forward
 from sim_parity import check_against_reference, upstream_for
 
 pytestmark = pytest.mark.cuda_sim

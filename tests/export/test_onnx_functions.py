@@ -27,8 +27,8 @@ from rexfast.export.onnx_export import finalize  # noqa: E402
 from rexfast.export.tensorrt_rules import check_tensorrt_compatibility  # noqa: E402
 from rexfast.ops.group_assign.decomposition import group_assign_decomposition  # noqa: E402
 from rexfast.ops.ms_deform_attn.decomposition import ms_deform_attn_decomposition  # noqa: E402
-from rexfast.ops.region_image_attention.decomposition import region_image_attention_decomposition  # noqa: E402
-from rexfast.ops.region_language_attention.decomposition import region_language_attention_decomposition  # noqa: E402
+from rexfast.ops.region_attention.region_image_attention.decomposition import region_image_attention_decomposition  # noqa: E402
+from rexfast.ops.region_attention.region_language_attention.decomposition import region_language_attention_decomposition  # noqa: E402
 
 MODES = ("hybrid", "decomposed")
 FLOAT, INT64, BOOL = 1, 7, 9

@@ -21,8 +21,8 @@ import torch
 from harness import Case, OpSpec
 from rexfast.ops import (region_image_attention, region_image_attention_reference, region_language_attention,
                          region_language_attention_reference)
-from rexfast.ops.region_image_attention import BACKENDS as RIA_BACKENDS
-from rexfast.ops.region_language_attention import BACKENDS as RLA_BACKENDS
+from rexfast.ops.region_attention.region_image_attention import BACKENDS as RIA_BACKENDS
+from rexfast.ops.region_attention.region_language_attention import BACKENDS as RLA_BACKENDS
 
 NAN, INF = float("nan"), float("inf")
 # The largest float32 logit whose float32 sigmoid is < 0.5 (= −(1.5·2⁻²³ − 2⁻⁴⁶)); the

@@ -17,8 +17,8 @@ from harness import cpu_backends, require_backend, stable_seed
 from rexfast.ops.decompositions import INFERENCE_DECOMPOSITIONS
 from rexfast.ops.group_assign.decomposition import group_assign_decomposition
 from rexfast.ops.ms_deform_attn.decomposition import ms_deform_attn_decomposition
-from rexfast.ops.region_image_attention.decomposition import region_image_attention_decomposition
-from rexfast.ops.region_language_attention.decomposition import region_language_attention_decomposition
+from rexfast.ops.region_attention.region_image_attention.decomposition import region_image_attention_decomposition
+from rexfast.ops.region_attention.region_language_attention.decomposition import region_language_attention_decomposition
 
 FP32_TOL = 1e-5
 

@@ -16,9 +16,9 @@ from region_attention_cases import (RIA_SPEC, RLA_SPEC, THRESHOLD, THRESHOLD_UP,
                                     ria_case, rla_case)
 from rexfast.ops import (region_image_attention, region_image_attention_reference, region_language_attention,
                          region_language_attention_reference)
-from rexfast.ops.region_attention import official_region_blocked
-from rexfast.ops.region_image_attention import BACKENDS as RIA_BACKENDS
-from rexfast.ops.region_language_attention import BACKENDS as RLA_BACKENDS
+from rexfast.ops.region_attention.mask import official_region_blocked
+from rexfast.ops.region_attention.region_image_attention import BACKENDS as RIA_BACKENDS
+from rexfast.ops.region_attention.region_language_attention import BACKENDS as RLA_BACKENDS
 
 RIA_CPU = cpu_backends(RIA_SPEC)
 RLA_CPU = cpu_backends(RLA_SPEC)
@@ -434,7 +434,7 @@ def test_cpu_resampler_is_torchs_bit_for_bit(size):
     """The resampled logits the C++ kernel compares with the threshold equal F.interpolate's
     bit for bit (NaN and inf texels included), for the plan this machine gets."""
     require_backend(RIA_SPEC, "cpu", "cpu")
-    from rexfast.ops.region_attention import RESAMPLE_MAP, decision_plan
+    from rexfast.ops.region_attention.plan import RESAMPLE_MAP, decision_plan
 
     mh, mw, kh, kw, Q = size
     g = torch.Generator().manual_seed(mh * 1000 + kw)
@@ -500,7 +500,7 @@ def test_cpu_kernel_skips_blocked_tiles_without_changing_results():
 
 # ------------------------------------------------------------------ the other decision plans
 def _plan(mode, Q, region_size, key_size):
-    from rexfast.ops.region_attention import DecisionPlan, sigmoid_threshold
+    from rexfast.ops.region_attention.plan import DecisionPlan, sigmoid_threshold
 
     return DecisionPlan(mode, True, 0, sigmoid_threshold(torch.device("cpu")))
 
@@ -510,20 +510,20 @@ def test_map_plan_reads_torchs_resampled_values(backend, monkeypatch):
     """RESAMPLE_MAP (a CPU whose resampler the kernels do not reproduce): the kernels read
     F.interpolate's values; decisions still exact."""
     require_backend(RIA_SPEC, backend, "cpu")
-    from rexfast.ops import region_attention
-    from rexfast.ops.region_attention import RESAMPLE_MAP
+    from rexfast.ops.region_attention import plan
+    from rexfast.ops.region_attention.plan import RESAMPLE_MAP
 
     kh, kw, mh, mw, Q = 5, 7, 13, 9, 17
     logits = _decision_logits(2, Q, mh, mw, seed=21)
-    monkeypatch.setattr(region_attention, "decision_plan",
+    # plan.plan_args (the C++ kernels' arguments) reads plan.decision_plan; the Triton module
+    # imported the name
+    monkeypatch.setattr(plan, "decision_plan",
                         lambda device, Q, region_size, key_size, **kw: _plan(RESAMPLE_MAP, Q, region_size, key_size))
-    import importlib
+    if backend == "triton":
+        import importlib
 
-    rat = importlib.import_module("rexfast.ops.region_attention_triton") if backend == "triton" else None
-    native = importlib.import_module("rexfast.ops.region_image_attention.native")
-    if rat is not None:
-        monkeypatch.setattr(rat, "decision_plan", region_attention.decision_plan)
-    monkeypatch.setattr(native, "decision_plan", region_attention.decision_plan)
+        rat = importlib.import_module("rexfast.ops.region_attention.triton_kernels")
+        monkeypatch.setattr(rat, "decision_plan", plan.decision_plan)
     q, k, v = decision_probe(logits, (kh, kw))
     out = region_image_attention(q, k, v, logits, (kh, kw), backend=backend)[:, 0]
     allowed = ~official_region_blocked(logits, (kh, kw))
@@ -531,7 +531,7 @@ def test_map_plan_reads_torchs_resampled_values(backend, monkeypatch):
 
 
 def _cuda_formula_emulation(logits, kh, kw):
-    from rexfast.ops.region_attention import emulate_cuda_resample
+    from rexfast.ops.region_attention.plan import emulate_cuda_resample
 
     return emulate_cuda_resample(logits, (kh, kw))
 
@@ -544,7 +544,7 @@ def test_cuda_resampler_emulations_agree(size):
     under the interpreter), gives the same values and so the same decisions (the CUDA
     kernel's fourth copy is only compiled here)."""
     require_backend(RIA_SPEC, "cpu", "cpu")
-    from rexfast.ops.region_attention import RESAMPLE_CUDA
+    from rexfast.ops.region_attention.plan import RESAMPLE_CUDA
 
     mh, mw, kh, kw = size
     logits = _decision_logits(2, 11, mh, mw, seed=mh + kw)
@@ -552,7 +552,7 @@ def test_cuda_resampler_emulations_agree(size):
     got = torch.ops.rexfast_C.region_resample(logits, kh, kw, RESAMPLE_CUDA, True, 0)
     assert torch.equal(got, want)
     if "triton" in RIA_CPU and registry_triton_ok() and kh * kw <= 256:  # the probe has d = S
-        import rexfast.ops.region_attention_triton as rat
+        import rexfast.ops.region_attention.triton_kernels as rat
 
         plan = _plan(RESAMPLE_CUDA, 11, (mh, mw), (kh, kw))
         orig = rat.decision_plan
@@ -621,7 +621,7 @@ def _canonical(tree):
 
 
 def _evaluate(tree, values):
-    from rexfast.ops.region_attention import fma32
+    from rexfast.ops.region_attention.plan import fma32
 
     if isinstance(tree, str):
         return values[tree]
@@ -650,7 +650,7 @@ def test_cuda_kernel_resampler_is_the_documented_fma_order(tmp_path):
         pytest.skip("needs nvcc (compile only, no GPU)")
     from pathlib import Path
 
-    from rexfast.ops.region_attention import cuda_bilinear
+    from rexfast.ops.region_attention.plan import cuda_bilinear
 
     kernels = Path(__file__).resolve().parents[2] / "kernels"
     (tmp_path / "probe.cu").write_text(_PTX_PROBE)
@@ -678,8 +678,8 @@ def test_cuda_resampler_probe_tells_the_fma_orders_apart():
     order if its probe logits round differently under the two orders of t0 that nvcc
     produces for torch's expression (fma(λx0, a, λx1·b) in the NCHW kernel,
     fma(λx1, b, λx0·a) in the channels-last one)."""
-    from rexfast.ops import region_attention as ra
-    from rexfast.ops.region_attention import fma32
+    from rexfast.ops.region_attention import plan as ra
+    from rexfast.ops.region_attention.plan import fma32
 
     differ = 0
     for logits, (kh, kw) in ra.cuda_resampler_probes():
@@ -704,7 +704,7 @@ def test_round_bf16_is_the_gpus_conversion():
     import triton
     import triton.language as tl
 
-    from rexfast.ops import region_attention_triton
+    from rexfast.ops.region_attention import triton_kernels as region_attention_triton
 
     # a jitted function finds its callees among its module's globals
     globals()["_round_bf16"] = region_attention_triton._round_bf16

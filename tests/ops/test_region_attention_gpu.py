@@ -12,7 +12,8 @@ import torch
 from harness import check_against_reference, require_backend
 from region_attention_cases import RIA_SPEC, RLA_SPEC, decision_probe, ria_case, rla_case
 from rexfast.ops import region_image_attention, region_language_attention
-from rexfast.ops.region_attention import official_region_blocked, sigmoid_threshold
+from rexfast.ops.region_attention.mask import official_region_blocked
+from rexfast.ops.region_attention.plan import sigmoid_threshold
 from test_region_attention import DECISION_SIZES, _decision_logits
 
 pytestmark = pytest.mark.gpu
@@ -30,7 +31,7 @@ def test_cuda_resampler_arithmetic_is_torchs():
     this test tells that the in-kernel path is not the one running)."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    from rexfast.ops.region_attention import cuda_resampler_verified
+    from rexfast.ops.region_attention.plan import cuda_resampler_verified
 
     assert cuda_resampler_verified(torch.device("cuda"))
 

@@ -27,22 +27,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import registry
+from ..common import FLOAT_DTYPES, check_float_tensors, inner_contiguous, op_backends
 from ..gumbel import seed_key
 from .reference import group_assign_reference, reference_backward, reference_forward
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
 # ----------------------------------------------------------------------------- checks
 def _check_inputs(q, k, v, tau, noise, seed):
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"group_assign: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 3:
-            raise ValueError(f"group_assign: {name} must be 3-D, got shape {tuple(t.shape)}")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"group_assign: {name} must be float16/bfloat16/float32/float64, got {t.dtype}")
+    check_float_tensors("group_assign", (("q", q), ("k", k), ("v", v)), 3)
     B, N, C = q.shape
     if k.shape[0] != B or k.shape[2] != C:
         raise ValueError(
@@ -67,7 +58,7 @@ def _check_inputs(q, k, v, tau, noise, seed):
         raise TypeError(f"group_assign: tau must be a float or a tensor, got {type(tau).__name__}")
     if tau.numel() != 1:
         raise ValueError(f"group_assign: tau must hold one value, got shape {tuple(tau.shape)}")
-    if tau.dtype not in _FLOAT_DTYPES:
+    if tau.dtype not in FLOAT_DTYPES:
         raise TypeError(f"group_assign: tau must be a float tensor, got {tau.dtype}")
     if tau.device != q.device and tau.device.type != "cpu":
         raise ValueError(f"group_assign: tau is on {tau.device} but q is on {q.device}")
@@ -80,7 +71,7 @@ def _check_inputs(q, k, v, tau, noise, seed):
             raise ValueError(f"group_assign: noise must be (B, N, P) = {(B, N, P)}, got {tuple(noise.shape)}")
         if noise.device != q.device:
             raise ValueError(f"group_assign: noise is on {noise.device} but q is on {q.device}")
-        if noise.dtype not in _FLOAT_DTYPES:
+        if noise.dtype not in FLOAT_DTYPES:
             raise TypeError(f"group_assign: noise must be a float tensor, got {noise.dtype}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"group_assign: seed must be an int, got {type(seed).__name__}")
@@ -111,28 +102,9 @@ def _ext_backward(dout, dassign, q, k, v, tau, noise, key, out, counts):
     )
 
 
-def _triton_forward(q, k, v, tau, noise, key):
-    from . import triton_kernels
-
-    return triton_kernels.forward(q, k, v, tau, noise, key)
-
-
-def _triton_backward(dout, dassign, q, k, v, tau, noise, key, out, counts):
-    from . import triton_kernels
-
-    return triton_kernels.backward(dout, dassign, q, k, v, tau, noise, key, out, counts)
-
-
-BACKENDS = registry.OpBackends("group_assign", triton_module=f"{__package__}.triton_kernels")
-BACKENDS.register(registry.reference_backend(reference_forward, reference_backward))
-BACKENDS.register(registry.cpu_backend(_ext_forward, _ext_backward, "group_assign_fwd"))
-BACKENDS.register(registry.cuda_backend(_ext_forward, _ext_backward, "group_assign_fwd"))
-BACKENDS.register(registry.triton_backend(_triton_forward, _triton_backward))
-
-
-def _inner_contiguous(t: Tensor) -> Tensor:
-    # Kernels take any batch/row stride but need unit stride on the last axis.
-    return t if t.stride(-1) == 1 else t.contiguous()
+BACKENDS = op_backends("group_assign", reference=(reference_forward, reference_backward),
+                       native=(_ext_forward, _ext_backward), native_symbol="group_assign_fwd",
+                       triton_module=f"{__package__}.triton_kernels")
 
 
 # ----------------------------------------------------------------------------- registration
@@ -143,7 +115,7 @@ def _group_assign_op(
     B, N, _ = q.shape
     if B == 0:  # an empty batch: nothing for a kernel to do
         return q.new_empty(0, N, v.shape[2]), q.new_empty(0, N, k.shape[1]), q.new_empty(0, N, dtype=torch.float32)
-    q, k, v = (_inner_contiguous(t) for t in (q, k, v))
+    q, k, v = (inner_contiguous(t) for t in (q, k, v))
     noise = None if noise is None else noise.contiguous()
     tau = tau.reshape(1).to(device=q.device).contiguous()
     return BACKENDS[backend].forward(q, k, v, tau, noise, key)
@@ -172,7 +144,7 @@ def _group_assign_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     if q.shape[0] == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), torch.zeros_like(tau)
-    q, k, v = (_inner_contiguous(t) for t in (q, k, v))
+    q, k, v = (inner_contiguous(t) for t in (q, k, v))
     noise = None if noise is None else noise.contiguous()
     tau_flat = tau.reshape(1).to(device=q.device).contiguous()
     dq, dk, dv, dtau = BACKENDS[backend].backward(

@@ -28,10 +28,9 @@ import os
 import torch
 from torch import Tensor
 
-from .. import registry
+from ..common import FLOAT_DTYPES, inner_contiguous, lazy, op_backends
 from .reference import ms_deform_attn_reference, reference_backward, reference_forward
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INDEX_LIMIT = 2**31
 
 
@@ -57,7 +56,7 @@ def _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, 
             raise ValueError(f"ms_deform_attn: {name} must be {dims}-D {what}, got shape {_shape(t)}")
     for name, t in (("value", value), ("sampling_locations", sampling_locations),
                     ("attention_weights", attention_weights)):
-        if t.dtype not in _FLOAT_DTYPES:
+        if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"ms_deform_attn: {name} must be float16/bfloat16/float32/float64, got {t.dtype}")
     if not (value.dtype == sampling_locations.dtype == attention_weights.dtype):
         raise TypeError(
@@ -146,29 +145,18 @@ def _ext_backward(grad_output, value, spatial_shapes, level_start_index, loc, at
                                                   deterministic)
 
 
-def _triton_forward(value, spatial_shapes, level_start_index, loc, attn):
-    from . import triton_kernels
-
-    return triton_kernels.forward(value, spatial_shapes, level_start_index, loc, attn)
+_TRITON = f"{__package__}.triton_kernels"  # imported on the first Triton call
 
 
 def _triton_backward(grad_output, value, spatial_shapes, level_start_index, loc, attn):
-    from . import triton_kernels
-
-    return triton_kernels.backward(grad_output, value, spatial_shapes, level_start_index, loc, attn,
-                                   deterministic=torch.are_deterministic_algorithms_enabled())
-
-
-BACKENDS = registry.OpBackends("ms_deform_attn", triton_module=f"{__package__}.triton_kernels")
-BACKENDS.register(registry.reference_backend(reference_forward, reference_backward))
-BACKENDS.register(registry.cpu_backend(_ext_forward, _ext_backward, "ms_deform_attn_fwd"))
-BACKENDS.register(registry.cuda_backend(_ext_forward, _ext_backward, "ms_deform_attn_fwd"))
-BACKENDS.register(registry.triton_backend(_triton_forward, _triton_backward))
+    # As the CUDA kernel: atomics, or a deterministic gather for the value gradient.
+    return lazy(_TRITON, "backward")(grad_output, value, spatial_shapes, level_start_index, loc, attn,
+                                     deterministic=torch.are_deterministic_algorithms_enabled())
 
 
-def _inner_contiguous(t: Tensor) -> Tensor:
-    # value: any batch/pixel/head stride, unit stride over D.
-    return t if t.stride(-1) == 1 else t.contiguous()
+BACKENDS = op_backends("ms_deform_attn", reference=(reference_forward, reference_backward),
+                       native=(_ext_forward, _ext_backward), native_symbol="ms_deform_attn_fwd",
+                       triton=(lazy(_TRITON, "forward"), _triton_backward), triton_module=_TRITON)
 
 
 def _prepare(value, spatial_shapes, level_start_index, loc, attn):
@@ -176,7 +164,7 @@ def _prepare(value, spatial_shapes, level_start_index, loc, attn):
     strides free), locations and weights contiguous, the integer tensors
     contiguous int64 on value's device."""
     idx = dict(device=value.device, dtype=torch.int64)
-    return (_inner_contiguous(value), spatial_shapes.to(**idx).contiguous(), level_start_index.to(**idx).contiguous(),
+    return (inner_contiguous(value), spatial_shapes.to(**idx).contiguous(), level_start_index.to(**idx).contiguous(),
             loc.contiguous(), attn.contiguous())
 
 

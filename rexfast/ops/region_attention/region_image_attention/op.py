@@ -3,8 +3,8 @@
 One op in one place: input checks, the ``torch.library`` registration of the
 forward and backward ops, their fake functions, the autograd formula, and the
 op's backends (``BACKENDS``). Semantics: :mod:`.reference` (the authors'
-official path) and :mod:`rexfast.ops.region_attention` (the attention core,
-non-finite inputs).
+official path) and :mod:`rexfast.ops.region_attention.core` (the attention core,
+non-finite inputs); the fused kernels' decisions: :mod:`rexfast.ops.region_attention.plan`.
 
 Math (per b, h; q (Q,d), k/v (S,d) with S = kh·kw a row-major key map,
 region logits R (Q, mh, mw)):
@@ -25,9 +25,10 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .. import registry
-from ..region_attention import (FLOAT_DTYPES, check_qkv, check_scale, compute_dtype, contiguous_grads,
-                               contiguous_like, inner_contiguous)
+from ...common import FLOAT_DTYPES, inner_contiguous, lazy, op_backends
+from ..checks import check_qkv, check_scale
+from ..core import compute_dtype, contiguous_grads, contiguous_like
+from ..plan import plan_args
 from .reference import reference_backward, reference_forward
 
 OP = "region_image_attention"
@@ -68,35 +69,24 @@ def _check_inputs(q, k, v, region_logits, key_size):
 
 
 # ----------------------------------------------------------------------------- backends
+# The C++/CUDA kernels (csrc/cpu/region_image_attention.cpp, csrc/cuda/region_image_attention.cu)
+# take the decision plan for the tensors' device (rexfast.ops.region_attention.plan).
 def _ext_forward(q, k, v, region_logits, kh, kw, scale):
-    from . import native
-
-    return native.forward(q, k, v, region_logits, kh, kw, scale)
+    logits, mode, fma, q_vec, threshold, resampled = plan_args(q, region_logits, kh, kw)
+    return torch.ops.rexfast_C.region_image_attention_fwd(q, k, v, logits, kh, kw, scale, mode, fma, q_vec, threshold,
+                                                         resampled)
 
 
 def _ext_backward(dout, q, k, v, region_logits, kh, kw, scale, out, lse, open_rows):
-    from . import native
-
-    return native.backward(dout, q, k, v, region_logits, kh, kw, scale, out, lse, open_rows)
-
-
-def _triton_forward(q, k, v, region_logits, kh, kw, scale):
-    from . import triton_kernels
-
-    return triton_kernels.forward(q, k, v, region_logits, kh, kw, scale)
+    logits, mode, fma, q_vec, threshold, resampled = plan_args(q, region_logits, kh, kw)
+    return torch.ops.rexfast_C.region_image_attention_bwd(dout, q, k, v, logits, kh, kw, scale, mode, fma, q_vec,
+                                                         threshold, resampled, out, lse, open_rows.contiguous())
 
 
-def _triton_backward(dout, q, k, v, region_logits, kh, kw, scale, out, lse, open_rows):
-    from . import triton_kernels
-
-    return triton_kernels.backward(dout, q, k, v, region_logits, kh, kw, scale, out, lse, open_rows)
-
-
-BACKENDS = registry.OpBackends(OP, triton_module=f"{__package__}.triton_kernels")
-BACKENDS.register(registry.reference_backend(reference_forward, reference_backward))
-BACKENDS.register(registry.cpu_backend(_ext_forward, _ext_backward, "region_image_attention_fwd"))
-BACKENDS.register(registry.cuda_backend(_ext_forward, _ext_backward, "region_image_attention_fwd"))
-BACKENDS.register(registry.triton_backend(_triton_forward, _triton_backward))
+_TRITON = "rexfast.ops.region_attention.triton_kernels"  # the family's Triton kernels, imported on first use
+BACKENDS = op_backends(OP, reference=(reference_forward, reference_backward),
+                       native=(_ext_forward, _ext_backward), native_symbol="region_image_attention_fwd",
+                       triton=(lazy(_TRITON, "ria_forward"), lazy(_TRITON, "ria_backward")), triton_module=_TRITON)
 
 
 # ----------------------------------------------------------------------------- registration

@@ -1,8 +1,18 @@
 """Triton kernels shared by ``region_image_attention`` (RIA) and ``region_language_attention``
 (RLA): one flash-style masked-attention family whose mask is decided in the kernel.
 
-Semantics: :mod:`rexfast.ops.region_attention` (every backend computes the same). The
-ops' ``triton_kernels.py`` modules wrap these for their argument lists.
+Semantics: :mod:`.core` (every backend computes the same). Each op's Triton backend
+is a pair of functions at the end of this module, registered by the op lazily
+(``rexfast.ops.common.lazy``: triton is imported on the first Triton call):
+
+    ria_forward(q, k, v, region_logits, kh, kw, scale)              -> (out, lse, open_rows)
+    ria_backward(dout, q, k, v, region_logits, kh, kw, scale, out, lse, open_rows) -> (dq, dk, dv)
+    rla_forward(q, k, v, key_padding_mask, scale)                   -> (out, lse)
+    rla_backward(dout, q, k, v, key_padding_mask, scale, out, lse)  -> (dq, dk, dv)
+
+RIA's forward runs the first cheap pass (``_open_rows_kernel``: rows that block every
+key) and then the flash kernel; its backward takes the forward's open rows back. RLA
+has a key padding mask (MASK_PADDING) or none (MASK_NONE).
 
 Kernels
 -------
@@ -26,7 +36,7 @@ Kernels
 
 Decisions (MASK = 2): the resampled logit of (query i, key j) from the per-key texel
 offsets and weights (tables made on the host exactly as the plan's resampler makes
-them, ``region_attention.resample_axis``), with ``tl.fma`` where that resampler
+them, ``plan.resample_axis``), with ``tl.fma`` where that resampler
 rounds once: CUDA tensors follow torch's CUDA kernel, CPU tensors (the interpreter)
 torch's CPU kernels, with the 8-lane vector/tail split over queries. Then blocked iff
 value <= threshold (NaN never blocked). Every add is either inside an explicit fma or
@@ -61,10 +71,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .region_attention import (RESAMPLE_CL, RESAMPLE_COPY, RESAMPLE_CUDA, RESAMPLE_GENERIC, RESAMPLE_MAP,
-                               decision_plan, resample_axis)
-from .registry import triton_interpret
-from .triton_lib import CompileConfig
+from ..registry import triton_interpret
+from ..triton_lib import CompileConfig
+from .plan import RESAMPLE_CL, RESAMPLE_COPY, RESAMPLE_CUDA, RESAMPLE_GENERIC, RESAMPLE_MAP, decision_plan, resample_axis
+
+RIA, RLA = "region_image_attention", "region_language_attention"
 
 MASK_NONE, MASK_PADDING, MASK_REGION = 0, 1, 2
 # Tiles and warps from sm_90 compile statistics (.ci/compile_triton_sm90.py), not from GPU
@@ -122,7 +133,7 @@ def _resample(a, b, c, d, w0, w1, w2, w3, vec_row, MODE: tl.constexpr, FMA: tl.c
             v = tl.fma(tl.fma(a, w2, b * w3), w0, tl.fma(c, w2, d * w3) * w1)
         else:
             v = (a * w2 + b * w3) * w0 + (c * w2 + d * w3) * w1
-    elif MODE == 2:  # RESAMPLE_CUDA: w = λy0, λy1, λx0, λx1 (region_attention.cuda_bilinear)
+    elif MODE == 2:  # RESAMPLE_CUDA: w = λy0, λy1, λx0, λx1 (plan.cuda_bilinear)
         t0 = tl.fma(w2, a, w3 * b)
         t1 = tl.fma(w2, c, w3 * d)
         v = tl.fma(w0, t0, w1 * t1)
@@ -574,12 +585,17 @@ def backward(dout, q, k, v, out, lse, margs: MaskArgs, scale: float, op: str):
 
 
 # ----------------------------------------------------------------------------- sm_90 compile check
-def compile_configs(op: str) -> list[CompileConfig]:
-    """Specialisations for ``.ci/compile_triton_sm90.py``: every dtype at d = 32 (ReLA),
-    d = 64 and an odd d = 24 (padded to 32), for the op's mask kinds; on CUDA the
-    region decisions use the CUDA resampler (or the copy for equal sizes)."""
+def compile_configs() -> list[CompileConfig]:
+    """Specialisations for ``.ci/compile_triton_sm90.py``, both ops': RIA's, then RLA's."""
+    return _op_compile_configs(RIA) + _op_compile_configs(RLA)
+
+
+def _op_compile_configs(op: str) -> list[CompileConfig]:
+    """One op's: every dtype at d = 32 (ReLA), d = 64 and an odd d = 24 (padded to 32),
+    for the op's mask kinds; on CUDA the region decisions use the CUDA resampler (or the
+    copy for equal sizes)."""
     configs = []
-    if op == "region_image_attention":
+    if op == RIA:
         plans = [(MASK_REGION, RESAMPLE_CUDA), (MASK_REGION, RESAMPLE_COPY)]
     else:
         plans = [(MASK_PADDING, RESAMPLE_CL), (MASK_NONE, RESAMPLE_CL)]
@@ -609,7 +625,7 @@ def compile_configs(op: str) -> list[CompileConfig]:
                 dconst = {key: val for key, val in const.items() if key != "EMU_BF16"}
                 configs.append(CompileConfig(f"delta {label}", _delta_kernel, delta, dconst, NUM_WARPS,
                                              scalars=scalars))
-    if op == "region_image_attention":
+    if op == RIA:
         for mode in (RESAMPLE_CUDA, RESAMPLE_COPY):
             configs.append(CompileConfig(
                 f"open-rows {op} resample={mode_names[mode]}", _open_rows_kernel,
@@ -619,5 +635,35 @@ def compile_configs(op: str) -> list[CompileConfig]:
     return configs
 
 
+# ----------------------------------------------------------------------------- the two ops' backends
+def ria_forward(q, k, v, region_logits, kh, kw, scale):
+    margs = region_mask_args(q, region_logits, kh, kw)
+    margs.open = open_rows(q, margs, kh * kw)
+    out, lse = forward(q, k, v, margs, scale, RIA)
+    return out, lse, margs.open.bool()
+
+
+def ria_backward(dout, q, k, v, region_logits, kh, kw, scale, out, lse, open_rows):
+    margs = region_mask_args(q, region_logits, kh, kw)
+    margs.open = open_rows.to(torch.int8).contiguous()
+    return backward(dout, q, k, v, out, lse, margs, scale, RIA)
+
+
+def _padding_mask_args(q, key_padding_mask):
+    if key_padding_mask is None:
+        return MaskArgs(q.device, mask=MASK_NONE)
+    padded = key_padding_mask.to(torch.int8).contiguous()
+    empty = key_padding_mask.all(dim=-1).to(torch.int8).contiguous()
+    return MaskArgs(q.device, mask=MASK_PADDING, padded=padded, empty=empty)
+
+
+def rla_forward(q, k, v, key_padding_mask, scale):
+    return forward(q, k, v, _padding_mask_args(q, key_padding_mask), scale, RLA)
+
+
+def rla_backward(dout, q, k, v, key_padding_mask, scale, out, lse):
+    return backward(dout, q, k, v, out, lse, _padding_mask_args(q, key_padding_mask), scale, RLA)
+
+
 __all__ = ["MASK_NONE", "MASK_PADDING", "MASK_REGION", "MaskArgs", "region_mask_args", "open_rows", "forward",
-           "backward", "compile_configs", "modes"]
+           "backward", "ria_forward", "ria_backward", "rla_forward", "rla_backward", "compile_configs", "modes"]

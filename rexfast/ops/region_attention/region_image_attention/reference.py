@@ -19,11 +19,10 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import torch
 from torch import Tensor
 
-from ..region_attention import (compute_dtype, default_scale, masked_attention, masked_attention_lse,
-                                masked_scores, official_region_blocked)
+from ..core import compute_dtype, default_scale, masked_attention, masked_attention_backward, masked_attention_lse
+from ..mask import official_region_blocked
 
 
 def region_image_attention_reference(q: Tensor, k: Tensor, v: Tensor, region_logits: Tensor,
@@ -42,24 +41,9 @@ def reference_forward(q, k, v, region_logits, kh, kw, scale):
     return out.to(q.dtype), lse, open_rows
 
 
-def masked_attention_backward(dout, q, k, v, blocked, scale):
-    """dq, dk, dv of softmax(where(blocked, −∞, scale·q kᵀ)) @ v, as autograd computes them."""
-    compute = compute_dtype(q.dtype)
-    q, k, v, dout = (t.to(compute) for t in (q, k, v, dout))
-    p = masked_scores(q, k, blocked, scale).softmax(dim=-1)
-    dv = torch.matmul(p.transpose(-1, -2), dout)
-    dp = torch.matmul(dout, v.transpose(-1, -2))
-    ds = (dp - (dp * p).sum(dim=-1, keepdim=True)) * p  # softmax backward
-    if blocked is not None:
-        ds = torch.where(blocked, 0.0, ds)  # torch.where backward
-    ds = ds * scale
-    return torch.matmul(ds, k), torch.matmul(ds.transpose(-1, -2), q), dv
-
-
 def reference_backward(dout, q, k, v, region_logits, kh, kw, scale, out, lse, open_rows):
     blocked = official_region_blocked(region_logits, (kh, kw))[:, None]
     return masked_attention_backward(dout, q, k, v, blocked, scale)
 
 
-__all__ = ["region_image_attention_reference", "reference_forward", "reference_backward",
-           "masked_attention_backward"]
+__all__ = ["region_image_attention_reference", "reference_forward", "reference_backward"]

@@ -10,7 +10,7 @@ exported graph cannot): masked softmax attention over every sample, then
     out = 0 and lse = −∞ for a sample with every word padded.
 
 Without a padding mask (ReLA's main branch) nothing is masked. NaN semantics:
-:mod:`rexfast.ops.region_attention`. The onnxscript functions in
+:mod:`rexfast.ops.region_attention.core`. The onnxscript functions in
 :mod:`rexfast.export.onnx_functions` compute this operation for operation.
 """
 
@@ -20,7 +20,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from ..region_attention import compute_dtype
+from ..core import compute_dtype
 from .reference import reference_forward
 
 

@@ -1,8 +1,8 @@
 """``region_language_attention`` (RLA): ReLA's region-word attention, with an optional key padding mask.
 
 Checks, ``torch.library`` registration (forward, backward, fake functions,
-autograd) and backends, like :mod:`rexfast.ops.region_image_attention`, whose
-attention core it shares (semantics: :mod:`rexfast.ops.region_attention`).
+autograd) and backends, like :mod:`rexfast.ops.region_attention.region_image_attention`,
+whose attention core it shares (semantics: :mod:`rexfast.ops.region_attention.core`).
 
 Math (per b, h): s = where(padded_j, −∞, scale·q kᵀ), p = softmax_j(s), out = p v;
 with ``key_padding_mask=None`` nothing is masked (the authors' main branch). A
@@ -16,9 +16,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import registry
-from ..region_attention import (check_qkv, check_scale, compute_dtype, contiguous_grads, contiguous_like,
-                               inner_contiguous)
+from ...common import inner_contiguous, lazy, op_backends
+from ..checks import check_qkv, check_scale
+from ..core import compute_dtype, contiguous_grads, contiguous_like
 from .reference import reference_backward, reference_forward
 
 OP = "region_language_attention"
@@ -41,35 +41,19 @@ def _check_inputs(q, k, v, key_padding_mask):
 
 
 # ----------------------------------------------------------------------------- backends
+# The C++/CUDA kernels: csrc/cpu/region_language_attention.cpp, csrc/cuda/region_language_attention.cu.
 def _ext_forward(q, k, v, key_padding_mask, scale):
-    from . import native
-
-    return native.forward(q, k, v, key_padding_mask, scale)
+    return torch.ops.rexfast_C.region_language_attention_fwd(q, k, v, key_padding_mask, scale)
 
 
 def _ext_backward(dout, q, k, v, key_padding_mask, scale, out, lse):
-    from . import native
-
-    return native.backward(dout, q, k, v, key_padding_mask, scale, out, lse)
+    return torch.ops.rexfast_C.region_language_attention_bwd(dout, q, k, v, key_padding_mask, scale, out, lse)
 
 
-def _triton_forward(q, k, v, key_padding_mask, scale):
-    from . import triton_kernels
-
-    return triton_kernels.forward(q, k, v, key_padding_mask, scale)
-
-
-def _triton_backward(dout, q, k, v, key_padding_mask, scale, out, lse):
-    from . import triton_kernels
-
-    return triton_kernels.backward(dout, q, k, v, key_padding_mask, scale, out, lse)
-
-
-BACKENDS = registry.OpBackends(OP, triton_module=f"{__package__}.triton_kernels")
-BACKENDS.register(registry.reference_backend(reference_forward, reference_backward))
-BACKENDS.register(registry.cpu_backend(_ext_forward, _ext_backward, "region_language_attention_fwd"))
-BACKENDS.register(registry.cuda_backend(_ext_forward, _ext_backward, "region_language_attention_fwd"))
-BACKENDS.register(registry.triton_backend(_triton_forward, _triton_backward))
+_TRITON = "rexfast.ops.region_attention.triton_kernels"  # the family's Triton kernels, imported on first use
+BACKENDS = op_backends(OP, reference=(reference_forward, reference_backward),
+                       native=(_ext_forward, _ext_backward), native_symbol="region_language_attention_fwd",
+                       triton=(lazy(_TRITON, "rla_forward"), lazy(_TRITON, "rla_backward")), triton_module=_TRITON)
 
 
 # ----------------------------------------------------------------------------- registration

@@ -10,7 +10,7 @@ op's by construction:
     blocked rows that block every key are unblocked (open_rows, B×Q, marks them)
     s = where(blocked, −∞, scale·q kᵀ),  out = softmax(s) v,  lse = logsumexp(s)
 
-NaN semantics: those of :mod:`rexfast.ops.region_attention` (a non-finite v
+NaN semantics: those of :mod:`rexfast.ops.region_attention.core` (a non-finite v
 anywhere in (b, h) reaches every query's output column; a row with a NaN or
 +inf allowed score is NaN). The region logits decide only the mask; a NaN logit
 gives sigmoid NaN, ``NaN < 0.5`` is false: that key is not blocked.
@@ -30,7 +30,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ..region_attention import compute_dtype, masked_attention_lse, official_region_blocked
+from ..core import compute_dtype, masked_attention_lse
+from ..mask import official_region_blocked
 
 
 def region_image_attention_decomposition(q: Tensor, k: Tensor, v: Tensor, region_logits: Tensor, kh: int, kw: int,

@@ -5,7 +5,7 @@ queries attend over word features. The authors' main branch passes no key
 padding mask (``key_padding_mask=None`` here reproduces it: every word, padding
 included, is a key). With a mask (B, S) bool, True = padded, padded words are
 blocked for every query of that sample (the softmax core of
-:mod:`rexfast.ops.region_attention`).
+:mod:`rexfast.ops.region_attention.core`).
 
 A sample whose every word is padded has no key to attend to: its output rows
 are **zero** and nothing flows back from them (zero gradients to its q, k, v),
@@ -20,8 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..region_attention import compute_dtype, default_scale, masked_attention, masked_attention_lse
-from ..region_image_attention.reference import masked_attention_backward
+from ..core import compute_dtype, default_scale, masked_attention, masked_attention_backward, masked_attention_lse
 
 
 def _blocked(key_padding_mask: Optional[Tensor]) -> Optional[Tensor]:
