@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Compile-only check of the torch-free CUDA kernels in kernels/ for sm_90, with
-# the machine's nvcc and no GPU: first through CMakeLists.txt (the standalone
-# library), then every .cu file on its own with -Werror-like strictness.
+# Compile-only check of the CUDA code for sm_90, with the machine's nvcc and no
+# GPU: the torch-free kernels in kernels/ first through CMakeLists.txt (the
+# standalone library), then every .cu file on its own with -Wall; then the torch
+# glue in csrc/cuda/ (below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 nvcc_bin=$(command -v nvcc || true)
@@ -26,8 +27,14 @@ done
 # The torch glue in csrc/cuda/ against the installed torch's headers, when they are
 # there (a CPU torch ships the c10/cuda headers but not the generated
 # cuda_cmake_macros.h, which holds one macro): compile only, nothing is linked.
-torch_inc=$(python3 -c "import torch.utils.cpp_extension as c; print(' '.join(c.include_paths()))" 2>/dev/null || true)
-py_inc=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['include'])" 2>/dev/null || true)
+# The torch is $PYTHON's: by default the checkout's .venv (where CI installs it),
+# else python3 on PATH.
+python_bin=${PYTHON:-}
+if [ -z "$python_bin" ]; then
+  if [ -x .venv/bin/python ]; then python_bin=.venv/bin/python; else python_bin=python3; fi
+fi
+torch_inc=$("$python_bin" -c "import torch.utils.cpp_extension as c; print(' '.join(c.include_paths()))" 2>/dev/null || true)
+py_inc=$("$python_bin" -c "import sysconfig; print(sysconfig.get_paths()['include'])" 2>/dev/null || true)
 if [ -n "$torch_inc" ]; then
   mkdir -p "$build/inc/c10/cuda/impl"
   printf '#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n' > "$build/inc/c10/cuda/impl/cuda_cmake_macros.h"
@@ -39,5 +46,5 @@ if [ -n "$torch_inc" ]; then
     echo "compiled $cu (torch glue) for sm_90"
   done
 else
-  echo "torch not importable: skipped the csrc/cuda glue"
+  echo "torch not importable by $python_bin: skipped the csrc/cuda glue (set PYTHON to a python with torch)"
 fi

@@ -27,9 +27,13 @@
 #include <algorithm>
 #include <cmath>
 
+#include "common.cuh"
+
 namespace rexfast {
 namespace cuda {
 namespace {
+
+using namespace detail;  // Cvt, warp_sum (common.cuh)
 
 constexpr int kWarps = 8;  // rows (warps) per CTA
 constexpr int kThreads = kWarps * 32;
@@ -37,29 +41,6 @@ constexpr int64_t kMaxBlocks = int64_t(1) << 20;  // grid-stride loops beyond th
 constexpr int kGatherWarps = 8;
 constexpr int kOffsetThreads = 256;
 constexpr size_t kAlign = 256;
-
-template <typename T>
-struct Cvt;
-template <>
-struct Cvt<float> {
-  static __device__ __forceinline__ float to(float x) { return x; }
-  static __device__ __forceinline__ float from(float x) { return x; }
-};
-template <>
-struct Cvt<double> {
-  static __device__ __forceinline__ double to(double x) { return x; }
-  static __device__ __forceinline__ double from(double x) { return x; }
-};
-template <>
-struct Cvt<__half> {
-  static __device__ __forceinline__ float to(__half x) { return __half2float(x); }
-  static __device__ __forceinline__ __half from(float x) { return __float2half_rn(x); }
-};
-template <>
-struct Cvt<__nv_bfloat16> {
-  static __device__ __forceinline__ float to(__nv_bfloat16 x) { return __bfloat162float(x); }
-  static __device__ __forceinline__ __nv_bfloat16 from(float x) { return __float2bfloat16_rn(x); }
-};
 
 template <typename A>
 __device__ __forceinline__ A quiet_nan();
@@ -70,14 +51,6 @@ __device__ __forceinline__ float quiet_nan<float>() {
 template <>
 __device__ __forceinline__ double quiet_nan<double>() {
   return __longlong_as_double(0x7ff8000000000000LL);
-}
-
-// Butterfly sum: every lane ends with the same, order-fixed value.
-template <typename A>
-__device__ __forceinline__ A warp_sum(A x) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-  return x;
 }
 
 struct Level {

@@ -10,7 +10,7 @@
 //   t0 = fma(lx0, a, lx1*b), t1 = fma(lx0, c, lx1*d), v = fma(ly0, t0, ly1*t1)
 // (the contraction nvcc makes of torch's expression in its NCHW kernel, read from
 // the sm_90 SASS of torch 2.11's CUDA 13 build; see RESAMPLE_CUDA in
-// rexfast/ops/region_attention.py); equal
+// rexfast/ops/region_attention/plan.py); equal
 // region and key sizes are a copy, as torch's launcher makes them. Then blocked
 // iff v <= threshold; fast-math's flush of denormals cannot move a value across
 // the threshold (about -1.8e-7).
@@ -18,41 +18,17 @@
 
 #include <math.h>
 
+#include "common.cuh"
+
 namespace rexfast {
 namespace cuda {
 namespace {
 
+using namespace detail;  // Cvt, dexp, dlog, warp_sum (common.cuh)
+
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
 constexpr int kPerLane = kRegionMaxD / 32;  // accumulator slots per lane
-
-template <typename T>
-struct Cvt;
-template <>
-struct Cvt<float> {
-  static __device__ __forceinline__ float to(float x) { return x; }
-  static __device__ __forceinline__ float from(float x) { return x; }
-};
-template <>
-struct Cvt<double> {
-  static __device__ __forceinline__ double to(double x) { return x; }
-  static __device__ __forceinline__ double from(double x) { return x; }
-};
-template <>
-struct Cvt<__half> {
-  static __device__ __forceinline__ float to(__half x) { return __half2float(x); }
-  static __device__ __forceinline__ __half from(float x) { return __float2half_rn(x); }
-};
-template <>
-struct Cvt<__nv_bfloat16> {
-  static __device__ __forceinline__ float to(__nv_bfloat16 x) { return __bfloat162float(x); }
-  static __device__ __forceinline__ __nv_bfloat16 from(float x) { return __float2bfloat16_rn(x); }
-};
-
-__device__ __forceinline__ float dexp(float x) { return expf(x); }
-__device__ __forceinline__ double dexp(double x) { return exp(x); }
-__device__ __forceinline__ float dlog(float x) { return logf(x); }
-__device__ __forceinline__ double dlog(double x) { return log(x); }
 
 template <typename A>
 __device__ __forceinline__ A neg_inf() {
@@ -65,13 +41,7 @@ __device__ __forceinline__ A nanmax(A a, A b) {
   return (a != a || a > b) ? a : b;
 }
 
-// Butterfly reductions: every lane ends with the same, order-fixed value.
-template <typename A>
-__device__ __forceinline__ A warp_sum(A x) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-  return x;
-}
+// Butterfly maximum: every lane ends with the same, order-fixed value (warp_sum: common.cuh).
 template <typename A>
 __device__ __forceinline__ A warp_nanmax(A x) {
 #pragma unroll

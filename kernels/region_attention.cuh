@@ -2,7 +2,7 @@
 // region_image_attention (RIA: decisions from region logits) and
 // region_language_attention (RLA: a key padding mask, or none). Torch-free CUDA.
 //
-// Semantics (rexfast/ops/region_attention.py; every backend computes the same):
+// Semantics (rexfast/ops/region_attention/core.py; every backend computes the same):
 //   s = where(blocked, -inf, scale * q k^T), p = softmax(s), out = p v over all
 //   keys (IEEE: a blocked key has p = 0, and 0 * inf or 0 * NaN in its v is NaN),
 //   lse = log sum exp s. Backward: p = exp(s - lse), dv = p^T dout,
@@ -38,7 +38,7 @@ namespace rexfast {
 namespace cuda {
 
 enum RegionMask : int { kMaskNone = 0, kMaskPadding = 1, kMaskRegion = 2 };
-// Resampling modes (RESAMPLE_* in region_attention.py) that CUDA tensors use.
+// Resampling modes (RESAMPLE_* in rexfast/ops/region_attention/plan.py) that CUDA tensors use.
 enum RegionResample : int { kResampleCuda = 2, kResampleCopy = 3, kResampleMap = 4 };
 constexpr int kRegionMaxD = 256;
 

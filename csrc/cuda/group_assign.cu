@@ -14,28 +14,15 @@
 
 #include <type_traits>
 
+#include "glue.h"
 #include "group_assign.cuh"
 
 namespace rexfast {
 namespace {
 
-template <typename scalar_t>
-struct KernelType {
-  using type = scalar_t;
-};
-template <>
-struct KernelType<at::Half> {
-  using type = __half;
-};
-template <>
-struct KernelType<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
-
-at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
-// The kernels take any batch/row stride but need unit stride on the last axis.
-at::Tensor inner_contiguous(const at::Tensor& t) { return t.stride(2) == 1 ? t : t.contiguous(); }
+using glue::acc_type_of;
+using glue::inner_contiguous;
+using glue::KernelType;
 
 void check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const at::Tensor& tau, const c10::optional<at::Tensor>& noise) {

@@ -10,23 +10,13 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "glue.h"
 #include "ms_deform_attn.cuh"
 
 namespace rexfast {
 namespace {
 
-template <typename scalar_t>
-struct KernelType {
-  using type = scalar_t;
-};
-template <>
-struct KernelType<at::Half> {
-  using type = __half;
-};
-template <>
-struct KernelType<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
+using glue::KernelType;
 
 cuda::MSDeformAttnDims check_inputs(const char* op, const at::Tensor& value, const at::Tensor& spatial_shapes,
                                     const at::Tensor& level_start_index, const at::Tensor& loc,

@@ -9,25 +9,15 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include "glue.h"
 #include "region_attention.cuh"
 
 namespace rexfast {
 namespace region_cuda {
 
-template <typename scalar_t>
-struct KernelType {
-  using type = scalar_t;
-};
-template <>
-struct KernelType<at::Half> {
-  using type = __half;
-};
-template <>
-struct KernelType<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
-
-inline at::Tensor inner_contiguous(const at::Tensor& t) { return t.stride(3) == 1 ? t : t.contiguous(); }
+using glue::acc_type_of;
+using glue::inner_contiguous;
+using glue::KernelType;
 
 inline void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op, " (cuda): q, k, v must be 4-D");
@@ -67,7 +57,6 @@ void fill_qkv(cuda::RegionAttnParams<T>& p, const at::Tensor& q, const at::Tenso
   p.v_sb = v.stride(0), p.v_sh = v.stride(1), p.v_sl = v.stride(2);
 }
 
-inline at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // The forward for a filled mask; returns (out, lse).
 template <typename Fill>

@@ -2,7 +2,7 @@
 // (the open-rows pass, then the forward; the backward takes the open rows back).
 // Same schemas and outputs as csrc/cpu/region_image_attention.cpp; the decision plan
 // (mode 2 = torch's CUDA resampler, 3 = copy for equal sizes, 4 = resampled values)
-// and the threshold come from rexfast/ops/region_attention.py.
+// and the threshold come from rexfast/ops/region_attention/plan.py.
 #include <torch/library.h>
 
 #include "region_attention_glue.h"
