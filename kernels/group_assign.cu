@@ -1,4 +1,6 @@
-// group_assign CUDA kernels; interface and conventions in group_assign.cuh.
+// group_assign CUDA kernels and their launchers; interface and conventions in
+// group_assign.cuh, the tiling constants and device helpers in
+// group_assign_device.cuh, the host-side planning in group_assign_plan.cuh.
 //
 // Forward, five launches:
 //   1. normalise_rows: q̂ = q/(‖q‖+ε) into the workspace, one CTA per (b, n).
@@ -35,171 +37,15 @@
 
 #include <algorithm>
 
-#include "rng.h"
+#include "group_assign_device.cuh"
+#include "group_assign_plan.cuh"
 
 namespace rexfast {
 namespace cuda {
+
+using namespace group_assign_detail;  // tiling, helpers and plans (group_assign_device.cuh, group_assign_plan.cuh)
+
 namespace {
-
-constexpr int kWarps = 8;  // warps per CTA of the per-pixel kernels
-constexpr int kThreads = kWarps * 32;
-constexpr int kKPL = 8;  // row elements per lane per sweep
-constexpr int kRowChunk = 32 * kKPL;
-constexpr int kTokGroup = 4;  // tokens dotted per sweep of a row chunk
-constexpr int kMaxTile = 64;  // pixels per CTA (halved while shared memory is short)
-constexpr int kMinTile = kWarps;
-constexpr size_t kSmemCap = 100 * 1024;  // optional q̂/dout staging stays below this
-constexpr int kPoolThreads = 128;
-constexpr int kPoolDPT = 8;  // v columns per thread per pass
-constexpr int64_t kPoolTargetBlocks = 1024;
-constexpr int64_t kPoolMinSeg = 256;
-constexpr int kRowThreads = 256;  // per-(b,n) row kernels
-// dq̂ product tiles
-constexpr int kGN = 32, kGC = 64, kGP = 32, kGThreads = 256;
-constexpr int64_t kGemmTargetBlocks = 1024;
-constexpr int64_t kGemmMinSeg = 256;
-constexpr double kL2nEps = 1e-12;
-
-// ---------------------------------------------------------------- small helpers
-template <typename T>
-struct Cvt;
-template <>
-struct Cvt<float> {
-  static __device__ __forceinline__ float to(float x) { return x; }
-  static __device__ __forceinline__ float from(float x) { return x; }
-};
-template <>
-struct Cvt<double> {
-  static __device__ __forceinline__ double to(double x) { return x; }
-  static __device__ __forceinline__ double from(double x) { return x; }
-};
-template <>
-struct Cvt<__half> {
-  static __device__ __forceinline__ float to(__half x) { return __half2float(x); }
-  static __device__ __forceinline__ __half from(float x) { return __float2half_rn(x); }
-};
-template <>
-struct Cvt<__nv_bfloat16> {
-  static __device__ __forceinline__ float to(__nv_bfloat16 x) { return __bfloat162float(x); }
-  static __device__ __forceinline__ __nv_bfloat16 from(float x) { return __float2bfloat16_rn(x); }
-};
-
-__device__ __forceinline__ float dsqrt(float x) { return sqrtf(x); }
-__device__ __forceinline__ double dsqrt(double x) { return sqrt(x); }
-__device__ __forceinline__ float dexp(float x) { return expf(x); }
-__device__ __forceinline__ double dexp(double x) { return exp(x); }
-
-template <typename A>
-__device__ __forceinline__ A draw_gumbel(uint32_t key, uint32_t index);
-// The float noise is rng.h's value evaluated in double and rounded once. Not
-// gumbel_from_key: setup.py builds with --use_fast_math, which turns its logf
-// into __logf, whose absolute error near 1 (~1e-7) exceeds −log(u) for u close
-// to 1 and can make the noise inf/NaN. Double math is not touched by fast-math,
-// and the result is the float32 rounding of the float64 reference noise
-// (rexfast.ops.reference.gumbel_noise), within 1 ulp of the CPU kernel's.
-template <>
-__device__ __forceinline__ float draw_gumbel<float>(uint32_t key, uint32_t index) {
-  return static_cast<float>(gumbel_from_key_f64(key, index));
-}
-template <>
-__device__ __forceinline__ double draw_gumbel<double>(uint32_t key, uint32_t index) {
-  return gumbel_from_key_f64(key, index);
-}
-
-// Butterfly sum: every lane ends with the same, order-fixed value.
-template <typename A>
-__device__ __forceinline__ A warp_sum(A x) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-  return x;
-}
-
-// Fixed-order CTA sum (blockDim.x a multiple of 32, ≤ 1024); all threads get it.
-template <typename A>
-__device__ A block_sum(A x, A* red /* ≥ 32 */) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-  x = warp_sum(x);
-  if (lane == 0) red[warp] = x;
-  __syncthreads();
-  if (warp == 0) {
-    A t = lane < warps ? red[lane] : A(0);
-    t = warp_sum(t);
-    if (lane == 0) red[0] = t;
-  }
-  __syncthreads();
-  const A r = red[0];
-  __syncthreads();
-  return r;
-}
-
-// out[n] = Σ_c mat[n*ld + c] · src[c] for n < N, c < len (one warp, lane 0
-// writes out); returns Σ_c src[c]² on every lane.
-template <typename T, typename A>
-__device__ __forceinline__ A warp_row_dots(const T* __restrict__ src, int len, const A* mat, int64_t ld, int N,
-                                           A* out, int lane) {
-  A norm2 = 0;
-  for (int c0 = 0; c0 < len; c0 += kRowChunk) {
-    A x[kKPL];
-#pragma unroll
-    for (int m = 0; m < kKPL; ++m) {
-      const int c = c0 + lane + 32 * m;
-      x[m] = c < len ? static_cast<A>(Cvt<T>::to(src[c])) : A(0);
-      norm2 += x[m] * x[m];
-    }
-    for (int n0 = 0; n0 < N; n0 += kTokGroup) {
-      A acc[kTokGroup];
-#pragma unroll
-      for (int j = 0; j < kTokGroup; ++j) {
-        acc[j] = 0;
-        if (n0 + j < N) {
-          const A* row = mat + static_cast<int64_t>(n0 + j) * ld;
-#pragma unroll
-          for (int m = 0; m < kKPL; ++m) {
-            const int c = c0 + lane + 32 * m;
-            if (c < len) acc[j] += row[c] * x[m];
-          }
-        }
-      }
-#pragma unroll
-      for (int j = 0; j < kTokGroup; ++j)
-        if (n0 + j < N) acc[j] = warp_sum(acc[j]);  // warp-uniform condition
-      if (lane == 0) {
-#pragma unroll
-        for (int j = 0; j < kTokGroup; ++j)
-          if (n0 + j < N) out[n0 + j] = c0 == 0 ? acc[j] : out[n0 + j] + acc[j];
-      }
-    }
-  }
-  return warp_sum(norm2);
-}
-
-// The winning token of one pixel's logits z[0..N): the first maximum (same
-// comparisons as the CPU kernel), and whether the softmax column is NaN as the
-// reference computes it (a NaN or +inf logit, or all -inf; the winner is then
-// token 0). `max` is the maximum over the non-NaN logits. All lanes scan.
-template <typename A>
-struct Winner {
-  int index;
-  bool poisoned;
-  A max;
-};
-template <typename A>
-__device__ __forceinline__ Winner<A> first_winner(const A* z, int N) {
-  int best = -1;
-  bool nan = false;
-  A zb = A(0);
-  for (int n = 0; n < N; ++n) {
-    const A zn = z[n];
-    if (isnan(zn)) {
-      nan = true;
-    } else if (best < 0 || zn > zb) {
-      zb = zn;
-      best = n;
-    }
-  }
-  const bool poisoned = nan || best < 0 || isinf(zb);
-  return {poisoned ? 0 : best, poisoned, best < 0 ? A(NAN) : zb};
-}
 
 // ---------------------------------------------------------------- kernels
 // q̂[bn, :] = q[b, n, :] / (‖q[b, n, :]‖ + ε); grid B*N.
@@ -702,130 +548,8 @@ __global__ void __launch_bounds__(kRowThreads) dtau_finalize_kernel(const A* __r
   if (threadIdx.x == 0) *dtau = s;
 }
 
-// ---------------------------------------------------------------- host side
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Carves typed arrays out of the workspace (or only measures with base == nullptr).
-struct Carver {
-  char* base;
-  size_t off = 0;
-  template <typename U>
-  U* take(int64_t n) {
-    off = (off + 255) & ~size_t(255);
-    U* ptr = base ? reinterpret_cast<U*>(base + off) : nullptr;
-    off += static_cast<size_t>(n) * sizeof(U);
-    return ptr;
-  }
-};
-
-struct PoolPlan {
-  int64_t segs, seg_len;
-};
-PoolPlan pool_plan(int64_t B, int64_t N, int64_t P) {
-  int64_t segs = std::max<int64_t>(1, ceil_div(kPoolTargetBlocks, B * N));
-  segs = std::max<int64_t>(1, std::min(segs, ceil_div(P, kPoolMinSeg)));
-  const int64_t seg_len = ceil_div(ceil_div(P, segs), kPoolThreads) * kPoolThreads;
-  return {ceil_div(P, seg_len), seg_len};
-}
-
-struct GemmPlan {
-  int64_t psplit, plen, ntiles, ctiles;
-};
-GemmPlan gemm_plan(int64_t B, int64_t N, int64_t P, int64_t C) {
-  const int64_t ntiles = ceil_div(N, kGN), ctiles = ceil_div(C, kGC);
-  int64_t psplit = std::max<int64_t>(1, ceil_div(kGemmTargetBlocks, B * ntiles * ctiles));
-  psplit = std::max<int64_t>(1, std::min(psplit, ceil_div(P, kGemmMinSeg)));
-  const int64_t plen = ceil_div(ceil_div(P, psplit), kGP) * kGP;
-  return {ceil_div(P, plen), plen, ntiles, ctiles};
-}
-
-bool sizes_ok(int64_t B, int64_t N, int64_t P, int64_t C, int64_t D) {
-  constexpr int64_t kIntMax = 2147483647;
-  if (B < 1 || N < 1 || P < 1 || C < 1 || D < 1) return false;
-  if (N > kIntMax || C > kIntMax || D > kIntMax) return false;
-  if (B * N > kIntMax || B * N * P > kIntMax) return false;  // the hash index is 32-bit
-  return true;
-}
-
-cudaError_t smem_limit(size_t* limit) {
-  int dev = 0, optin = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err != cudaSuccess) return err;
-  err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-  if (err != cudaSuccess) return err;
-  *limit = static_cast<size_t>(optin);
-  return cudaSuccess;
-}
-
-template <typename K>
-cudaError_t allow_smem(K kernel, size_t bytes) {
-  if (bytes <= 48 * 1024) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
-}
-
-bool grid_ok(int64_t blocks) { return blocks >= 1 && blocks <= 2147483647; }
-
-template <typename T>
-struct FwdWork {
-  using A = typename GroupAssignAcc<T>::type;
-  A* qhat;
-  int* labels;
-  A* partial;
-  A* hits;
-  int* poison;           // (B,) 1 where a pixel's softmax column is NaN
-  int* nonfinite;        // (B*N*segs, D) non-finite v values per token segment
-  int* nonfinite_total;  // (B, D)
-  PoolPlan pool;
-  size_t bytes;
-};
-template <typename T>
-FwdWork<T> fwd_work(void* base, int64_t B, int64_t N, int64_t P, int64_t C, int64_t D) {
-  using A = typename GroupAssignAcc<T>::type;
-  FwdWork<T> w{};
-  w.pool = pool_plan(B, N, P);
-  Carver cv{static_cast<char*>(base)};
-  w.qhat = cv.take<A>(B * N * C);
-  w.labels = cv.take<int>(B * P);
-  w.partial = cv.take<A>(B * N * w.pool.segs * D);
-  w.hits = cv.take<A>(B * N * w.pool.segs);
-  w.poison = cv.take<int>(B);
-  w.nonfinite = cv.take<int>(B * N * w.pool.segs * D);
-  w.nonfinite_total = cv.take<int>(B * D);
-  w.bytes = cv.off;
-  return w;
-}
-
-template <typename T>
-struct BwdWork {
-  using A = typename GroupAssignAcc<T>::type;
-  A* qhat;
-  A* inv_r1;
-  A* cvec;
-  T* dv_rows;
-  A* dsk;
-  A* dtau_part;
-  A* dq_part;
-  GemmPlan gemm;
-  size_t bytes;
-};
-template <typename T>
-BwdWork<T> bwd_work(void* base, int64_t B, int64_t N, int64_t P, int64_t C, int64_t D) {
-  using A = typename GroupAssignAcc<T>::type;
-  BwdWork<T> w{};
-  w.gemm = gemm_plan(B, N, P, C);
-  Carver cv{static_cast<char*>(base)};
-  w.qhat = cv.take<A>(B * N * C);
-  w.inv_r1 = cv.take<A>(B * N);
-  w.cvec = cv.take<A>(B * N);
-  w.dv_rows = cv.take<T>(B * N * D);
-  w.dsk = cv.take<A>(B * N * P);
-  w.dtau_part = cv.take<A>(B * ceil_div(P, kMinTile));
-  w.dq_part = cv.take<A>(B * w.gemm.psplit * N * C);
-  w.bytes = cv.off;
-  return w;
-}
-
 }  // namespace
+
 
 template <typename T>
 size_t group_assign_fwd_workspace_bytes(int64_t B, int64_t N, int64_t P, int64_t C, int64_t D) {
