@@ -1,13 +1,13 @@
 // region_image_attention (RIA) on the CPU: the masked attention core of
-// region_attention.h with decisions made from the region logits, tile by tile.
+// region_attention/attention.h with decisions made from the region logits, tile by tile.
 //
 // The decision of (query i, key j) repeats torch's CPU F.interpolate arithmetic
 // for that element (which formula, which roundings, which channels take the
-// vector lanes: rexfast/ops/region_attention.py, "in-kernel decisions"; the
+// vector lanes: rexfast/ops/region_attention/plan.py; the
 // caller passes the plan), then compares with the fp32 sigmoid threshold:
 // blocked iff resampled <= threshold (NaN never blocked). Rows that block every
 // key (they attend to all keys) are found from the per-row counts of the
-// forward's own decision tiles (region_attention.h) and handed to the backward.
+// forward's own decision tiles (region_attention/attention.h) and handed to the backward.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -16,12 +16,12 @@
 #include <cmath>
 #include <vector>
 
-#include "region_attention.h"
+#include "region_attention/attention.h"
 
 namespace rexfast {
 namespace {
 
-// Resampling modes (RESAMPLE_* in region_attention.py).
+// Resampling modes (RESAMPLE_* in rexfast/ops/region_attention/plan.py).
 constexpr int64_t kModeCL = 0, kModeGeneric = 1, kModeCuda = 2, kModeCopy = 3, kModeMap = 4;
 
 struct Axis {
@@ -275,7 +275,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ria_bwd_cpu(
 
 // The resampler above as a tensor (B, Q, kh*kw): what the attention kernels compare
 // with the threshold. For verification against F.interpolate (tests, and the
-// one-time check in rexfast/ops/region_attention.py); not used by the op itself.
+// one-time check in rexfast/ops/region_attention/plan.py); not used by the op itself.
 at::Tensor region_resample_cpu(const at::Tensor& logits, int64_t kh, int64_t kw, int64_t mode, bool fma,
                                int64_t q_vec) {
   TORCH_CHECK(logits.dim() == 4 && logits.size(2) > 0 && logits.size(3) > 0 && kh > 0 && kw > 0,

@@ -1,14 +1,14 @@
 // region_language_attention (RLA) on the CPU: the masked attention core of
-// region_attention.h with a key padding mask over words (or none). A sample
+// region_attention/attention.h with a key padding mask over words (or none). A sample
 // whose every word is padded gives zero output rows (lse = -inf) and zero
-// gradients (rexfast/ops/region_language_attention/reference.py).
+// gradients (rexfast/ops/region_attention/region_language_attention/reference.py).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
 #include <vector>
 
-#include "region_attention.h"
+#include "region_attention/attention.h"
 
 namespace rexfast {
 namespace {
