@@ -39,8 +39,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from . import builders
 from .inference import MASK_THRESHOLD, NO_TARGET_THRESHOLD, NoTargetDecision, check_threshold, predict_batch
+from .loading import load_model
 
 OVERLAY_COLOUR = (255, 0, 255)  # magenta: unlike any common scene colour
 
@@ -308,7 +308,7 @@ class Segmenter:
         mask_threshold = check_threshold(mask_threshold, "mask_threshold")
         no_target_threshold = check_threshold(no_target_threshold, "no_target_threshold")
         device = _resolve_device(device)
-        loaded = builders.load_model(source, overrides=overrides, tokenizer=tokenizer, device=device)
+        loaded = load_model(source, overrides=overrides, tokenizer=tokenizer, device=device)
         model = optimize(loaded.model, precision=precision, compile=compile)
         return cls(model, loaded.tokenizer, loaded.preprocessing, mask_threshold=mask_threshold,
                    no_target_threshold=no_target_threshold, seed=seed, config=loaded.config, explain=explain)
@@ -356,7 +356,9 @@ class Segmenter:
                                                   "text"} <= set(item):
                 raise TypeError(f"items[{i}] is not a seg.processor(image, text) output (a dict with image, "
                                 "input_ids, attention_mask, original_size, text)")
-        batch = builders.collate(list(items), self.device)
+        from rexfast.data import collate
+
+        batch = collate(list(items), self.device)
         sizes = [tuple(int(v) for v in item["original_size"]) for item in items]
         preds = predict_batch(self.model, batch, sizes, mask_threshold=mt, no_target_threshold=nt,
                               sample_seeds=[self.seed] * len(items), explain=explain)
