@@ -187,6 +187,18 @@ def _check_text(text, name: str = "text") -> str:
     return text
 
 
+def _check_each(values, many: bool, check, name: str, noun: str) -> None:
+    """``check`` ``values`` (named ``name``), or each of them (``name[i]``) when ``many``: a list
+    that must not be empty (it would give no answer; ``noun`` says what to give)."""
+    if not many:
+        check(values, name)
+        return
+    if not values:
+        raise ValueError(f"{name} is an empty list: give at least one {noun}")
+    for i, value in enumerate(values):
+        check(value, f"{name}[{i}]")
+
+
 class Processor:
     """Image + sentence → the model's inputs, as training preprocessed them (picklable: use it
     in DataLoader workers).
@@ -385,20 +397,8 @@ class Segmenter:
         batch_size = _check_batch_size(batch_size)
         many_images = isinstance(images, (list, tuple))
         many_texts = isinstance(texts, (list, tuple))
-        if many_images:
-            if not images:
-                raise ValueError("images is an empty list: give at least one image")
-            for i, image in enumerate(images):
-                _check_image(image, f"images[{i}]")
-        else:
-            _check_image(images, "images")
-        if many_texts:
-            if not texts:
-                raise ValueError("texts is an empty list: give at least one sentence")
-            for i, text in enumerate(texts):
-                _check_text(text, f"texts[{i}]")
-        else:
-            _check_text(texts, "texts")
+        _check_each(images, many_images, _check_image, "images", "image")
+        _check_each(texts, many_texts, _check_text, "texts", "sentence")
         if many_images and many_texts and len(images) != len(texts):
             raise ValueError(f"images and texts must pair up: {len(images)} images, {len(texts)} texts")
         count = len(images) if many_images else (len(texts) if many_texts else 1)
