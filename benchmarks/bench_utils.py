@@ -363,6 +363,17 @@ def measure_models(models, batch, device, amp_dtype, rounds):
     return results
 
 
+def measure_and_record(benchmark, suite, models, batch, device, amp_dtype, label, rounds):
+    """:func:`measure_models` on ``batch``, its rows recorded under ``suite`` (config ``label``; the
+    batch size and image side read from the images) and attached to ``benchmark``; returns them."""
+    results = measure_models(models, batch, device, amp_dtype, rounds=rounds)
+    images = batch[0]
+    dtype = "float32" if amp_dtype is None else f"{str(amp_dtype).removeprefix('torch.')} autocast"
+    record_model_rows(suite, results, device, label, images.shape[0], images.shape[-1], dtype)
+    benchmark.extra_info.update(results)
+    return results
+
+
 def pedantic_train_step(benchmark, model, batch, device, amp_dtype):
     """pytest-benchmark's own timing of ``model``'s training step (forward with losses under
     ``amp_dtype`` autocast, or none, then backward) on ``batch``; one round in a dry run."""

@@ -20,8 +20,8 @@ import os
 import pytest
 import torch
 
-from bench_utils import (GPU_BENCH_SKIP, dry_run, gpu_bench_device, measure_models, model_batch, model_compile_on_gpu,
-                         model_variants, pedantic_train_step, record_model_rows)
+from bench_utils import (GPU_BENCH_SKIP, dry_run, gpu_bench_device, measure_and_record, model_batch,
+                         model_compile_on_gpu, model_variants, pedantic_train_step)
 from rexfast.models import CGFormer, CGFormerConfig
 from rexfast.models.backbones.swin import SwinConfig
 
@@ -44,9 +44,8 @@ def test_cgformer_cpu(benchmark):
     config, size, b = reduced_config(), 128, 2
     models = _variants(config, "cpu", with_compile, channels_last=False)
     batch = model_batch(b, size, "cpu")
-    results = measure_models(models, batch, "cpu", None, rounds=3)
-    record_model_rows(SUITE, results, "cpu", "reduced (Swin 32, 2-2-2-2; tiny BERT; tokens 128)", b, size, "float32")
-    benchmark.extra_info.update(results)
+    measure_and_record(benchmark, SUITE, models, batch, "cpu", None,
+                       "reduced (Swin 32, 2-2-2-2; tiny BERT; tokens 128)", rounds=3)
     pedantic_train_step(benchmark, models["rexfast"], batch, "cpu", None)
 
 
@@ -60,7 +59,5 @@ def test_cgformer_cuda_released_b8_480_bf16(benchmark):
     models = _variants(config, device, with_compile=model_compile_on_gpu(), channels_last=True)
     batch = model_batch(b, size, device)
     amp = None if dry_run() else torch.bfloat16
-    results = measure_models(models, batch, device, amp, rounds=2)
-    record_model_rows(SUITE, results, device, label, b, size, "float32" if amp is None else "bfloat16 autocast")
-    benchmark.extra_info.update(results)
+    measure_and_record(benchmark, SUITE, models, batch, device, amp, label, rounds=2)
     pedantic_train_step(benchmark, models["rexfast"], batch, device, amp)

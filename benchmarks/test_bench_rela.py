@@ -23,8 +23,8 @@ import os
 import pytest
 import torch
 
-from bench_utils import (GPU_BENCH_SKIP, dry_run, gpu_bench_device, measure_models, model_batch, model_compile_on_gpu,
-                         model_variants, pedantic_train_step, record_model_rows)
+from bench_utils import (GPU_BENCH_SKIP, dry_run, gpu_bench_device, measure_and_record, model_batch,
+                         model_compile_on_gpu, model_variants, pedantic_train_step)
 from rexfast.models import ReLA, ReLAConfig
 from rexfast.models.backbones.swin import SwinConfig
 
@@ -52,10 +52,8 @@ def test_rela_cpu(benchmark):
     config, size, b = reduced_config(), 128, 2
     models = _variants(config, "cpu", with_compile)
     batch = _batch(b, size, "cpu")
-    results = measure_models(models, batch, "cpu", None, rounds=5)
-    record_model_rows(SUITE, results, "cpu", "reduced (Swin 32, 2-2-2-2; tiny BERT; 128-wide decoder, 6 layers, 25 queries)", b,
-            size, "float32")
-    benchmark.extra_info.update(results)
+    measure_and_record(benchmark, SUITE, models, batch, "cpu", None,
+                       "reduced (Swin 32, 2-2-2-2; tiny BERT; 128-wide decoder, 6 layers, 25 queries)", rounds=5)
     pedantic_train_step(benchmark, models["rexfast"], batch, "cpu", None)
 
 
@@ -66,9 +64,8 @@ def test_rela_cpu_demo_preset(benchmark):
 
     b, size = FULL["batch_size"], FULL["image_size"]
     models = _variants(ReLAConfig.demo(), "cpu", os.environ.get("REXFAST_BENCH_CPU_COMPILE") == "1")
-    results = measure_models(models, _batch(b, size, "cpu"), "cpu", None, rounds=7)
-    record_model_rows(SUITE, results, "cpu", "demo preset (ReLAConfig.demo())", b, size, "float32")
-    benchmark.extra_info.update(results)
+    measure_and_record(benchmark, SUITE, models, _batch(b, size, "cpu"), "cpu", None, "demo preset (ReLAConfig.demo())",
+                       rounds=7)
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
 
 
@@ -82,7 +79,5 @@ def test_rela_cuda_released_b8_480_bf16(benchmark):
     models = _variants(config, device, with_compile=model_compile_on_gpu())
     batch = _batch(b, size, device)
     amp = None if dry_run() else torch.bfloat16
-    results = measure_models(models, batch, device, amp, rounds=2)
-    record_model_rows(SUITE, results, device, label, b, size, "float32" if amp is None else "bfloat16 autocast")
-    benchmark.extra_info.update(results)
+    measure_and_record(benchmark, SUITE, models, batch, device, amp, label, rounds=2)
     pedantic_train_step(benchmark, models["rexfast"], batch, device, amp)
