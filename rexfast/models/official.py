@@ -103,7 +103,7 @@ def required(state: Mapping[str, Tensor], key: str) -> Tensor:
 
 def count_indices(state: Mapping[str, Tensor], pattern: str) -> int:
     """How many numbered modules the keys hold: 1 + the largest index that ``pattern``'s first group
-    matches (``r"backbone\.layers\.0\.blocks\.(\d+)\."`` → the blocks of stage 0); 0 for none."""
+    matches (a pattern for ``backbone.layers.0.blocks.<i>.`` counts the blocks of stage 0); 0 for none."""
     found = {int(m.group(1)) for k in state if (m := re.match(pattern, k))}
     return max(found) + 1 if found else 0
 
