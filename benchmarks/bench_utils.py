@@ -298,6 +298,35 @@ class PeakRSS:
 
 
 # ----------------------------------------------------------------------------- whole models
+def model_batch(b: int, size: int, device, *, no_target_sample: bool = False):
+    """A fixed random batch ``(images, input_ids, attention_mask, targets)``: B×3×size² images,
+    20 token ids of which 12 are real, targets of ~30% foreground (all empty for sample 0 with
+    ``no_target_sample``, for a GRES model's no-target loss)."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(b, 3, size, size, generator=g)
+    ids = torch.randint(1000, 30000, (b, 20), generator=g)
+    mask = torch.ones(b, 20, dtype=torch.long)
+    mask[:, 12:] = 0
+    targets = (torch.rand(b, size, size, generator=g) > 0.7).float()
+    if no_target_sample:
+        targets[0] = 0
+    return tuple(t.to(device) for t in (images, ids, mask, targets))
+
+
+def model_variants(model_class, config, device, with_compile: bool, fused_options: dict, reference_options: dict):
+    """The variants a model benchmark compares, all with the same weights: ``rexfast`` (built
+    with ``fused_options``), ``reference`` (``reference_options``: every op on the reference
+    backend, no fusions) and, ``with_compile``, ``compile`` (torch.compile of the reference)."""
+    torch.manual_seed(0)
+    fused = model_class(config, **fused_options).to(device)
+    out = {"rexfast": fused}
+    for name in ("reference", "compile") if with_compile else ("reference",):
+        model = model_class(config, **reference_options).to(device)
+        model.load_state_dict(fused.state_dict())
+        out[name] = torch.compile(model) if name == "compile" else model
+    return out
+
+
 def measure_models(models, batch, device, amp_dtype, rounds):
     """Forward (eval, no grad) and training-step medians of each model variant on one batch
     ``(images, input_ids, attention_mask, targets)``; on CUDA also peak memory."""
@@ -332,6 +361,35 @@ def measure_models(models, batch, device, amp_dtype, rounds):
                 row[f"{mode}_peak_MiB"] = None  # no allocator statistics on CPU
         results[name] = row
     return results
+
+
+def measure_and_record(benchmark, suite, models, batch, device, amp_dtype, label, rounds):
+    """:func:`measure_models` on ``batch``, its rows recorded under ``suite`` (config ``label``; the
+    batch size and image side read from the images) and attached to ``benchmark``; returns them."""
+    results = measure_models(models, batch, device, amp_dtype, rounds=rounds)
+    images = batch[0]
+    dtype = "float32" if amp_dtype is None else f"{str(amp_dtype).removeprefix('torch.')} autocast"
+    record_model_rows(suite, results, device, label, images.shape[0], images.shape[-1], dtype)
+    benchmark.extra_info.update(results)
+    return results
+
+
+def pedantic_train_step(benchmark, model, batch, device, amp_dtype):
+    """pytest-benchmark's own timing of ``model``'s training step (forward with losses under
+    ``amp_dtype`` autocast, or none, then backward) on ``batch``; one round in a dry run."""
+    images, ids, mask, targets = batch
+    model.train()
+
+    def step():
+        with torch.autocast(device, dtype=amp_dtype, enabled=amp_dtype is not None):
+            _, losses = model(images, ids, mask, targets=targets)
+        sum(losses.values()).backward()
+        for p in model.parameters():
+            p.grad = None
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    benchmark.pedantic(step, rounds=1 if dry_run() else 3, iterations=1, warmup_rounds=0 if dry_run() else 1)
 
 
 def record_model_rows(suite, results, device, label, batch_size, size, dtype):

@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 
 import rexfast
+from rexfast.data import collate, eval_mask, task_of
 from rexfast.engine import builders
-from rexfast.engine.checkpoint import load_model
+from rexfast.engine.loading import load_model
 from rexfast.engine.evaluator import evaluate
 from rexfast.engine.inference import predict_batch
 
@@ -34,7 +35,7 @@ import bench_utils  # noqa: E402
 def agreement(checkpoint: str, split: str, batch_size: int) -> dict:
     loaded = load_model(checkpoint)
     dataset = builders.build_dataset(loaded.config.data, split, train=False, tokenizer=loaded.tokenizer)
-    task = builders.task_of(loaded.config.data)
+    task = task_of(loaded.config.data.dataset)
     models = {p: rexfast.optimize(loaded.model, precision=p) for p in ("fp32", "bf16")}
     out = {"checkpoint": checkpoint, "model": loaded.config.model.name, "seed": loaded.config.train.seed,
            "split": split, "fp32_modules": list(models["bf16"].optimization.fp32_modules)}
@@ -45,8 +46,8 @@ def agreement(checkpoint: str, split: str, batch_size: int) -> dict:
     with torch.no_grad():
         for start in range(0, len(dataset), batch_size):
             items = [dataset.get(i, None) for i in range(start, min(start + batch_size, len(dataset)))]
-            batch = builders.collate(items, "cpu")
-            sizes = [tuple(builders.eval_mask(item).shape[-2:]) for item in items]
+            batch = collate(items, "cpu")
+            sizes = [tuple(eval_mask(item).shape[-2:]) for item in items]
             answers = []
             for precision in ("fp32", "bf16"):
                 torch.manual_seed(start)  # the same noise seeds for both precisions, batch by batch

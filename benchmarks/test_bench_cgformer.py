@@ -20,7 +20,8 @@ import os
 import pytest
 import torch
 
-from bench_utils import GPU_BENCH_SKIP, dry_run, gpu_bench_device, measure_models, model_compile_on_gpu, record_model_rows
+from bench_utils import (GPU_BENCH_SKIP, dry_run, gpu_bench_device, measure_and_record, model_batch,
+                         model_compile_on_gpu, model_variants, pedantic_train_step)
 from rexfast.models import CGFormer, CGFormerConfig
 from rexfast.models.backbones.swin import SwinConfig
 
@@ -33,54 +34,19 @@ def reduced_config(**overrides) -> CGFormerConfig:
     return CGFormerConfig(**{**dict(swin=swin, bert="tiny", token_dim=128, image_size=128), **overrides})
 
 
-def _batch(b, size, device):
-    g = torch.Generator().manual_seed(0)
-    images = torch.randn(b, 3, size, size, generator=g).to(device)
-    ids = torch.randint(1000, 30000, (b, 20), generator=g).to(device)
-    mask = torch.ones(b, 20, dtype=torch.long)
-    mask[:, 12:] = 0
-    targets = (torch.rand(b, size, size, generator=g) > 0.7).float().to(device)
-    return images, ids, mask.to(device), targets
-
-
 def _variants(config: CGFormerConfig, device: str, with_compile: bool, channels_last: bool):
-    torch.manual_seed(0)
-    fused = CGFormer(config, channels_last=channels_last).to(device)
-    reference = CGFormer(config, ops_backend="reference", fused=False).to(device)
-    reference.load_state_dict(fused.state_dict())  # same weights everywhere
-    out = {"rexfast": fused, "reference": reference}
-    if with_compile:
-        compiled = CGFormer(config, ops_backend="reference", fused=False).to(device)
-        compiled.load_state_dict(fused.state_dict())
-        out["compile"] = torch.compile(compiled)
-    return out
-
-
-def _pedantic(benchmark, model, batch, device, amp_dtype):
-    images, ids, mask, targets = batch
-    model.train()
-
-    def step():
-        with torch.autocast(device, dtype=amp_dtype, enabled=amp_dtype is not None):
-            _, losses = model(images, ids, mask, targets=targets)
-        sum(losses.values()).backward()
-        for p in model.parameters():
-            p.grad = None
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    benchmark.pedantic(step, rounds=1 if dry_run() else 3, iterations=1, warmup_rounds=0 if dry_run() else 1)
+    return model_variants(CGFormer, config, device, with_compile, dict(channels_last=channels_last),
+                          dict(ops_backend="reference", fused=False))
 
 
 def test_cgformer_cpu(benchmark):
     with_compile = os.environ.get("REXFAST_BENCH_CPU_COMPILE") == "1"
     config, size, b = reduced_config(), 128, 2
     models = _variants(config, "cpu", with_compile, channels_last=False)
-    batch = _batch(b, size, "cpu")
-    results = measure_models(models, batch, "cpu", None, rounds=3)
-    record_model_rows(SUITE, results, "cpu", "reduced (Swin 32, 2-2-2-2; tiny BERT; tokens 128)", b, size, "float32")
-    benchmark.extra_info.update(results)
-    _pedantic(benchmark, models["rexfast"], batch, "cpu", None)
+    batch = model_batch(b, size, "cpu")
+    measure_and_record(benchmark, SUITE, models, batch, "cpu", None,
+                       "reduced (Swin 32, 2-2-2-2; tiny BERT; tokens 128)", rounds=3)
+    pedantic_train_step(benchmark, models["rexfast"], batch, "cpu", None)
 
 
 @pytest.mark.skipif(gpu_bench_device() is None, reason=GPU_BENCH_SKIP)
@@ -91,9 +57,7 @@ def test_cgformer_cuda_released_b8_480_bf16(benchmark):
     else:
         config, size, b, label = CGFormerConfig.released(), 480, 8, "released (Swin-B w12, BERT-base, 2 tokens)"
     models = _variants(config, device, with_compile=model_compile_on_gpu(), channels_last=True)
-    batch = _batch(b, size, device)
+    batch = model_batch(b, size, device)
     amp = None if dry_run() else torch.bfloat16
-    results = measure_models(models, batch, device, amp, rounds=2)
-    record_model_rows(SUITE, results, device, label, b, size, "float32" if amp is None else "bfloat16 autocast")
-    benchmark.extra_info.update(results)
-    _pedantic(benchmark, models["rexfast"], batch, device, amp)
+    measure_and_record(benchmark, SUITE, models, batch, device, amp, label, rounds=2)
+    pedantic_train_step(benchmark, models["rexfast"], batch, device, amp)

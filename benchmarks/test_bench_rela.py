@@ -23,7 +23,8 @@ import os
 import pytest
 import torch
 
-from bench_utils import GPU_BENCH_SKIP, dry_run, gpu_bench_device, measure_models, model_compile_on_gpu, record_model_rows
+from bench_utils import (GPU_BENCH_SKIP, dry_run, gpu_bench_device, measure_and_record, model_batch,
+                         model_compile_on_gpu, model_variants, pedantic_train_step)
 from rexfast.models import ReLA, ReLAConfig
 from rexfast.models.backbones.swin import SwinConfig
 
@@ -38,28 +39,12 @@ def reduced_config(**overrides) -> ReLAConfig:
 
 
 def _batch(b, size, device):
-    g = torch.Generator().manual_seed(0)
-    images = torch.randn(b, 3, size, size, generator=g).to(device)
-    ids = torch.randint(1000, 30000, (b, 20), generator=g).to(device)
-    mask = torch.ones(b, 20, dtype=torch.long)
-    mask[:, 12:] = 0
-    targets = (torch.rand(b, size, size, generator=g) > 0.7).float()
-    targets[0] = 0  # a no-target sample
-    return images, ids, mask.to(device), targets.to(device)
+    return model_batch(b, size, device, no_target_sample=True)
 
 
 def _variants(config: ReLAConfig, device: str, with_compile: bool):
-    torch.manual_seed(0)
-    fused = ReLA(config).to(device)
-    reference_cfg = dict(ops_backend="reference", region_masks_at_key_resolution=False)
-    reference = ReLA(config, **reference_cfg).to(device)
-    reference.load_state_dict(fused.state_dict())  # same weights everywhere
-    out = {"rexfast": fused, "reference": reference}
-    if with_compile:
-        compiled = ReLA(config, **reference_cfg).to(device)
-        compiled.load_state_dict(fused.state_dict())
-        out["compile"] = torch.compile(compiled)
-    return out
+    return model_variants(ReLA, config, device, with_compile, {},
+                          dict(ops_backend="reference", region_masks_at_key_resolution=False))
 
 
 def test_rela_cpu(benchmark):
@@ -67,20 +52,9 @@ def test_rela_cpu(benchmark):
     config, size, b = reduced_config(), 128, 2
     models = _variants(config, "cpu", with_compile)
     batch = _batch(b, size, "cpu")
-    results = measure_models(models, batch, "cpu", None, rounds=5)
-    record_model_rows(SUITE, results, "cpu", "reduced (Swin 32, 2-2-2-2; tiny BERT; 128-wide decoder, 6 layers, 25 queries)", b,
-            size, "float32")
-    benchmark.extra_info.update(results)
-    images, ids, mask, targets = batch
-    model = models["rexfast"].train()
-
-    def step():
-        _, losses = model(images, ids, mask, targets=targets)
-        sum(losses.values()).backward()
-        for p in model.parameters():
-            p.grad = None
-
-    benchmark.pedantic(step, rounds=1 if dry_run() else 3, iterations=1, warmup_rounds=0 if dry_run() else 1)
+    measure_and_record(benchmark, SUITE, models, batch, "cpu", None,
+                       "reduced (Swin 32, 2-2-2-2; tiny BERT; 128-wide decoder, 6 layers, 25 queries)", rounds=5)
+    pedantic_train_step(benchmark, models["rexfast"], batch, "cpu", None)
 
 
 def test_rela_cpu_demo_preset(benchmark):
@@ -90,9 +64,8 @@ def test_rela_cpu_demo_preset(benchmark):
 
     b, size = FULL["batch_size"], FULL["image_size"]
     models = _variants(ReLAConfig.demo(), "cpu", os.environ.get("REXFAST_BENCH_CPU_COMPILE") == "1")
-    results = measure_models(models, _batch(b, size, "cpu"), "cpu", None, rounds=7)
-    record_model_rows(SUITE, results, "cpu", "demo preset (ReLAConfig.demo())", b, size, "float32")
-    benchmark.extra_info.update(results)
+    measure_and_record(benchmark, SUITE, models, _batch(b, size, "cpu"), "cpu", None, "demo preset (ReLAConfig.demo())",
+                       rounds=7)
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
 
 
@@ -106,19 +79,5 @@ def test_rela_cuda_released_b8_480_bf16(benchmark):
     models = _variants(config, device, with_compile=model_compile_on_gpu())
     batch = _batch(b, size, device)
     amp = None if dry_run() else torch.bfloat16
-    results = measure_models(models, batch, device, amp, rounds=2)
-    record_model_rows(SUITE, results, device, label, b, size, "float32" if amp is None else "bfloat16 autocast")
-    benchmark.extra_info.update(results)
-    images, ids, mask, targets = batch
-    model = models["rexfast"].train()
-
-    def step():
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=amp is not None):
-            _, losses = model(images, ids, mask, targets=targets)
-        sum(losses.values()).backward()
-        for p in model.parameters():
-            p.grad = None
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    benchmark.pedantic(step, rounds=1 if dry_run() else 3, iterations=1, warmup_rounds=0 if dry_run() else 1)
+    measure_and_record(benchmark, SUITE, models, batch, device, amp, label, rounds=2)
+    pedantic_train_step(benchmark, models["rexfast"], batch, device, amp)

@@ -271,7 +271,7 @@ def _cmd_export(args) -> int:
 
     # cheap checks first: nothing is loaded for a path that cannot be written
     out = check_output_file(args.out, "ONNX file")
-    from .engine.builders import load_model
+    from .engine.loading import load_model
 
     loaded = load_model(args.checkpoint, device="cpu", overrides=args.set or [], require_tokenizer=False)
     model = loaded.model

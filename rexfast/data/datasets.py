@@ -25,8 +25,8 @@ from ..models.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 from .refer import ReferIndex, load_grefer, load_refer
 from .tokenize import load_tokenizer, tokenize
 
-__all__ = ["ReferringDataset", "DATASETS", "DatasetSpec", "IMAGENET_MEAN", "IMAGENET_STD", "MIN_IMAGE_SIDE",
-           "check_image_size", "load_image", "preprocess_image"]
+__all__ = ["ReferringDataset", "DATASETS", "DatasetSpec", "task_of", "IMAGENET_MEAN", "IMAGENET_STD",
+           "MIN_IMAGE_SIDE", "check_image_size", "load_image", "preprocess_image"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,13 @@ DATASETS = {
     "synthetic": DatasetSpec("synthetic", "grefer", ("unc",), "synthetic/images", "gres"),
     "synthetic_res": DatasetSpec("synthetic", "refer", ("unc",), "synthetic/images", "res"),
 }
+
+
+def task_of(dataset: str) -> str:
+    """``"res"`` or ``"gres"``: the task of ``dataset`` (a key of :data:`DATASETS`)."""
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(DATASETS)}")
+    return DATASETS[dataset].task
 
 
 # The smallest image side rexfast segments. Below it nothing referable fits: the synthetic
@@ -128,8 +135,7 @@ class ReferringDataset:
                  image_root=None, image_size: int = 480, tokenizer=None, max_tokens: int = 20,
                  train: bool = False, mask_resize: str = "nearest", eval_resolution: str = "original",
                  no_target_repeat: int = 1, targets_only: bool = False):
-        if dataset not in DATASETS:
-            raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(DATASETS)}")
+        task_of(dataset)  # a known name
         spec = DATASETS[dataset]
         if split_by is None:
             split_by = spec.split_bys[0]

@@ -11,7 +11,7 @@ state (numpy's as a tensor, Python's as a tuple of ints).
 
 Turning any model source (this file, a model folder, a released ``.pth``, a Hub id)
 back into a model is :func:`rexfast.models.loading.load_model_source`'s job, and
-:func:`rexfast.engine.builders.load_model`'s with a run config; ``load_model`` and
+:func:`rexfast.engine.loading.load_model`'s with a run config; ``load_model`` and
 ``Loaded`` are re-exported here for older imports.
 """
 
@@ -76,7 +76,7 @@ def load_weights(model: torch.nn.Module, state: dict, source) -> None:
         raise CheckpointError(str(exc)) from None
 
 
-from .builders import Loaded, load_model  # noqa: E402 (re-exported for older imports)
+from .loading import Loaded, load_model  # noqa: E402 (re-exported for older imports)
 
 __all__ = ["FORMAT", "CheckpointError", "atomic_save", "rng_state", "set_rng_state", "load",
            "load_weights", "Loaded", "load_model"]

@@ -202,6 +202,20 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+def loaded_model_fields(raw: dict, *, example: str, fixed_reason: str) -> dict:
+    """The ``model`` section of parsed ``--set`` overrides (:func:`apply_overrides`) for a model
+    that is loaded, not built: the config fields to replace. ``--set model=VALUE`` names no field,
+    and ``model.name`` / ``model.preset`` cannot change what the weights are: both are ValueErrors
+    (``example`` shows a field; ``fixed_reason`` follows ``--set model.name`` and says why)."""
+    fields = raw.get("model") or {}
+    if not isinstance(fields, dict):
+        raise ValueError(f"--set model=... must name a field, e.g. {example}; got {fields!r}")
+    fixed = sorted({"name", "preset"} & set(fields))
+    if fixed:
+        raise ValueError(f"--set model.{fixed[0]}{fixed_reason}")
+    return fields
+
+
 def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
     raw: dict = {}
     if path is not None:

@@ -22,21 +22,16 @@ def parse_model_overrides(overrides) -> dict:
     """``model.FIELD=VALUE`` strings (values parsed as YAML) as a dict of config fields for
     ``from_official``; ValueError for another section, or for ``name``/``preset`` (``--model``
     picks the model; the architecture comes from the weights)."""
-    from .config import apply_overrides
+    from .config import apply_overrides, loaded_model_fields
 
     raw = apply_overrides({}, list(overrides or ()))
     other = sorted(set(raw) - {"model"})
     if other:
         raise ValueError(f"--set {other[0]}.…: convert takes model.FIELD=VALUE overrides only (the model folder "
                          "holds no data or train settings)")
-    fields = raw.get("model") or {}
-    if not isinstance(fields, dict):
-        raise ValueError(f"--set model=… must name a field, e.g. model.swin.pwam_heads=[8,8,8,8]; got {fields!r}")
-    fixed = sorted({"name", "preset"} & set(fields))
-    if fixed:
-        raise ValueError(f"--set model.{fixed[0]}: the model is picked with --model, and its architecture is read "
-                         "from the weights")
-    return fields
+    return loaded_model_fields(raw, example="model.swin.pwam_heads=[8,8,8,8]",
+                               fixed_reason=": the model is picked with --model, and its architecture is read "
+                                            "from the weights")
 
 
 def convert_official(path, out, *, model: str = "auto", tokenizer=None, overrides=(), model_overrides=None) -> str:

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 
+from ..data import collate, original_image, original_mask
 from ..io import atomic_write_json, atomic_write_text, check_output_dir
 from . import builders
-from .builders import load_model
+from .loading import load_model
 from .config import Config, DataConfig, TrainConfig, model_section, save_config
 from .evaluator import evaluate
 from .inference import predict_batch
@@ -99,8 +100,8 @@ def _overlays(model, dataset, out_dir: Path, count: int, device) -> list[str]:
     written = []
     for n, i in enumerate(pick_examples(dataset, count)):
         item = dataset.get(i, None)
-        batch = builders.collate([item], device)
-        gt = builders.original_mask(item).numpy().astype(bool)
+        batch = collate([item], device)
+        gt = original_mask(item).numpy().astype(bool)
         (pred,) = predict_batch(model, batch, [gt.shape])
         shown = pred.shown_mask.cpu().numpy().astype(bool)
         targets = _target_count(dataset, i)
@@ -112,7 +113,7 @@ def _overlays(model, dataset, out_dir: Path, count: int, device) -> list[str]:
             pred_label = f"IoU {(shown & gt).sum() / max(1, (shown | gt).sum()):.2f} with the truth"
         else:
             pred_label = f"a mask of {int(shown.sum())} pixels (should be none)"
-        path = example_figure(builders.original_image(item), gt, shown, builders.sentence_of(item), truth_label,
+        path = example_figure(original_image(item), gt, shown, item["sentence"], truth_label,
                               pred_label, out_dir / f"overlay_{n:03d}.png")
         written.append(str(path))
     return written

@@ -10,10 +10,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..data import collate, eval_mask, task_of
 from ..data.predictions import prediction_record, record_line
 from ..io import atomic_write_bytes, atomic_write_json, check_output_file
 from . import builders
-from .builders import load_model
+from .loading import load_model
 from .inference import MASK_THRESHOLD, NO_TARGET_THRESHOLD, predict_batch
 from .device import resolve_device
 
@@ -45,8 +46,8 @@ def evaluate(model, dataset, *, task: str, batch_size: int = 8, device="cpu", am
     try:
         for start in starts:
             items = [dataset.get(i, None) for i in range(start, min(start + batch_size, count))]
-            batch = builders.collate(items, device)
-            gts = [builders.eval_mask(item) for item in items]
+            batch = collate(items, device)
+            gts = [eval_mask(item) for item in items]
             preds = predict_batch(model, batch, [tuple(g.shape[-2:]) for g in gts], mask_threshold=mask_threshold,
                                   no_target_threshold=no_target_threshold, amp_dtype=amp_dtype)
             for offset, (pred, gt, item) in enumerate(zip(preds, gts, items)):
@@ -102,7 +103,7 @@ def evaluate_checkpoint(path, *, split=None, overrides=(), out=None, batch_size=
     model = optimize(loaded.model, precision=precision, compile=compile)
     lines = [] if save_predictions else None
     torch.manual_seed(0)  # a model that draws noise at inference (CGFormer eval_noise) scores the same every run
-    metrics = evaluate(model, dataset, task=builders.task_of(cfg.data), batch_size=batch_size, device=device,
+    metrics = evaluate(model, dataset, task=task_of(cfg.data.dataset), batch_size=batch_size, device=device,
                        max_samples=max_samples, progress=progress, lines=lines)
     metrics = {"checkpoint": str(path), "model": cfg.model.name, "dataset": cfg.data.dataset, "split": split,
                "precision": model.optimization.precision, **metrics}
@@ -164,7 +165,7 @@ def score_predictions(predictions, config=None, *, split=None, overrides=(), out
                         f"(ids {_examples(unknown)})")
     if problems:
         raise ValueError(f"predictions file {predictions}: {'; '.join(problems)}; ids are the dataset's sentence ids")
-    task = builders.task_of(cfg.data)
+    task = task_of(cfg.data.dataset)
     meter = GRESMetrics() if task == "gres" else RESMetrics()
     for index in range(count):
         target = dataset.target(index)

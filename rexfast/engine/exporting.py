@@ -19,7 +19,7 @@ def preprocessing_metadata(cfg, tokenizer=None) -> dict[str, str]:
     whole vocabulary in id order, one token a line, when ``tokenizer`` is given)."""
     from rexfast.data.datasets import IMAGENET_MEAN, IMAGENET_STD
 
-    from .builders import vocab_of
+    from rexfast.models.tokenizer import vocab_of
 
     props = {
         "image_preprocessing": "RGB, the whole image resized to the file's image_size (PIL bilinear; the aspect "

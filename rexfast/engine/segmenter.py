@@ -39,8 +39,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from . import builders
 from .inference import MASK_THRESHOLD, NO_TARGET_THRESHOLD, NoTargetDecision, check_threshold, predict_batch
+from .loading import load_model
 
 OVERLAY_COLOUR = (255, 0, 255)  # magenta: unlike any common scene colour
 
@@ -188,6 +188,18 @@ def _check_text(text, name: str = "text") -> str:
     if not text.strip():
         raise ValueError(f"{name} is empty: say what to segment, e.g. \"the red circle\"")
     return text
+
+
+def _check_each(values, many: bool, check, name: str, noun: str) -> None:
+    """``check`` ``values`` (named ``name``), or each of them (``name[i]``) when ``many``: a list
+    that must not be empty (it would give no answer; ``noun`` says what to give)."""
+    if not many:
+        check(values, name)
+        return
+    if not values:
+        raise ValueError(f"{name} is an empty list: give at least one {noun}")
+    for i, value in enumerate(values):
+        check(value, f"{name}[{i}]")
 
 
 class Processor:
@@ -341,7 +353,7 @@ class Segmenter:
         mask_threshold = check_threshold(mask_threshold, "mask_threshold")
         no_target_threshold = check_threshold(no_target_threshold, "no_target_threshold")
         device = _resolve_device(device)
-        loaded = builders.load_model(source, overrides=overrides, tokenizer=tokenizer, device=device)
+        loaded = load_model(source, overrides=overrides, tokenizer=tokenizer, device=device)
         model = optimize(loaded.model, precision=precision, compile=compile)
         return cls(model, loaded.tokenizer, loaded.preprocessing, mask_threshold=mask_threshold,
                    no_target_threshold=no_target_threshold, seed=seed, config=loaded.config, explain=explain)
@@ -389,7 +401,9 @@ class Segmenter:
                                                   "text"} <= set(item):
                 raise TypeError(f"items[{i}] is not a seg.processor(image, text) output (a dict with image, "
                                 "input_ids, attention_mask, original_size, text)")
-        batch = builders.collate(list(items), self.device)
+        from rexfast.data import collate
+
+        batch = collate(list(items), self.device)
         sizes = [tuple(int(v) for v in item["original_size"]) for item in items]
         preds = predict_batch(self.model, batch, sizes, mask_threshold=mt, no_target_threshold=nt,
                               sample_seeds=[self.seed] * len(items), explain=explain)
@@ -416,20 +430,8 @@ class Segmenter:
         batch_size = _check_batch_size(batch_size)
         many_images = isinstance(images, (list, tuple))
         many_texts = isinstance(texts, (list, tuple))
-        if many_images:
-            if not images:
-                raise ValueError("images is an empty list: give at least one image")
-            for i, image in enumerate(images):
-                _check_image(image, f"images[{i}]")
-        else:
-            _check_image(images, "images")
-        if many_texts:
-            if not texts:
-                raise ValueError("texts is an empty list: give at least one sentence")
-            for i, text in enumerate(texts):
-                _check_text(text, f"texts[{i}]")
-        else:
-            _check_text(texts, "texts")
+        _check_each(images, many_images, _check_image, "images", "image")
+        _check_each(texts, many_texts, _check_text, "texts", "sentence")
         if many_images and many_texts and len(images) != len(texts):
             raise ValueError(f"images and texts must pair up: {len(images)} images, {len(texts)} texts")
         count = len(images) if many_images else (len(texts) if many_texts else 1)

@@ -29,8 +29,10 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from ..data import collate, task_of
 from ..io import check_output_dir
 from ..models.preprocessing import Preprocessing
+from ..models.tokenizer import vocab_of
 from . import builders, checkpoint, distributed, sampling
 from .config import Config, save_config
 from .evaluator import evaluate
@@ -169,7 +171,7 @@ def _train(cfg: Config, info: distributed.DistInfo, *, resume: str | None, progr
     tokenizer = builders.build_tokenizer(cfg.data)
     train_set = builders.build_dataset(cfg.data, cfg.data.train_split, train=True, tokenizer=tokenizer)
     val_set = builders.build_dataset(cfg.data, cfg.data.val_split, train=False, tokenizer=tokenizer)
-    task = builders.task_of(cfg.data)
+    task = task_of(cfg.data.dataset)
     if cfg.data.no_target_repeat != 1 and info.is_main:
         log.info("training samples per epoch: %d (%d refs; each no-target ref %d times, data.no_target_repeat)",
                  len(train_set), len(train_set.refs), cfg.data.no_target_repeat)
@@ -234,7 +236,7 @@ def _train(cfg: Config, info: distributed.DistInfo, *, resume: str | None, progr
         log.info("resumed from %s at epoch %d, step %d", resume, state["epoch"], state["step"])
 
     logger = JsonlLog(out_dir / "log.jsonl", info.is_main)
-    vocab = builders.vocab_of(tokenizer)
+    vocab = vocab_of(tokenizer)
     # best/ is a self-contained model folder: its tokenizer, its input size, and a card
     preprocessing = Preprocessing(image_size=cfg.data.image_size, max_tokens=cfg.data.max_tokens)
     best_card = {"preset": cfg.model.preset, "dataset": cfg.data.dataset,
@@ -302,7 +304,7 @@ def _train(cfg: Config, info: distributed.DistInfo, *, resume: str | None, progr
             totals: dict[str, float] = {}
             for j in range(tc.grad_accum):
                 indices = batches[step_in_epoch * tc.grad_accum + j]
-                batch = builders.collate(
+                batch = collate(
                     [train_set.get(i, sampling.sample_seed(tc.seed, epoch, i)) for i in indices], info.device
                 )
                 torch.manual_seed(sampling.micro_batch_seed(tc.seed, state["step"], info.rank * tc.grad_accum + j))

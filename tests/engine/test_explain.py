@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from rexfast.data import collate
 from rexfast.engine import builders
 from rexfast.engine.config import Config, DataConfig, model_section
 from rexfast.engine.explain_figure import explain_png
@@ -79,7 +80,7 @@ def test_explained_answer_equals_the_plain_one_and_a_plain_call_keeps_nothing(wh
 
 def test_rela_plain_forward_keeps_no_region_masks(rela, scene):
     item = rela.processor(scene[2], "the red circle")
-    batch = builders.collate([item], "cpu")
+    batch = collate([item], "cpu")
     with torch.no_grad():
         out = rela.model.forward_features(batch["image"], batch["input_ids"], batch["attention_mask"])
     assert "region_logits" not in out and "region_embed" not in out
@@ -106,7 +107,7 @@ def test_cgformer_referent_final_map_is_the_assignment_that_made_the_mask(cgform
     seg = Segmenter(cgformer.model, cgformer.tokenizer, cgformer.preprocessing, seed=seed)
     result = seg(scene[2], "the blue square", explain=True)
     item = seg.processor(scene[2], "the blue square")
-    batch = builders.collate([item], "cpu")
+    batch = collate([item], "cpu")
     with torch.no_grad():
         out = seg.model.forward_features(batch["image"], batch["input_ids"], batch["attention_mask"],
                                          sample_seeds=[seed])

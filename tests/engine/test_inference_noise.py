@@ -17,7 +17,7 @@ def noisy_run(noisy_tiny_cgformer_run):
 
 def test_the_noise_is_real(noisy_run):
     """Without a seed, two inferences of this model differ (what the seeding below removes)."""
-    from rexfast.engine.checkpoint import load_model
+    from rexfast.engine.loading import load_model
 
     model = load_model(noisy_run["best"]).model.eval()
     assert model.config.eval_noise
@@ -37,12 +37,12 @@ def test_predict_and_eval_are_reproducible(noisy_run, tmp_path):
     from rexfast.engine.predictor import predict_to_files
 
     from rexfast import Segmenter
-    from rexfast.engine import builders
+    from rexfast.data import collate
 
     # a threshold inside this barely-trained model's narrow probability range (~0.52-0.54), so
     # that the mask file is neither empty nor full
     seg = Segmenter.from_pretrained(noisy_run["best"], device="cpu", precision="fp32")
-    batch = builders.collate([seg.processor(noisy_run["image"], "the red circle")], seg.device)
+    batch = collate([seg.processor(noisy_run["image"], "the red circle")], seg.device)
     with torch.no_grad():
         probs = seg.model.predict(batch["image"], batch["input_ids"], batch["attention_mask"],
                                   sample_seeds=[seg.seed]).mask

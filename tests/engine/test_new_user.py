@@ -194,7 +194,7 @@ def test_train_without_a_config_lists_the_configs(tmp_path, monkeypatch, capsys)
 
 # ----------------------------------------------------------------------------- advice the CLI can follow
 def test_convert_of_an_unreleased_width_says_which_set_to_pass(tiny_cgformer_run, tmp_path, capsys):
-    from rexfast.engine.checkpoint import load_model
+    from rexfast.engine.loading import load_model
     from rexfast.models import CGFormer
     from rexfast.models.cgformer.checkpoint import to_official_state_dict
 
@@ -278,6 +278,7 @@ def test_demo_examples_show_one_several_and_no_target_on_different_scenes(tiny_c
     import numpy as np
     from PIL import Image
 
+    from rexfast.data import original_image, original_mask
     from rexfast.engine import builders
     from rexfast.engine.config import DataConfig
     from rexfast.engine.demo import _target_count, pick_examples
@@ -291,8 +292,8 @@ def test_demo_examples_show_one_several_and_no_target_on_different_scenes(tiny_c
     images = [ds.refs[ds.samples[i][0]]["image_id"] for i in picked]
     assert len(set(images[:3])) == 3, images  # each kind on another scene
     item = ds.get(picked[1])
-    image = builders.original_image(item)
-    truth = builders.original_mask(item).numpy().astype(bool)
+    image = original_image(item)
+    truth = original_mask(item).numpy().astype(bool)
     path = example_figure(image, truth, truth, item["sentence"], "2 targets", "IoU 1.00", tmp_path / "f.png")
     with Image.open(path) as png:
         assert png.size == (960, 390)  # 9.6 x 3.9 in at 100 dpi: the fonts (11-14 pt) stay readable

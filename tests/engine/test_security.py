@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rexfast.engine.checkpoint import CheckpointError, load, load_model
+from rexfast.engine.checkpoint import CheckpointError, load
+from rexfast.engine.loading import load_model
 
 
 class Hostile:

@@ -33,39 +33,26 @@ from torch import Tensor
 
 from ..backbones.resnet import BLOCKS, ResNetConfig
 from ..backbones.swin import SwinConfig
-from ..base import state_dict_mismatch
-from ..official import ADVICE, given, merge_partial, read_checkpoint
-from ..text import BERT_BASE_UNCASED
+from ..official import (ADVICE, bert_from_state, build_for_state, check_keys, count_indices, given, merge_partial,
+                        read_checkpoint, required)
 from .config import ReLAConfig, rela_swin
 from .model import ReLA
 
-IGNORED_KEY_PATTERNS = (
-    re.compile(r"^text_encoder\.embeddings\.(position_ids|token_type_ids)$"),
-    re.compile(r"^text_encoder\.pooler\."),
-)
 LANG_WEIGHT = "sem_seg_head.predictor.lang_weight"
 _RELEASED_SWIN_WIDTHS = {96, 128}  # ReLA's Swin-T and Swin-B
-_BERT_HEADS = {768: 12, 1024: 16}
 _RELEASED_HIDDEN = 256  # decoder 8 heads; deformable attention 8 heads x 4 points
-
-
-def _count(state, pattern: str) -> int:
-    found = {int(m.group(1)) for k in state if (m := re.match(pattern, k))}
-    return max(found) + 1 if found else 0
 
 
 def config_from_state_dict(state: Mapping[str, Tensor], **overrides) -> ReLAConfig:
     """Infer a :class:`ReLAConfig` from the weights' shapes (see the module docstring)."""
 
     def need(key):
-        if key not in state:
-            raise ValueError(f"cannot infer the architecture: checkpoint has no {key!r}")
-        return state[key]
+        return required(state, key)
 
     base: dict = {}
     if "backbone.patch_embed.proj.weight" in state:
         embed = need("backbone.patch_embed.proj.weight").shape[0]
-        depths = tuple(_count(state, rf"backbone\.layers\.{i}\.blocks\.(\d+)\.") for i in range(4))
+        depths = tuple(count_indices(state, rf"backbone\.layers\.{i}\.blocks\.(\d+)\.") for i in range(4))
         heads = tuple(need(f"backbone.layers.{i}.blocks.0.attn.relative_position_bias_table").shape[1]
                       for i in range(4))
         window = (int(round(math.sqrt(need("backbone.layers.0.blocks.0.attn.relative_position_bias_table")
@@ -79,7 +66,7 @@ def config_from_state_dict(state: Mapping[str, Tensor], **overrides) -> ReLAConf
                "window_size": window}))
         overrides = merge_partial(overrides, "swin", base["swin"])
     elif "backbone.stem.conv1.weight" in state:
-        counts = tuple(_count(state, rf"backbone\.res{i}\.(\d+)\.") for i in range(2, 6))
+        counts = tuple(count_indices(state, rf"backbone\.res{i}\.(\d+)\.") for i in range(2, 6))
         depth = next((d for d, blocks in BLOCKS.items() if blocks == counts), None)
         if depth is None:
             raise ValueError(f"cannot infer the ResNet depth from its blocks per stage {counts}")
@@ -89,22 +76,7 @@ def config_from_state_dict(state: Mapping[str, Tensor], **overrides) -> ReLAConf
     else:
         raise ValueError("cannot infer the architecture: the checkpoint has neither a Swin nor a ResNet backbone")
 
-    hidden = need("text_encoder.embeddings.word_embeddings.weight").shape[1]
-    if not given(overrides, "bert", "num_attention_heads") and hidden not in _BERT_HEADS:
-        raise ValueError(f"cannot infer the attention heads of a {hidden}-wide BERT from the weights (known for "
-                         f"hidden sizes {sorted(_BERT_HEADS)}): {ADVICE['bert_heads']}")
-    bert = dict(
-        BERT_BASE_UNCASED,
-        vocab_size=state["text_encoder.embeddings.word_embeddings.weight"].shape[0], hidden_size=hidden,
-        num_hidden_layers=_count(state, r"text_encoder\.encoder\.layer\.(\d+)\."),
-        num_attention_heads=_BERT_HEADS.get(hidden, 1),
-        intermediate_size=need("text_encoder.encoder.layer.0.intermediate.dense.weight").shape[0],
-        max_position_embeddings=need("text_encoder.embeddings.position_embeddings.weight").shape[0],
-        type_vocab_size=need("text_encoder.embeddings.token_type_embeddings.weight").shape[0],
-    )
-    overrides = merge_partial(overrides, "bert", bert)
-    bert = overrides.pop("bert", bert)
-    base["bert"] = "bert-base-uncased" if bert == BERT_BASE_UNCASED else bert
+    base["bert"], overrides = bert_from_state(state, overrides)
 
     p = "sem_seg_head.predictor."
     d = "sem_seg_head.pixel_decoder."
@@ -117,25 +89,14 @@ def config_from_state_dict(state: Mapping[str, Tensor], **overrides) -> ReLAConf
         mask_dim=need(d + "mask_features.weight").shape[0],
         # rexfast's 1/2-resolution mask step (not released) is there when its image stem is
         mask_stride=2 if d + "image_stem.weight" in state else 4,
-        enc_layers=_count(state, re.escape(d) + r"transformer\.encoder\.layers\.(\d+)\."),
+        enc_layers=count_indices(state, re.escape(d) + r"transformer\.encoder\.layers\.(\d+)\."),
         enc_ffn=need(d + "transformer.encoder.layers.0.linear1.weight").shape[0] if
         d + "transformer.encoder.layers.0.linear1.weight" in state else 1024,
-        dec_layers=_count(state, re.escape(p) + r"RIA_layers\.(\d+)\."),
+        dec_layers=count_indices(state, re.escape(p) + r"RIA_layers\.(\d+)\."),
         dim_feedforward=need(p + "transformer_ffn_layers.0.linear1.weight").shape[0],
     )
     base.update(overrides)
     return ReLAConfig(**base)
-
-
-def check_keys(model: torch.nn.Module, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """The state restricted to loadable keys; raises listing every unknown, missing or misshaped key."""
-    expected = model.state_dict()
-    kept = {k: v for k, v in state.items()
-            if not (any(p.search(k) for p in IGNORED_KEY_PATTERNS) and k not in expected)}
-    problem = state_dict_mismatch(model, kept)
-    if problem:
-        raise ValueError(f"the checkpoint does not match the {type(model).__name__} architecture: {problem}")
-    return kept
 
 
 def load_official(checkpoint, config: Optional[ReLAConfig] = None, *, honour_lang_weight: bool = False,
@@ -144,16 +105,7 @@ def load_official(checkpoint, config: Optional[ReLAConfig] = None, *, honour_lan
     is given), load it strictly, and return it in eval mode. ``lang_weight`` keeps
     its initial 0 unless ``honour_lang_weight`` (see the module docstring). ``overrides``:
     config fields and runtime options (:class:`ReLARuntime`)."""
-    import dataclasses
-
-    state = read_checkpoint(checkpoint)
-    options, overrides = ReLA.runtime_class.split(overrides)
-    if config is None:
-        config = config_from_state_dict(state, **overrides)
-    elif overrides:
-        config = dataclasses.replace(config, **overrides)
-    model = ReLA(config, **options)
-    kept = check_keys(model, state)
+    model, kept = build_for_state(ReLA, read_checkpoint(checkpoint), config, overrides, config_from_state_dict)
     if not honour_lang_weight:
         kept[LANG_WEIGHT] = torch.zeros_like(model.state_dict()[LANG_WEIGHT])  # as the authors' loader leaves it
     model.load_state_dict(kept, strict=True)
