@@ -248,6 +248,49 @@ def test_bf16_runs_every_op_on_its_cpu_kernel_without_conversions_between_layers
         assert big(events) * 2 < big(auto.events()), (big(events), big(auto.events()))
 
 
+def test_bf16_linear_layers_add_their_bias_inside_the_matmul(built):
+    """Every plain bf16 nn.Linear with a bias runs one oneDNN matmul with the bias applied in it:
+    no addmm and so no copy of the broadcast bias into the output first; the same numbers as
+    F.linear; F.linear wherever that kernel does not apply (float32 islands, autograd)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from rexfast.models.layers import _ONEDNN_LINEAR, BiasInMatmulLinear
+
+    if not _ONEDNN_LINEAR:
+        pytest.skip("this torch has no oneDNN linear")
+    model = built["rela_swin"]
+    opt = optimize(model, precision="bf16")
+    swapped = [m for m in opt.modules() if isinstance(m, BiasInMatmulLinear)]
+    plain = [m for m in model.modules() if type(m) is torch.nn.Linear and m.bias is not None]
+    assert len(swapped) == len(plain) > 0
+    assert opt.state_dict().keys() == model.state_dict().keys()
+    assert not any(isinstance(m, BiasInMatmulLinear) for m in optimize(model, precision="fp32").modules())
+    assert not any(isinstance(m, BiasInMatmulLinear) for m in model.modules())  # the original is untouched
+    g = torch.Generator().manual_seed(3)
+    for layer in swapped[:8]:
+        x = torch.randn(2, 37, layer.in_features, generator=g).to(layer.weight.dtype)
+        with torch.no_grad():
+            want = torch.nn.functional.linear(x, layer.weight, layer.bias)
+            assert torch.equal(layer(x), want)
+    layer = swapped[0]
+    x = torch.randn(5, layer.in_features, generator=g, dtype=layer.weight.dtype, requires_grad=True)
+    layer(x).sum().backward()  # with autograd: F.linear, differentiable
+    assert x.grad is not None and x.grad.shape == x.shape
+    class Matmuls(TorchDispatchMode):  # which matmul kernels run, on which dtype
+        seen: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            first = args[0] if args else None
+            self.seen.append((str(func.overloadpacket), first.dtype if isinstance(first, torch.Tensor) else None))
+            return func(*args, **(kwargs or {}))
+
+    images, ids, mask = _inputs(b=1)
+    with torch.no_grad(), Matmuls() as mode:
+        opt.predict(images, ids, mask)
+    assert ("mkldnn._linear_pointwise", torch.bfloat16) in mode.seen
+    assert ("aten.addmm", torch.bfloat16) not in mode.seen  # the float32 islands' may remain
+
+
 def test_import_rexfast_optimize_stays_light():
     code = ("import sys, rexfast; rexfast.optimize; "
             "bad = [m for m in ('triton', 'transformers', 'torch._dynamo') if m in sys.modules]; "
