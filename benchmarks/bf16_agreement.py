@@ -55,6 +55,8 @@ def agreement(checkpoint: str, split: str, batch_size: int, islands=()) -> dict:
     dataset = builders.build_dataset(loaded.config.data, split, train=False, tokenizer=loaded.tokenizer)
     task = builders.task_of(loaded.config.data)
     models = {p: rexfast.optimize(loaded.model, precision=p) for p in ("fp32", "bf16")}
+    names = dict(loaded.model.named_modules())
+    islands = [name for name in islands if name in names]  # a CGFormer has no pixel decoder: plain bf16 only
     if islands:
         models["bf16_island"] = with_islands(loaded.model, rexfast.optimize(loaded.model, precision="bf16"), islands)
     out = {"checkpoint": checkpoint, "model": loaded.config.model.name, "seed": loaded.config.train.seed,
