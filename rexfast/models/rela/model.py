@@ -102,8 +102,8 @@ class ReLA(ReferringModel):
         # The Swin backbone keeps its pixel-word attentions float32 (see its fp32_modules).
         # The deformable pixel decoder is no island: under autocast it still runs float32, as the
         # authors run it, but a bf16 model runs it in bf16 with float32 accumulation (its module
-        # docstring), which trained demo checkpoints measure as costing no accuracy
-        # (benchmarks/README.md, "bf16 with trained weights"), at half of a bf16 ReLA's time.
+        # docstring). Its float32 linear layers were a third of a bf16 ReLA's addmm time; what bf16
+        # costs it on trained weights: benchmarks/bf16_agreement.py --island sem_seg_head.pixel_decoder.
         return tuple(f"backbone.{name}" for name in self.backbone.fp32_modules())
 
     def use_fused_ops(self) -> None:

@@ -32,8 +32,9 @@ weights, so float32 weights under autocast, and bf16 weights when ``rexfast.opti
 the model to bf16. There the linear layers, GroupNorm and LayerNorm accumulate in float32
 internally (oneDNN/AMX matmuls, torch's CPU norms), and ``ms_deform_attn`` samples in float32
 from the bf16 values, locations and weights. A bf16 location is within 2⁻⁹ of the map's side of
-the float32 one (0.12 px at the 60² level of a 480² image); what that and the rest of the bf16
-decoder cost is measured in benchmarks/README.md ("bf16 with trained weights").
+the float32 one (0.12 px at the 60² level of a 480² image); against float32 locations it moved the
+random-weight ReLA R50's decoder maps by about a tenth of the bf16 decoder's own error
+(benchmarks/README.md, "bf16 locations").
 Module names reproduce the released checkpoint's (``sem_seg_head.pixel_decoder.*``).
 """
 
