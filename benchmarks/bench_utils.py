@@ -92,6 +92,24 @@ def device_name(device: str) -> str:
     return platform.processor() or "cpu"
 
 
+def cpu_bf16_flags() -> dict:
+    """What the CPU offers bf16 (recorded with every row: AMX and AVX512-BF16 machines differ
+    several-fold): torch's view (``rexfast.info``'s ``cpu_native_bf16``) and the kernel's
+    ``/proc/cpuinfo`` flags."""
+    from rexfast.engine.precision import cpu_bf16_support
+
+    flags: set[str] = set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    return {"cpu_native_bf16": cpu_bf16_support(),
+            "cpu_flags_bf16": sorted(f for f in flags if f.startswith("amx") or f in ("avx512_bf16", "avx512_vnni"))}
+
+
 def git_commit() -> str:
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
@@ -246,6 +264,7 @@ def _environment(device: str, commit: str) -> dict:
         "python": platform.python_version(),
         "git_commit": commit,
         "torch_threads": torch.get_num_threads(),
+        **(cpu_bf16_flags() if device == "cpu" else {}),
         "rexfast_backends": rexfast.info().get(f"backends_{device}"),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }

@@ -22,6 +22,11 @@ sampled every 2 ms: tracemalloc does not see torch's allocations), speed-up vs t
 reference, and for bf16 the logits' relative error and the mask agreement with the
 ``rexfast_fp32`` output (% of pixels with the same decision).
 
+On a CPU with AMX the rows go to the suite ``cpu_inference-amx`` (``results/cpu_inference-amx-cpu.json``),
+elsewhere to ``cpu_inference``, so that a run on one kind of CPU does not replace the other's;
+every file records the CPU's model name and bf16 flags. ``REXFAST_BENCH_THREADS=n`` sets torch's
+thread count for the run (default: torch's, one per core).
+
 ``REXFAST_BENCH_LAYOUTS=1`` adds ``rexfast_fp32_nchw`` / ``rexfast_bf16_nchw``
 (``optimize(..., channels_last=False)``). Every row records the 1-minute load average: the
 benchmark machine is shared, and a second tenant on 2 cores doubles every time.
@@ -44,7 +49,15 @@ import torch
 
 from bench_utils import SCRATCH_DIR, PeakRSS, Timing, median_ms, record
 
-SUITE = "cpu_inference"
+def _suite() -> str:
+    from rexfast.engine.precision import cpu_bf16_support
+
+    return "cpu_inference-amx" if cpu_bf16_support() == "AMX-BF16" else "cpu_inference"
+
+
+SUITE = _suite()
+if os.environ.get("REXFAST_BENCH_THREADS"):
+    torch.set_num_threads(int(os.environ["REXFAST_BENCH_THREADS"]))
 SIZE, TOKENS = 480, 20
 ROUNDS = int(os.environ.get("REXFAST_BENCH_ROUNDS", "3"))
 

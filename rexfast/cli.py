@@ -411,6 +411,29 @@ PRECISION_HELP = ("fp32 | bf16 | auto (bf16 where the CPU has native bf16: AMX o
                   "on a GPU auto keeps fp32 weights)")
 
 
+THREADS_HELP = ("torch's CPU threads for the model (torch.set_num_threads; default: torch's, one per core). "
+                "On a machine shared with other busy processes, give the cores they leave free: bf16 slows "
+                "several-fold when its threads wait for a core another process holds")
+
+
+def _threads_flag(p) -> None:
+    p.add_argument("--threads", type=_positive_int, default=None, metavar="N", help=THREADS_HELP)
+
+
+def _set_threads(threads) -> None:
+    """``--threads N``: checked against the machine's CPUs, then ``torch.set_num_threads(N)``
+    before any model loads (a thread pool sized once, for the whole command)."""
+    if threads is None:
+        return
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if threads > cpus:
+        raise ValueError(f"--threads {threads} is more than the {cpus} CPUs this process may run on: more threads "
+                         "than cores only make them wait for each other")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def _precision_flags(p, default, compile_too=True):
     from .engine.precision import PRECISIONS
 
@@ -465,6 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs and CI)")
     p.add_argument("--tokenizer", help=TOKENIZER_HELP)
     _precision_flags(p, "fp32")
+    _threads_flag(p)
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("predict", help="segment what a sentence names in an image, or in every pair of a pairs file or folder")
@@ -492,6 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write <...>_explain.png: what the model grouped (CGFormer: each token's pixels per "
                         "decoder stage; ReLA: the minimap and the strongest region masks it weights)")
     _precision_flags(p, "auto")
+    _threads_flag(p)
     _predict_batch_flags(p)
     p.set_defaults(func=_cmd_predict)
 
@@ -557,6 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-megapixels", type=float, default=50.0,
                    help="the largest image, width × height in millions (default 50): a decompression-bomb guard")
     _precision_flags(p, "auto", compile_too=False)
+    _threads_flag(p)
     p.set_defaults(func=_cmd_serve)
     for command in sub.choices.values():  # -v after the command too; SUPPRESS leaves the top-level value alone
         command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
@@ -587,6 +613,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = warnings.showwarning
     warnings.showwarning = _one_line_warnings(previous)
     try:
+        _set_threads(getattr(args, "threads", None))  # predict, eval, serve: before anything loads
         return args.func(args)
     except (CheckpointError, *USER_ERRORS) as exc:
         if _rank() == 0:  # under torchrun the other ranks exit quietly with the same code

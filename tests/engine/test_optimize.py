@@ -129,14 +129,13 @@ def test_bf16_agrees_with_fp32(built, name):
     assert opt.optimization.precision == "bf16"
     assert next(opt.backbone.parameters()).dtype == torch.bfloat16
     islands = opt.optimization.fp32_modules
-    if name.startswith("rela"):  # the deformable pixel decoder stays float32, as the authors run it
-        assert islands[0] == "sem_seg_head.pixel_decoder"
-        assert all(p.dtype == torch.float32 for p in opt.sem_seg_head.pixel_decoder.parameters())
+    if name.startswith("rela"):  # the deformable pixel decoder runs bf16 too (float32 accumulation)
+        assert all(p.dtype == torch.bfloat16 for p in opt.sem_seg_head.pixel_decoder.parameters())
     # a Swin backbone keeps its four pixel-word attentions float32; ResNet-50 has none
     attentions = [n for n in islands if n.endswith(".image_lang_att")]
     assert len(attentions) == (0 if name == "rela_r50" else 4)
     assert all(p.dtype == torch.float32 for n in attentions for p in opt.get_submodule(n).parameters())
-    assert len(islands) == len(attentions) + name.startswith("rela")
+    assert len(islands) == len(attentions)
     for island in islands:  # their float32 weights unrounded, not bf16 values cast back up
         original = dict(model.get_submodule(island).named_parameters())
         for key, p in opt.get_submodule(island).named_parameters():
@@ -243,10 +242,53 @@ def test_bf16_runs_every_op_on_its_cpu_kernel_without_conversions_between_layers
                 # only the (B, N, C) queries and the temperature are read in float32: k, v are read as bf16
                 converted = [c.input_shapes[0] for c in _subtree(e) if c.name == "aten::_to_copy"]
                 assert all(len(s) <= 1 or s[1] == model.config.num_tokens for s in converted), converted
-            if e.name == "rexfast::ms_deform_attn":  # inside the float32 pixel decoder: nothing to convert
+            if e.name == "rexfast::ms_deform_attn":  # bf16 values, locations and weights read as they are
                 assert not [c for c in _subtree(e) if c.name == "aten::_to_copy"]
         big = lambda evs: sum(1 for e in evs if e.name == "aten::_to_copy")  # noqa: E731
         assert big(events) * 2 < big(auto.events()), (big(events), big(auto.events()))
+
+
+def test_bf16_linear_layers_add_their_bias_inside_the_matmul(built):
+    """Every plain bf16 nn.Linear with a bias runs one oneDNN matmul with the bias applied in it:
+    no addmm and so no copy of the broadcast bias into the output first; the same numbers as
+    F.linear; F.linear wherever that kernel does not apply (float32 islands, autograd)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from rexfast.models.layers import _ONEDNN_LINEAR, BiasInMatmulLinear
+
+    if not _ONEDNN_LINEAR:
+        pytest.skip("this torch has no oneDNN linear")
+    model = built["rela_swin"]
+    opt = optimize(model, precision="bf16")
+    swapped = [m for m in opt.modules() if isinstance(m, BiasInMatmulLinear)]
+    plain = [m for m in model.modules() if type(m) is torch.nn.Linear and m.bias is not None]
+    assert len(swapped) == len(plain) > 0
+    assert opt.state_dict().keys() == model.state_dict().keys()
+    assert not any(isinstance(m, BiasInMatmulLinear) for m in optimize(model, precision="fp32").modules())
+    assert not any(isinstance(m, BiasInMatmulLinear) for m in model.modules())  # the original is untouched
+    g = torch.Generator().manual_seed(3)
+    for layer in swapped[:8]:
+        x = torch.randn(2, 37, layer.in_features, generator=g).to(layer.weight.dtype)
+        with torch.no_grad():
+            want = torch.nn.functional.linear(x, layer.weight, layer.bias)
+            assert torch.equal(layer(x), want)
+    layer = swapped[0]
+    x = torch.randn(5, layer.in_features, generator=g, dtype=layer.weight.dtype, requires_grad=True)
+    layer(x).sum().backward()  # with autograd: F.linear, differentiable
+    assert x.grad is not None and x.grad.shape == x.shape
+    class Matmuls(TorchDispatchMode):  # which matmul kernels run, on which dtype
+        seen: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            first = args[0] if args else None
+            self.seen.append((str(func.overloadpacket), first.dtype if isinstance(first, torch.Tensor) else None))
+            return func(*args, **(kwargs or {}))
+
+    images, ids, mask = _inputs(b=1)
+    with torch.no_grad(), Matmuls() as mode:
+        opt.predict(images, ids, mask)
+    assert ("mkldnn._linear_pointwise", torch.bfloat16) in mode.seen
+    assert ("aten.addmm", torch.bfloat16) not in mode.seen  # the float32 islands' may remain
 
 
 def test_import_rexfast_optimize_stays_light():

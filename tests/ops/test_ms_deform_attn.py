@@ -288,6 +288,29 @@ def test_cpu_float64_at_relas_level_layout():
     check_against_reference(SPEC, case, "cpu", torch.float64, grad_seed=3)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_bf16_inputs_give_the_cpu_kernels_numbers(backend):
+    """What an optimized bf16 ReLA feeds the op (bf16 values, locations and weights at its
+    level layout): every backend samples in float32 from the same bf16 numbers and rounds the
+    output to bf16 once, so they agree with the C++ kernel to that last rounding (a sum in
+    another order may land on the neighbouring bf16 value), far inside the 1e-2 they are held
+    to against float64. Triton here runs under its CPU interpreter, whose float32 → bf16 store
+    rounds toward zero (measured: half the outputs one step smaller in magnitude, none larger),
+    so it is held to the one step only."""
+    require_backend(SPEC, "cpu", "cpu")
+    require_backend(SPEC, backend, "cpu")
+    shape = (1, 300 if backend == "reference" else 40, 8, 32, 4, 15, 15, 30, 30, 60, 60)
+    value, shapes, starts, loc, attn = make_case(shape, dtype=torch.bfloat16, seed=13).args
+    assert all(t.dtype == torch.bfloat16 for t in (value, loc, attn))
+    cpu = ms_deform_attn(value, shapes, starts, loc, attn, backend="cpu")
+    other = ms_deform_attn(value, shapes, starts, loc, attn, backend=backend)
+    assert cpu.dtype == other.dtype == torch.bfloat16
+    ulp = torch.finfo(torch.bfloat16).eps * cpu.float().abs().clamp_min(2.0 ** -60)  # one step at each value
+    assert ((cpu.float() - other.float()).abs() <= ulp).all()
+    if backend == "reference":
+        assert (cpu == other).float().mean() > 0.99
+
+
 # ------------------------------------------------------------------ bad input
 def _ok():
     shapes, starts = level_tensors([(3, 4), (2, 5)])

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..base import check_field_types
-from ..layers import DropPath, Mlp, merge_heads
+from ..layers import DropPath, Mlp, linear, merge_heads
 
 
 @dataclass(frozen=True)
@@ -226,7 +226,7 @@ class PatchEmbed(nn.Module):
 def _pointwise(conv: nn.Conv1d, x: Tensor) -> Tensor:
     """A kernel-1 Conv1d applied to channels-last (B, L, C) input as a matmul,
     avoiding the (B, C, L) transposes of the released code (same arithmetic)."""
-    return F.linear(x, conv.weight.squeeze(-1), conv.bias)
+    return linear(x, conv.weight.squeeze(-1), conv.bias)
 
 
 def _instance_norm_tokens(x: Tensor, eps: float = 1e-5) -> Tensor:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...ops import region_image_attention, region_language_attention
-from ..layers import ReluMLP, merge_heads
+from ..layers import ReluMLP, linear, merge_heads
 from .pixel_decoder import sine_position_embedding
 
 
@@ -63,7 +63,7 @@ class PackedAttention(nn.Module):
 
         def heads(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
             n = x.shape[1]
-            return F.linear(x, w, b).view(x.shape[0], n, self.num_heads, -1).transpose(1, 2)
+            return linear(x, w, b).view(x.shape[0], n, self.num_heads, -1).transpose(1, 2)
 
         return heads(query, wq, bq), heads(key, wk, bk), heads(value, wv, bv)
 

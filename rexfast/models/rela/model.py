@@ -98,10 +98,12 @@ class ReLA(ReferringModel):
         self.sem_seg_head = ReferringHead(pixel_decoder, predictor)
 
     def fp32_modules(self) -> tuple[str, ...]:
-        # the authors run the deformable pixel decoder in float32 under any autocast
-        # ("deformable detr does not support half precision"); it casts its inputs up itself.
         # The Swin backbone keeps its pixel-word attentions float32 (see its fp32_modules).
-        return ("sem_seg_head.pixel_decoder",) + tuple(f"backbone.{name}" for name in self.backbone.fp32_modules())
+        # The deformable pixel decoder is no island: under autocast it still runs float32, as the
+        # authors run it, but a bf16 model runs it in bf16 with float32 accumulation (its module
+        # docstring). Its float32 linear layers were a third of a bf16 ReLA's addmm time; what bf16
+        # costs it on trained weights: benchmarks/bf16_agreement.py --island sem_seg_head.pixel_decoder.
+        return tuple(f"backbone.{name}" for name in self.backbone.fp32_modules())
 
     def _apply_runtime(self) -> None:
         self.sem_seg_head.predictor.region_masks_at_key_resolution = self.runtime.region_masks_at_key_resolution

@@ -25,9 +25,16 @@ the no-target head's scores pass 0.5 less often; see the README's demo section.
 
 MSDeformAttn samples, per query, head, level and point, the value map at
 ref + offset / (W_l, H_l) (reference points at the pixel centres), weighted by a
-softmax over levels × points: :func:`rexfast.ops.ms_deform_attn`. The whole
-decoder runs in float32 even under autocast, as the authors' ``@autocast(enabled=False)``
-and ``.float()`` make it ("deformable detr does not support half precision").
+softmax over levels × points: :func:`rexfast.ops.ms_deform_attn`. Under autocast the whole
+decoder runs in float32, as the authors' ``@autocast(enabled=False)`` and ``.float()`` make it
+("deformable detr does not support half precision"): it computes in the dtype of its own
+weights, so float32 weights under autocast, and bf16 weights when ``rexfast.optimize`` casts
+the model to bf16. There the linear layers, GroupNorm and LayerNorm accumulate in float32
+internally (oneDNN/AMX matmuls, torch's CPU norms), and ``ms_deform_attn`` samples in float32
+from the bf16 values, locations and weights. A bf16 location is within 2⁻⁹ of the map's side of
+the float32 one (0.12 px at the 60² level of a 480² image); against float32 locations it moved the
+random-weight ReLA R50's decoder maps by about a tenth of the bf16 decoder's own error
+(benchmarks/README.md, "bf16 locations").
 Module names reproduce the released checkpoint's (``sem_seg_head.pixel_decoder.*``).
 """
 
@@ -44,8 +51,10 @@ from ...ops import ms_deform_attn
 from ..layers import ConvNormAct, c2_xavier_fill
 
 
-def sine_position_embedding(h: int, w: int, num_feats: int, device, temperature: float = 10000.0) -> Tensor:
-    """DETR's normalised sine embedding of an (h, w) map without padding: (2·num_feats, h, w), float32.
+def sine_position_embedding(h: int, w: int, num_feats: int, device, temperature: float = 10000.0,
+                            dtype: torch.dtype = torch.float32) -> Tensor:
+    """DETR's normalised sine embedding of an (h, w) map without padding: (2·num_feats, h, w),
+    computed in float32 and returned in ``dtype``.
     Channels: [y sin/cos interleaved, x sin/cos interleaved], positions (i + 1) / (n + ε) · 2π."""
     eps, scale = 1e-6, 2 * math.pi
     y = torch.arange(1, h + 1, dtype=torch.float32, device=device)
@@ -61,7 +70,7 @@ def sine_position_embedding(h: int, w: int, num_feats: int, device, temperature:
 
     pos_y = encode(y)[:, None, :].expand(h, w, num_feats)
     pos_x = encode(x)[None, :, :].expand(h, w, num_feats)
-    return torch.cat((pos_y, pos_x), dim=2).permute(2, 0, 1)
+    return torch.cat((pos_y, pos_x), dim=2).permute(2, 0, 1).to(dtype)
 
 
 class MSDeformAttn(nn.Module):
@@ -149,8 +158,9 @@ class DeformableTransformer(nn.Module):
         nn.init.normal_(self.level_embed)
 
     @staticmethod
-    def reference_points(shapes, device) -> Tensor:
-        """Pixel centres of every level, normalised to [0, 1]: (1, S, L, 2) as (x, y)."""
+    def reference_points(shapes, device, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Pixel centres of every level, normalised to [0, 1]: (1, S, L, 2) as (x, y), computed in
+        float32 and returned in ``dtype`` (once per forward, for every layer)."""
         refs = []
         for h, w in shapes:
             ref_y, ref_x = torch.meshgrid(torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=device),
@@ -158,7 +168,7 @@ class DeformableTransformer(nn.Module):
                                           indexing="ij")
             refs.append(torch.stack((ref_x.reshape(-1) / w, ref_y.reshape(-1) / h), -1))
         ref = torch.cat(refs, 0)[None]  # (1, S, 2); valid ratios are 1 (no padding)
-        return ref[:, :, None].expand(-1, -1, len(shapes), -1)
+        return ref.to(dtype)[:, :, None].expand(-1, -1, len(shapes), -1)
 
     def forward(self, srcs: list[Tensor], pos_embeds: list[Tensor]) -> tuple[Tensor, list]:
         shapes = [tuple(x.shape[-2:]) for x in srcs]
@@ -167,7 +177,7 @@ class DeformableTransformer(nn.Module):
                          for i, p in enumerate(pos_embeds)], 1)
         spatial_shapes = torch.tensor(shapes, dtype=torch.long, device=x.device)
         level_start_index = torch.cat((spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]))
-        ref = self.reference_points(shapes, x.device)
+        ref = self.reference_points(shapes, x.device, x.dtype)
         for layer in self.encoder.layers:
             x = layer(x, pos, ref, spatial_shapes, level_start_index, shapes)
         return x, shapes
@@ -210,10 +220,11 @@ class PixelDecoder(nn.Module):
         if self.mask_stride == 2 and images is None:
             raise ValueError("PixelDecoder(mask_stride=2) needs the images: its 1/2 lateral is a stem on them")
         device_type = features[0].device.type
+        dtype = self.mask_features.weight.dtype  # float32 under autocast; bf16 in an optimized bf16 model
         with torch.autocast(device_type, enabled=False):
-            res2, res3, res4, res5 = (f.float() for f in features)
+            res2, res3, res4, res5 = (f.to(dtype) for f in features)
             srcs = [proj(x) for proj, x in zip(self.input_proj, (res5, res4, res3))]
-            pos = [sine_position_embedding(x.shape[-2], x.shape[-1], self.num_pos_feats, x.device)
+            pos = [sine_position_embedding(x.shape[-2], x.shape[-1], self.num_pos_feats, x.device, dtype=dtype)
                    for x in (res5, res4, res3)]
             y, shapes = self.transformer(srcs, pos)
             b = y.shape[0]
@@ -223,7 +234,7 @@ class PixelDecoder(nn.Module):
             fine = self.layer_1(lateral + F.interpolate(maps[-1], size=lateral.shape[-2:], mode="bilinear",
                                                         align_corners=False))
             if self.mask_stride == 2:
-                lateral = self.image_stem(images.float())
+                lateral = self.image_stem(images.to(dtype))
                 fine = self.layer_0(lateral + F.interpolate(self.reduce_1(fine), size=lateral.shape[-2:],
                                                             mode="bilinear", align_corners=False))
             return self.mask_features(fine), maps
