@@ -23,7 +23,9 @@ constexpr int64_t kBNB = 128;  // keys per backward work item
 constexpr int kLanes = 16;     // explicit lane accumulators of row sums (one 512-bit vector of floats)
 
 // One (B, H, L, d) operand in the accumulation type: a pointer and strides in
-// elements (unit stride on d). Float inputs are read in place; others converted.
+// elements (unit stride on d). Float inputs are read in place; others converted
+// straight into a contiguous copy: one pass (`to` alone keeps a head view's
+// strides, and a `.contiguous()` after it copied every bf16 operand twice).
 template <typename acc_t>
 struct Operand {
   at::Tensor holder;
@@ -36,7 +38,10 @@ template <typename acc_t>
 Operand<acc_t> operand(const at::Tensor& t) {
   Operand<acc_t> o;
   const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
-  o.holder = (t.scalar_type() == acc_type && t.stride(3) == 1) ? t : t.to(acc_type).contiguous();
+  o.holder = (t.scalar_type() == acc_type && t.stride(3) == 1)
+                 ? t
+                 : t.to(t.options().dtype(acc_type), /*non_blocking=*/false, /*copy=*/false,
+                        at::MemoryFormat::Contiguous);
   o.ptr = o.holder.template data_ptr<acc_t>();
   o.sb = o.holder.stride(0), o.sh = o.holder.stride(1), o.sl = o.holder.stride(2);
   return o;
