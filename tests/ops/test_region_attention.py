@@ -785,3 +785,27 @@ def test_triton_bf16_edge_cases_match_reference(poisoned_outputs, spec, name):
 
 def registry_triton_ok():
     return "triton" in RIA_BACKENDS.available("cpu")
+
+
+def _strided_copy(t: torch.Tensor) -> torch.Tensor:
+    """The same values with the last two dims' strides swapped: not contiguous, stride(-1) != 1."""
+    return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+def test_cpu_backward_reads_strided_float32_gradients_and_saved_outputs():
+    # The C++ backward converts what it reads to a contiguous float32 copy in one pass; where the
+    # dtype already matches, `Tensor.to(memory_format=Contiguous)` would hand back a strided
+    # float32 input itself, read as if contiguous (silently wrong gradients). Called directly:
+    # the Python op makes these contiguous before the call, so only this path reaches the case.
+    require_backend(RLA_SPEC, "cpu", "cpu")
+    case = rla_case((2, 3, 21, 9, 16), mask="with_empty", seed=5)
+    q, k, v, mask = case.args[:4]
+    scale = q.shape[-1] ** -0.5
+    out, lse = torch.ops.rexfast_C.region_language_attention_fwd(q, k, v, mask, scale)
+    dout = torch.randn_like(out)
+    want = torch.ops.rexfast_C.region_language_attention_bwd(dout, q, k, v, mask, scale, out, lse)
+    got = torch.ops.rexfast_C.region_language_attention_bwd(_strided_copy(dout), q, k, v, mask, scale,
+                                                            _strided_copy(out), _strided_copy(lse))
+    assert not _strided_copy(out).is_contiguous() and not _strided_copy(lse).is_contiguous()
+    for a, b in zip(want, got):
+        assert torch.equal(a, b)

@@ -238,8 +238,7 @@ void attention_backward(const at::Tensor& dout_t, const at::Tensor& q_t, const a
   const Operand<acc_t> q = operand<acc_t>(q_t), k = operand<acc_t>(k_t), v = operand<acc_t>(v_t);
   const Operand<acc_t> dout = operand<acc_t>(dout_t), outp = operand<acc_t>(out_t);
   const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
-  const at::Tensor lse_acc = lse_t.to(lse_t.options().dtype(acc_type), /*non_blocking=*/false, /*copy=*/false,
-                                     at::MemoryFormat::Contiguous);
+  const at::Tensor lse_acc = contiguous_as(lse_t, acc_type);
   const acc_t* lse = lse_acc.data_ptr<acc_t>();
   const int64_t S_pad = (s.S + kBNB - 1) / kBNB * kBNB;
   acc_t* kT = workspace<acc_t>(kSlotKT, static_cast<size_t>(s.B * s.H * s.d * S_pad));

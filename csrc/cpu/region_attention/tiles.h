@@ -22,10 +22,18 @@ constexpr int64_t kBN = 64;    // keys per forward tile
 constexpr int64_t kBNB = 128;  // keys per backward work item
 constexpr int kLanes = 16;     // explicit lane accumulators of row sums (one 512-bit vector of floats)
 
+// `t` as a contiguous tensor of `dtype` in one pass. A dtype change converts straight into a
+// contiguous copy (`.to(dtype)` alone keeps a head view's strides, and a `.contiguous()` after it
+// copied every bf16 operand twice); the same dtype needs `.contiguous()`, because `.to` with a
+// memory format returns a strided input itself when its suggested format is already Contiguous.
+inline at::Tensor contiguous_as(const at::Tensor& t, at::ScalarType dtype) {
+  if (t.scalar_type() == dtype) return t.contiguous();
+  return t.to(t.options().dtype(dtype), /*non_blocking=*/false, /*copy=*/false, at::MemoryFormat::Contiguous);
+}
+
 // One (B, H, L, d) operand in the accumulation type: a pointer and strides in
-// elements (unit stride on d). Float inputs are read in place; others converted
-// straight into a contiguous copy: one pass (`to` alone keeps a head view's
-// strides, and a `.contiguous()` after it copied every bf16 operand twice).
+// elements (unit stride on d). Float inputs with unit stride on d are read in place; others
+// converted (contiguous_as).
 template <typename acc_t>
 struct Operand {
   at::Tensor holder;
@@ -38,10 +46,8 @@ template <typename acc_t>
 Operand<acc_t> operand(const at::Tensor& t) {
   Operand<acc_t> o;
   const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
-  o.holder = (t.scalar_type() == acc_type && t.stride(3) == 1)
-                 ? t
-                 : t.to(t.options().dtype(acc_type), /*non_blocking=*/false, /*copy=*/false,
-                        at::MemoryFormat::Contiguous);
+  o.holder = (t.scalar_type() == acc_type && t.stride(3) == 1) ? t : contiguous_as(t, acc_type);
+  TORCH_CHECK(o.holder.stride(3) == 1, "region attention: an operand without unit stride on d");
   o.ptr = o.holder.template data_ptr<acc_t>();
   o.sb = o.holder.stride(0), o.sh = o.holder.stride(1), o.sl = o.holder.stride(2);
   return o;
