@@ -70,14 +70,19 @@ def _main(*args, check=True, cwd=None) -> subprocess.CompletedProcess:
     return proc
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
+def _synthetic_root(tmp_path_factory, name: str, n_train: int, n_val: int, n_test: int) -> Path:
+    """A folder of synthetic 32² scenes (seed 3) with the given split sizes."""
     from rexfast.engine import builders
 
-    root = tmp_path_factory.mktemp("synthetic")
+    root = tmp_path_factory.mktemp(name)
     builders.generate_synthetic_data(DataConfig(dataset="synthetic", root=str(root), image_size=32),
-                                     n_train=24, n_val=6, n_test=6, seed=3)
+                                     n_train=n_train, n_val=n_val, n_test=n_test, seed=3)
     return root
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return _synthetic_root(tmp_path_factory, "synthetic", 24, 6, 6)
 
 
 def _config(data_root: Path, out: Path, *, data: dict | None = None, **train) -> Path:
@@ -152,12 +157,7 @@ def test_ddp_two_processes_match_one_process_accumulating_two(data_root, tmp_pat
 @pytest.fixture(scope="module")
 def small_root(tmp_path_factory) -> Path:
     """Four training and two validation scenes: an epoch of a few steps, and a short evaluation."""
-    from rexfast.engine import builders
-
-    root = tmp_path_factory.mktemp("small")
-    builders.generate_synthetic_data(DataConfig(dataset="synthetic", root=str(root), image_size=32),
-                                     n_train=4, n_val=2, n_test=2, seed=3)
-    return root
+    return _synthetic_root(tmp_path_factory, "small", 4, 2, 2)
 
 
 def _killed(*args, crash_after: int) -> int:

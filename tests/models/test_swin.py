@@ -17,6 +17,7 @@ from rexfast.models.backbones.swin import (
     swin_config,
     window_partition,
     window_reverse,
+    window_token_index,
 )
 
 
@@ -25,6 +26,54 @@ def test_window_partition_round_trip():
     windows = window_partition(x, 4)
     assert windows.shape == (2 * 2 * 3, 16, 5)
     assert torch.equal(window_reverse(windows, 4, 8, 12), x)
+
+
+def released_windows(x, h, w, window, shift):
+    """The released block's way into windows: zero-pad (B, h, w, C) to multiples of the window,
+    roll by -shift, cut into windows; and the way back (merge, roll back, crop)."""
+    pad_b, pad_r = (-h) % window, (-w) % window
+    padded = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+    rolled = torch.roll(padded, shifts=(-shift, -shift), dims=(1, 2)) if shift else padded
+    windows = window_partition(rolled, window)
+
+    def back(windows):
+        merged = window_reverse(windows, window, h + pad_b, w + pad_r)
+        merged = torch.roll(merged, shifts=(shift, shift), dims=(1, 2)) if shift else merged
+        return merged[:, :h, :w, :]
+
+    return windows, back
+
+
+@pytest.mark.parametrize("h,w,window,shift", [(8, 8, 4, 2), (8, 8, 4, 0), (3, 6, 3, 1), (2, 2, 4, 2), (5, 11, 4, 2),
+                                              (30, 30, 12, 6), (30, 30, 12, 0), (15, 15, 12, 6), (60, 60, 12, 6),
+                                              (7, 9, 7, 3), (1, 1, 2, 1), (1, 1, 2, 0), (12, 7, 5, 4)])
+def test_window_token_index_is_the_released_pad_roll_and_partition(h, w, window, shift):
+    x = torch.randn(2, h, w, 5)
+    into, back = window_token_index(h, w, window, shift)
+    windows, released_back = released_windows(x, h, w, window, shift)
+    tokens = torch.cat([x.reshape(2, h * w, 5), torch.zeros(2, 1, 5)], dim=1)  # + the zero padding token
+    assert torch.equal(tokens.index_select(1, into).view(-1, window * window, 5), windows)
+    out = torch.randn_like(windows)  # what attention writes into the windows
+    assert torch.equal(out.view(2, -1, 5).index_select(1, back), released_back(out).reshape(2, h * w, 5))
+
+
+def test_swin_block_equals_the_released_pad_roll_partition_forward():
+    # One shifted block on a map that needs padding, fp32 and bf16: bit-identical to the released
+    # forward (norm, pad, roll, window attention with the shift mask, merge, roll back, crop, MLP).
+    from rexfast.models.backbones.swin import SwinTransformerBlock, shifted_window_mask
+
+    torch.manual_seed(0)
+    block = SwinTransformerBlock(16, 2, window_size=4, shift_size=2, mlp_ratio=2.0, drop_path=0.0).eval()
+    h, w = 7, 10
+    for dtype in (torch.float32, torch.bfloat16):
+        block.to(dtype)
+        x = torch.randn(2, h * w, 16).to(dtype)
+        mask = shifted_window_mask(h, w, 4, 2).to(dtype)
+        with torch.no_grad():
+            windows, back = released_windows(block.norm1(x).view(2, h, w, 16), h, w, 4, 2)
+            y = x + back(block.attn(windows, mask)).reshape(2, h * w, 16)
+            want = y + block.mlp(block.norm2(y))
+            assert torch.equal(block(x, h, w, mask), want)
 
 
 def test_window_attention_matches_explicit_softmax():
@@ -111,10 +160,10 @@ def test_shift_mask_is_recomputed_while_tracing_not_taken_from_the_cache():
     words = torch.randn(1, 5, 12)
     with torch.no_grad():
         stage(torch.randn(1, 3, 32, 32), words)  # caches the 8×8 mask
-        assert list(layer._mask_cache) == [(8, 8, "cpu")]
+        assert list(layer._window_cache) == [(8, 8, "cpu", torch.float32)]
         images = torch.randn(1, 3, 48, 48)  # a 12×12 map: the traced graph must make its own mask
         traced = torch.jit.trace(stage, (images, words), check_trace=False)
-        assert list(layer._mask_cache) == [(8, 8, "cpu")], "tracing must not touch the cache"
+        assert list(layer._window_cache) == [(8, 8, "cpu", torch.float32)], "tracing must not touch the cache"
         torch.testing.assert_close(traced(images, words), stage(images, words), rtol=0, atol=0)
 
 

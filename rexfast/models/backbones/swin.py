@@ -115,7 +115,7 @@ class WindowAttention(nn.Module):
         bw, n, c = x.shape
         qkv = self.qkv(x).reshape(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        bias = self.relative_position_bias_table.index_select(0, self.relative_position_index.view(-1))
         bias = bias.view(n, n, -1).permute(2, 0, 1).unsqueeze(0)  # 1, heads, n, n
         if mask is not None:
             nw = mask.shape[0]
@@ -140,6 +140,41 @@ def window_reverse(windows: Tensor, w: int, h: int, wd: int) -> Tensor:
     return x.reshape(b, h, wd, c)
 
 
+def window_token_index(h: int, w: int, window: int, shift: int, device=None) -> tuple[Tensor, Tensor]:
+    """The released block's way into windows and back, as one gather each.
+
+    The block zero-pads the (h, w) token map to (hp, wp), multiples of ``window``, rolls it by
+    ``-shift`` on both axes and cuts it into windows (windows row-major, tokens row-major in each);
+    afterwards it merges the windows, rolls back and crops. All of that moves data without
+    arithmetic, so it is ``index_select`` with two index vectors, computed in closed form:
+
+    - ``into`` (nW·window²,): window position p = wid·window² + k holds rolled padded cell
+      (R, C) = ((wid // (wp/window))·window + k // window, (wid mod (wp/window))·window + k mod window),
+      which is padded cell (i, j) = ((R + shift) mod hp, (C + shift) mod wp): token i·w + j where
+      i < h and j < w, else h·w (a zero row appended after the tokens: the padding);
+    - ``back`` (h·w,): token (i, j) sits at rolled cell ((i − shift) mod hp, (j − shift) mod wp),
+      whose window position the first formula gives.
+
+    One copy each way instead of the pad, the roll (a ``cat`` per axis), the window reshape and,
+    after attention, their inverses: bit-identical values. Integer tensor ops only, so it traces
+    with symbolic h, w like :func:`shifted_window_mask`."""
+    hp, wp = -(-h // window) * window, -(-w // window) * window
+    across = wp // window  # windows per row
+    area = window * window
+
+    def position(r: Tensor, c: Tensor) -> Tensor:
+        return ((r // window) * across + c // window) * area + (r % window) * window + c % window
+
+    p = torch.arange(hp * wp, device=device)
+    wid, k = p // area, p % area
+    i = ((wid // across) * window + k // window + shift) % hp
+    j = ((wid % across) * window + k % window + shift) % wp
+    into = torch.where((i < h) & (j < w), i * w + j, torch.full_like(i, h * w))
+    t = torch.arange(h * w, device=device)
+    back = position((t // w - shift) % hp, (t % w - shift) % wp)
+    return into, back
+
+
 class SwinTransformerBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, window_size: int, shift_size: int, mlp_ratio: float, drop_path: float):
         super().__init__()
@@ -151,24 +186,23 @@ class SwinTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: Tensor, h: int, w: int, shift_mask: Optional[Tensor]) -> Tensor:
+    def forward(self, x: Tensor, h: int, w: int, shift_mask: Optional[Tensor],
+                index: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
+        """x (B, h·w, C); ``index``: :func:`window_token_index` for this block's shift (the stage
+        caches it; computed here when not given)."""
         b, length, c = x.shape
         ws = self.window_size
+        if index is None:
+            index = window_token_index(h, w, ws, self.shift_size, x.device)
+        into, back = index
         shortcut = x
-        x = self.norm1(x).view(b, h, w, c)
-        pad_b, pad_r = (-h) % ws, (-w) % ws
-        if pad_b or pad_r:
-            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
-        hp, wp = h + pad_b, w + pad_r
-        if self.shift_size:
-            x = torch.roll(x, shifts=(-self.shift_size, -self.shift_size), dims=(1, 2))
-        windows = self.attn(window_partition(x, ws), shift_mask if self.shift_size else None)
-        x = window_reverse(windows, ws, hp, wp)
-        if self.shift_size:
-            x = torch.roll(x, shifts=(self.shift_size, self.shift_size), dims=(1, 2))
-        if pad_b or pad_r:
-            x = x[:, :h, :w, :]
-        x = shortcut + self.drop_path(x.reshape(b, length, c))
+        x = self.norm1(x)
+        if (-h) % ws or (-w) % ws:  # the padding: one zero token that the padded cells gather
+            x = torch.cat([x, x.new_zeros(b, 1, c)], dim=1)
+        windows = x.index_select(1, into).view(-1, ws * ws, c)
+        windows = self.attn(windows, shift_mask if self.shift_size else None)
+        x = windows.view(b, -1, c).index_select(1, back)
+        x = shortcut + self.drop_path(x)
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
@@ -315,7 +349,7 @@ class MMBasicLayer(nn.Module):
                     nn.init.zeros_(linear.weight)
             self.add_module(gate_name, gate)
         self.downsample = PatchMerging(dim) if downsample else None
-        self._mask_cache: dict = {}
+        self._window_cache: dict = {}
 
     @property
     def fusion_module(self) -> nn.Module:
@@ -325,22 +359,30 @@ class MMBasicLayer(nn.Module):
     def gate_module(self) -> Optional[nn.Module]:
         return self._modules[self._gate_name] if self._gate_name else None
 
-    def _shift_mask(self, h: int, w: int, device) -> Optional[Tensor]:
-        if len(self.blocks) < 2 or self.shift_size == 0:  # no block shifts: no mask
-            return None
+    def _windows(self, h: int, w: int, x: Tensor) -> tuple:
+        """(shift mask in x's dtype or None, window_token_index without and with the shift) for an
+        (h, w) map: what every block of the stage shares. Cached for the last map size, device and
+        dtype; made in the graph while tracing (h, w may be symbolic and cannot key a dict, and a
+        cached tensor would be baked in as a constant). The mask's 0 and -100 are exact in bf16, so
+        adding it to a bf16 relative bias in bf16 rounds as adding it in float32 did."""
+        def make():
+            shifts = len(self.blocks) >= 2 and self.shift_size > 0
+            mask = shifted_window_mask(h, w, self.window_size, self.shift_size, x.device).to(x.dtype) if shifts else None
+            plain = window_token_index(h, w, self.window_size, 0, x.device)
+            shifted = window_token_index(h, w, self.window_size, self.shift_size, x.device) if shifts else None
+            return mask, plain, shifted
+
         if torch.compiler.is_compiling() or torch.jit.is_tracing():
-            # Traced: the mask is part of the graph (and h, w may be symbolic, which
-            # cannot key a dict); a cached tensor would be baked in as a constant.
-            return shifted_window_mask(h, w, self.window_size, self.shift_size, device)
-        key = (int(h), int(w), str(device))
-        if key not in self._mask_cache:
-            self._mask_cache = {key: shifted_window_mask(h, w, self.window_size, self.shift_size, device)}
-        return self._mask_cache[key]
+            return make()
+        key = (int(h), int(w), str(x.device), x.dtype)
+        if key not in self._window_cache:
+            self._window_cache = {key: make()}
+        return self._window_cache[key]
 
     def forward(self, x: Tensor, h: int, w: int, words: Tensor, word_mask: Tensor):
-        mask = self._shift_mask(h, w, x.device)
+        mask, plain, shifted = self._windows(h, w, x)
         for blk in self.blocks:
-            x = blk(x, h, w, mask)
+            x = blk(x, h, w, mask, shifted if blk.shift_size else plain)
         residual = self.fusion_module(x, words, word_mask)
         if self.downsample is None:  # the last stage: the gated sum would go nowhere
             return residual, x, h, w
