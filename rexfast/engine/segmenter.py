@@ -166,7 +166,9 @@ def _check_image(image, name: str) -> None:
 
 
 def _as_pil(image, name: str = "image"):
-    """An RGB PIL image from a PIL image, a uint8 (H, W, 3) array or a path."""
+    """An RGB PIL image from a PIL image, a uint8 (H, W, 3) array or a path (a file is turned
+    as its EXIF orientation says, as viewers and the web page show it; PIL images and arrays
+    are used as they are)."""
     from PIL import Image
 
     from ..io import load_image
@@ -177,7 +179,7 @@ def _as_pil(image, name: str = "image"):
         _check_array(image, name)
         return Image.fromarray(np.ascontiguousarray(image))
     if isinstance(image, (str, os.PathLike)):
-        return load_image(image)
+        return load_image(image, exif_transpose=True)
     raise TypeError(f"{name} must be a PIL image, a uint8 (H, W, 3) numpy array or a path, got "
                     f"{type(image).__name__}")
 
@@ -211,6 +213,11 @@ class Processor:
     ``keep_image=True`` also ``"original_image"`` (the RGB PIL image, for overlays).
     ``S`` and ``L`` are the preprocessing's ``image_size`` and ``max_tokens``.
 
+    An image given as a path is turned as its EXIF orientation tag says (a phone photo stored
+    4000x3000 and tagged "rotate 90°" is 3000x4000, as viewers and ``rexfast serve`` show it),
+    so masks and ``original_size`` are in the orientation the user sees. PIL images and
+    arrays are used as they are (``PIL.Image.open`` does not turn an image).
+
     A JPEG given as a path and at least ``4 S`` pixels on each side is decoded at a reduced
     size (the decoder's 1/2, 1/4 or 1/8 scale that keeps at least ``2 S`` =
     :data:`rexfast.io.DRAFT_MARGIN` ``S`` per side, :func:`rexfast.io.decode_image`): the model
@@ -234,7 +241,8 @@ class Processor:
     def decode(self, image, name: str = "image", *, full: bool = False):
         """``image`` (a PIL image, a uint8 (H, W, 3) array or a path) as a
         :class:`rexfast.io.DecodedImage`: a path to a large JPEG is decoded at a reduced size
-        unless ``full`` (or ``reduce_large_jpegs`` is off); ``original_size`` is (width, height)."""
+        unless ``full`` (or ``reduce_large_jpegs`` is off), and a path is turned as its EXIF
+        orientation says; ``original_size`` is (width, height)."""
         from rexfast.data.datasets import MIN_IMAGE_SIDE
 
         from ..io import DecodedImage, DRAFT_MARGIN, decode_image
@@ -244,7 +252,7 @@ class Processor:
         if isinstance(image, (str, os.PathLike)) and self.reduce_large_jpegs and not full:
             # never reduced below the smallest image rexfast segments (an input side under 4)
             min_side = max(DRAFT_MARGIN * self.preprocessing.image_size, MIN_IMAGE_SIDE)
-            return decode_image(image, min_side=min_side)
+            return decode_image(image, min_side=min_side, exif_transpose=True)
         pil = _as_pil(image, name)
         return DecodedImage(pil, pil.size)
 

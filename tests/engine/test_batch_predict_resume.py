@@ -88,7 +88,7 @@ def _run(pairs_file, out, segmenter=None, **kw):
     pairs = read_pairs(pairs_file, skip_bad=kw.get("skip_bad", False))
     args = run_arguments("fake-model", pairs, mask_threshold=kw.pop("mask_threshold", 0.5), no_target_threshold=0.5,
                          precision="fp32", save_masks=kw.get("save_masks", False),
-                         save_overlays=kw.get("save_overlays", False))
+                         save_overlays=kw.get("save_overlays", False), full_decode=kw.pop("full_decode", False))
     segmenter = segmenter or FakeSegmenter()
     kw.setdefault("workers", 0)
     return predict_pairs(pairs, out, lambda device: segmenter, args, progress=False, device="cpu", **kw), segmenter
@@ -165,6 +165,35 @@ def test_other_arguments_are_refused_unless_overwrite(pairs_file, tmp_path):
     (other / "predictions.jsonl").write_text('{"id": "a"}\n')
     with pytest.raises(ValueError, match="no predictions.run.json describes"):
         _run(pairs_file, other)
+
+
+def test_a_run_file_from_before_a_key_was_recorded(pairs_file, tmp_path):
+    """A folder written before ``full_decode`` was recorded decoded every JPEG in full: a missing
+    key stands for true, so ``--full-decode`` continues it and a run without it is told why.
+    One written before ``exif_transpose`` read the images as stored: no flag repeats that, and
+    the refusal says so."""
+    out = tmp_path / "out"
+    _run(pairs_file, out, full_decode=True)
+    lines = (out / "predictions.jsonl").read_bytes().splitlines(keepends=True)
+    (out / "predictions.jsonl").write_bytes(b"".join(lines[:4]))  # stopped after 4 pairs
+    run = json.loads((out / RUN_FILE).read_text())
+    old = {k: v for k, v in run.items() if k not in ("full_decode", "exif_transpose")}
+    (out / RUN_FILE).write_text(json.dumps({k: v for k, v in run.items() if k != "full_decode"}))
+    with pytest.raises(ValueError, match=r"full_decode: true \(not recorded: an earlier rexfast, which decoded every "
+                                         r"JPEG in full: --full-decode continues it\) then, false now\); a rerun must "
+                                         r"repeat them"):
+        _run(pairs_file, out)
+    summary, _ = _run(pairs_file, out, full_decode=True)
+    assert summary.resumed == 4 and summary.predicted == 7
+    assert (out / "predictions.jsonl").read_bytes() == b"".join(lines)
+
+    (out / RUN_FILE).write_text(json.dumps(old))
+    with pytest.raises(ValueError, match=r"exif_transpose: false \(not recorded: an earlier rexfast, which read every "
+                                         r"image as stored\) then, true now\): an earlier rexfast read the images as "
+                                         r"stored; this one turns them .*; choose another --out-dir, or pass "
+                                         r"--overwrite to start over$"):
+        _run(pairs_file, out, full_decode=True)
+    assert (out / "predictions.jsonl").read_bytes() == b"".join(lines)
 
 
 def test_png_names_never_collide_and_show_the_shown_mask(pairs_file, tmp_path):

@@ -240,6 +240,22 @@ def test_predict_full_decode_turns_the_reduced_decode_off(jpeg, seg, tmp_path, m
     assert json.loads((tmp_path / "reduced" / batch_predict.RUN_FILE).read_text())["full_decode"] is False
 
 
+def _source_is(monkeypatch, segmenter) -> None:
+    """Every ``--checkpoint`` loads ``segmenter`` (the CLI's own code runs around it)."""
+    from rexfast.engine import batch_predict
+    from rexfast.engine.segmenter import Segmenter as SegmenterClass
+
+    monkeypatch.setattr(SegmenterClass, "from_pretrained", staticmethod(lambda source, **kw: segmenter))
+    monkeypatch.setattr(batch_predict, "source_fingerprint", lambda source: "test")
+
+
+def _predict_pairs(pairs, out, *flags) -> None:
+    from rexfast import cli
+
+    assert cli.main(["predict", "--checkpoint", "model", "--pairs", str(pairs), "--out-dir", str(out), "--workers", "0",
+                     "--no-progress", "--device", "cpu", *flags]) == 0
+
+
 # ----------------------------------------------------------------------------- EXIF orientation
 def _oriented(path, pixels: np.ndarray, orientation: int, **save) -> None:
     exif = Image.Exif()
@@ -277,3 +293,49 @@ def test_user_images_are_turned_as_their_exif_orientation_says(tmp_path, orienta
         stored_box = decode_image(path, min_side=DRAFT_MARGIN * S).box
         assert reduced.box != stored_box
         assert (preprocess_image(reduced.image, S, *PIXEL, box=stored_box) - full).abs().max() >= 8
+
+
+def test_predict_answers_in_the_orientation_a_viewer_shows(seg, tmp_path, monkeypatch):
+    """A JPEG stored 48x32 and tagged orientation 6 (shown 32x48): ``predict --image`` and
+    ``--pairs`` answer at 32x48, exactly as for the already-turned pixels (a PNG of them); a
+    large one decoded reduced answers at its turned size too, and the run file says so."""
+    import json
+
+    from rexfast import cli
+    from rexfast.data.masks import decode_segmentation
+    from rexfast.engine import batch_predict
+
+    _source_is(monkeypatch, seg)
+    stored = np.asarray(photo_like(48, 32, seed=3))
+    _oriented(tmp_path / "phone.jpg", stored, 6, quality=95)
+    upright = np.asarray(load_image(tmp_path / "phone.jpg", exif_transpose=True))
+    assert upright.shape == (48, 32, 3)
+    Image.fromarray(upright).save(tmp_path / "upright.png")
+    _oriented(tmp_path / "big_phone.jpg", np.asarray(photo_like(WIDTH, HEIGHT)), 6, quality=90)
+
+    files = {}
+    for name in ("phone.jpg", "upright.png"):
+        out = tmp_path / f"single_{name}"
+        assert cli.main(["predict", "--checkpoint", "model", "--image", str(tmp_path / name), "--text",
+                         "the red circle", "--out-dir", str(out), "--device", "cpu"]) == 0
+        files[name] = {p.name.split("_", 1)[1]: p.read_bytes() for p in out.iterdir()}
+    assert files["phone.jpg"] == files["upright.png"] and len(files["phone.jpg"]) == 2
+    for written in (tmp_path / "single_phone.jpg").iterdir():  # the mask and the overlay
+        with Image.open(written) as png:
+            assert png.size == (32, 48)
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"image": name, "text": "the red circle", "id": name}) + "\n"
+                             for name in ("phone.jpg", "upright.png", "big_phone.jpg")))
+    _predict_pairs(pairs, tmp_path / "batch")
+    records = [json.loads(line) for line in (tmp_path / "batch" / batch_predict.PREDICTIONS_FILE).read_text().splitlines()]
+    phone, png, big = records
+    assert (phone["height"], phone["width"]) == (48, 32) and phone["segmentation"]["size"] == [48, 32]
+    assert {k: v for k, v in phone.items() if k not in ("id", "image")} == {
+        k: v for k, v in png.items() if k not in ("id", "image")}
+    assert (big["height"], big["width"]) == (WIDTH, HEIGHT)  # 1027 tall, 771 wide: as shown
+    assert decode_segmentation(big["segmentation"], WIDTH, HEIGHT).shape == (WIDTH, HEIGHT)
+    assert json.loads((tmp_path / "batch" / batch_predict.RUN_FILE).read_text())["exif_transpose"] is True
+    # the Python API and its overlay agree
+    result = seg(tmp_path / "big_phone.jpg", "the red circle")
+    assert result.mask.shape == (WIDTH, HEIGHT) and result.overlay().size == (HEIGHT, WIDTH)
