@@ -262,8 +262,8 @@ class _PairInputs(torch.utils.data.Dataset):
         if pair.error is not None:
             return {"k": k, "error": pair.error}
         try:
-            # the path, not a decoded image: the processor decodes a large JPEG at a reduced size
-            # unless the overlay needs the full image (keep_image)
+            # the path, not a decoded image: the processor decodes a large JPEG at a reduced size for
+            # the model (and, for an overlay, the full image besides: keep_image changes no prediction)
             inputs = self.processor(pair.image, pair.text, keep_image=self.keep_image)
         except (OSError, ValueError, TypeError) as exc:  # deleted or corrupt since the up-front check
             return {"k": k, "error": str(exc) or type(exc).__name__}

@@ -210,7 +210,7 @@ class Processor:
 
     ``processor(image, text)`` → ``{"image": float32 (3, S, S), "input_ids": int64 (L,),
     "attention_mask": int64 (L,), "original_size": (h, w), "text": text}``; with
-    ``keep_image=True`` also ``"original_image"`` (the RGB PIL image, for overlays).
+    ``keep_image=True`` also ``"original_image"`` (the RGB PIL image in full, for overlays).
     ``S`` and ``L`` are the preprocessing's ``image_size`` and ``max_tokens``.
 
     An image given as a path is turned as its EXIF orientation tag says (a phone photo stored
@@ -223,9 +223,10 @@ class Processor:
     :data:`rexfast.io.DRAFT_MARGIN` ``S`` per side, :func:`rexfast.io.decode_image`): the model
     sees the image resized to ``S`` either way, and the reduced decode gives nearly the same
     input (README, "Large JPEGs") in a fraction of the time and memory. ``original_size`` is
-    still the file's own size, so masks come back at the full size. ``keep_image=True`` (the
-    image itself is wanted, for an overlay) and ``reduce_large_jpegs=False`` decode in full.
-    Images given as PIL images or arrays are used as they are."""
+    still the full image's size, so masks come back at the full size. ``keep_image=True`` (the
+    image itself is wanted, for an overlay) decodes the full image besides, without changing
+    the model's input: an option that only adds a picture never changes the answer.
+    ``reduce_large_jpegs=False`` decodes in full for the model too."""
 
     def __init__(self, tokenizer, preprocessing, *, reduce_large_jpegs: bool = True):
         from rexfast.models.preprocessing import Preprocessing
@@ -273,13 +274,14 @@ class Processor:
 
     def __call__(self, image, text: str, *, keep_image: bool = False) -> dict:
         text = _check_text(text)
-        decoded = self.decode(image, full=keep_image)
+        decoded = self.decode(image)
         ids, mask = self.text_tensors(text)
         width, height = decoded.original_size
         item = {"image": self.image_tensor(decoded), "input_ids": ids, "attention_mask": mask,
                 "original_size": (height, width), "text": text}
         if keep_image:
-            item["original_image"] = decoded.image
+            # the model's input stays the decode above; a reduced one is no picture to draw on
+            item["original_image"] = self.decode(image, full=True).image if decoded.reduced else decoded.image
         return item
 
     def __repr__(self) -> str:

@@ -1,7 +1,9 @@
 """Large JPEGs given as paths are decoded at a reduced size for the model (PIL's ``draft``,
 :func:`rexfast.io.decode_image`), and everything the user gets back stays at the file's own
-size: the mask, the probability, the RLE, the overlay. PNGs, ``keep_image=True`` and
-training/evaluation data decode in full; the pixel limit refuses from the header first.
+size: the mask, the probability, the RLE, the overlay. PNGs and training/evaluation data
+decode in full; ``keep_image=True`` decodes the full image besides, for the overlay, without
+changing the model's input; the pixel limit refuses from the header first. Images given as
+paths are turned as their EXIF orientation says (the stored pixels stay what datasets read).
 
 The agreement bounds come from measurements (README, "Large JPEGs"): on this test's image the
 reduced decode moves the model input by at most 3/255 (mean 0.18/255); without the box that
@@ -138,12 +140,15 @@ def test_masks_come_back_at_the_original_size(jpeg, seg):
     assert [r.mask.shape for r in seg([jpeg, jpeg], ["red", "the blue square"])] == [(HEIGHT, WIDTH)] * 2
 
 
-def test_keep_image_and_the_switch_decode_in_full(jpeg, seg):
+def test_keep_image_adds_the_full_image_and_the_switch_decodes_in_full(jpeg, seg):
     full = load_image(jpeg)
     expected = preprocess_image(full, S, seg.preprocessing.mean, seg.preprocessing.std)
     item = seg.processor(jpeg, "the red circle", keep_image=True)
     assert item["original_image"].size == (WIDTH, HEIGHT) and item["original_size"] == (HEIGHT, WIDTH)
-    assert torch.equal(item["image"], expected)
+    assert np.array_equal(np.asarray(item["original_image"]), np.asarray(full))
+    # the model's input is the reduced decode's, as without keep_image: the picture changes no answer
+    assert torch.equal(item["image"], seg.processor(jpeg, "the red circle")["image"])
+    assert not torch.equal(item["image"], expected)
     seg.processor.reduce_large_jpegs = False
     try:
         assert torch.equal(seg.processor(jpeg, "red")["image"], expected)
@@ -154,7 +159,7 @@ def test_keep_image_and_the_switch_decode_in_full(jpeg, seg):
         type(seg.processor)(seg.tokenizer, seg.preprocessing, reduce_large_jpegs="yes")
 
 
-def test_batch_prediction_reads_paths_reduced_unless_overlays_are_saved(jpeg, seg):
+def test_batch_prediction_reads_paths_reduced_also_when_overlays_are_saved(jpeg, seg):
     from rexfast.data.pairs import Pair
     from rexfast.engine.batch_predict import _PairInputs
 
@@ -164,6 +169,7 @@ def test_batch_prediction_reads_paths_reduced_unless_overlays_are_saved(jpeg, se
     assert plain["original_size"] == overlays["original_size"] == (HEIGHT, WIDTH)
     assert "original_image" not in plain and overlays["original_image"].size == (WIDTH, HEIGHT)
     assert torch.equal(plain["image"], seg.processor(jpeg, "red")["image"])
+    assert torch.equal(plain["image"], overlays["image"])
 
 
 # ----------------------------------------------------------------------------- agreement with the full decode
@@ -254,6 +260,36 @@ def _predict_pairs(pairs, out, *flags) -> None:
 
     assert cli.main(["predict", "--checkpoint", "model", "--pairs", str(pairs), "--out-dir", str(out), "--workers", "0",
                      "--no-progress", "--device", "cpu", *flags]) == 0
+
+
+def test_save_overlays_changes_no_prediction(seg, tmp_path, monkeypatch):
+    """``--save-overlays`` only adds PNGs: on a JPEG large enough to be decoded reduced (its
+    shorter side 1500 >= 4 S = 256: at 1/8 here) predictions.jsonl is byte-identical with and
+    without it, and so computed as the run file's ``full_decode: false`` says (a full decode
+    gives other bytes, so the comparison can fail)."""
+    import json
+
+    from rexfast.engine import batch_predict
+
+    big = tmp_path / "big.jpg"
+    photo_like(2000, 1500, seed=1).save(big, quality=90)
+    assert decode_image(big, min_side=DRAFT_MARGIN * S).image.size == (250, 188)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"image": "big.jpg", "text": "the red circle", "id": "big"}) + "\n")
+    _source_is(monkeypatch, seg)
+    _predict_pairs(pairs, tmp_path / "plain")
+    _predict_pairs(pairs, tmp_path / "overlays", "--save-overlays")
+    try:
+        _predict_pairs(pairs, tmp_path / "full", "--full-decode")
+    finally:
+        seg.processor.reduce_large_jpegs = True
+    lines = {name: (tmp_path / name / batch_predict.PREDICTIONS_FILE).read_bytes() for name in ("plain", "overlays", "full")}
+    assert lines["overlays"] == lines["plain"]
+    assert lines["full"] != lines["plain"]
+    run = json.loads((tmp_path / "overlays" / batch_predict.RUN_FILE).read_text())
+    assert run["full_decode"] is False and run["save_overlays"] is True
+    with Image.open(tmp_path / "overlays" / "overlays" / "big.png") as overlay:
+        assert overlay.size == (2000, 1500)  # drawn on the full image
 
 
 # ----------------------------------------------------------------------------- EXIF orientation
