@@ -108,6 +108,11 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _flags_belong(given: list) -> str:
+    """``--a belongs`` / ``--a, --b belong``: the flags a form does not take, as a sentence's subject."""
+    return f"{', '.join(given)} {'belongs' if len(given) == 1 else 'belong'}"
+
+
 def _eval_predictions_file(args) -> dict:
     """``eval --predictions F --config C``: score a file; the model-only flags make no sense here."""
     from .engine.evaluator import score_predictions
@@ -115,7 +120,7 @@ def _eval_predictions_file(args) -> dict:
     given = [flag for flag, value in (("--checkpoint", args.checkpoint), ("--save-predictions", args.save_predictions),
                                       ("--tokenizer", args.tokenizer), ("--compile", args.compile)) if value]
     if given:
-        raise ValueError(f"--predictions scores a file; {', '.join(given)} belong(s) to evaluating a model")
+        raise ValueError(f"--predictions scores a file; {_flags_belong(given)} to evaluating a model")
     if args.config is None:
         raise ValueError("--predictions needs --config C: the config whose data section names the dataset")
     return score_predictions(args.predictions, args.config, split=args.split, overrides=args.set or [],
@@ -159,9 +164,10 @@ def _predict_thresholds(args) -> tuple:
 
 
 # ----------------------------------------------------------------------------- predict: the batch forms
+# the batch forms' own flags; --full-decode is not among them: --image always decodes in full (its
+# overlay is drawn on the full image), so there it is accepted and changes nothing
 BATCH_FLAGS = (("--batch-size", "batch_size"), ("--workers", "workers"), ("--save-masks", "save_masks"),
-               ("--save-overlays", "save_overlays"), ("--full-decode", "full_decode"), ("--skip-bad", "skip_bad"),
-               ("--overwrite", "overwrite"))
+               ("--save-overlays", "save_overlays"), ("--skip-bad", "skip_bad"), ("--overwrite", "overwrite"))
 
 
 def _predict_form(args) -> str:
@@ -179,7 +185,7 @@ def _predict_form(args) -> str:
     if form == "--image":
         given = [flag for flag, dest in BATCH_FLAGS if getattr(args, dest) not in (None, False)]
         if given:
-            raise ValueError(f"{', '.join(given)} belong(s) to the batch forms (--pairs, --images)")
+            raise ValueError(f"{_flags_belong(given)} to the batch forms (--pairs, --images)")
     elif getattr(args, "explain", False):
         raise ValueError("--explain draws one figure for one pair: it goes with --image, not with --pairs or --images")
     elif args.out_dir is None:
@@ -235,8 +241,9 @@ def _predict_batch_flags(p) -> None:
                                                               "'no target')")
     p.add_argument("--save-overlays", action="store_true", help="also write D/overlays/<id>.png")
     p.add_argument("--full-decode", action="store_true",
-                   help="decode every JPEG in full (by default one over twice the model's input side is decoded at "
-                        "1/2, 1/4 or 1/8 scale: much faster, and 99.7-99.98%% of mask pixels agree)")
+                   help="decode every JPEG in full (by default a JPEG whose shorter side is at least 4 times the "
+                        "model's input side is decoded at the 1/2, 1/4 or 1/8 scale that keeps at least twice that "
+                        "side: much faster, and 99.7-99.98%% of mask pixels agree); --image always decodes in full")
     p.add_argument("--skip-bad", action="store_true",
                    help="write bad rows (missing or unreadable image, empty text, ...) as {\"id\", \"error\"} lines "
                         "and go on, instead of stopping before the model loads")

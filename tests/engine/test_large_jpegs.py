@@ -292,6 +292,27 @@ def test_save_overlays_changes_no_prediction(seg, tmp_path, monkeypatch):
         assert overlay.size == (2000, 1500)  # drawn on the full image
 
 
+def test_image_takes_full_decode_as_what_it_does_anyway(seg, tmp_path, monkeypatch, capsys):
+    """``predict --image`` always decodes in full: ``--full-decode`` is accepted and changes
+    nothing; the batch forms' other flags are one error naming them, in good grammar."""
+    from rexfast import cli
+
+    _source_is(monkeypatch, seg)
+    image = tmp_path / "small.jpg"
+    photo_like(300, 280).save(image, quality=90)
+    outputs = {}
+    for name, flags in (("plain", []), ("full", ["--full-decode"])):
+        assert cli.main(["predict", "--checkpoint", "model", "--image", str(image), "--text", "the red circle",
+                         "--out-dir", str(tmp_path / name), "--device", "cpu", *flags]) == 0
+        outputs[name] = {p.name: p.read_bytes() for p in (tmp_path / name).iterdir()}
+    assert outputs["full"] == outputs["plain"] and len(outputs["plain"]) == 2
+    capsys.readouterr()
+    for flags, says in ((["--save-masks"], "--save-masks belongs to the batch forms"),
+                        (["--save-masks", "--skip-bad"], "--save-masks, --skip-bad belong to the batch forms")):
+        assert cli.main(["predict", "--checkpoint", "model", "--image", str(image), "--text", "red", *flags]) == 2
+        assert capsys.readouterr().err.strip() == f"rexfast: error: {says} (--pairs, --images)"
+
+
 # ----------------------------------------------------------------------------- EXIF orientation
 def _oriented(path, pixels: np.ndarray, orientation: int, **save) -> None:
     exif = Image.Exif()
