@@ -236,7 +236,8 @@ def _predict_batch_flags(p) -> None:
                    help="predict --text on every image in DIR (sorted; the id is the file name)")
     p.add_argument("--batch-size", type=_positive_int, default=None, help="pairs per model call (default 8)")
     p.add_argument("--workers", type=_non_negative_int, default=None,
-                   help="DataLoader workers decoding the images (default min(2, CPUs); 0: in the main process)")
+                   help="DataLoader worker processes decoding the images (default min(2, the CPUs this process may "
+                        "run on); 0: in the main process)")
     p.add_argument("--save-masks", action="store_true", help="also write D/masks/<id>.png (0/255, empty for "
                                                               "'no target')")
     p.add_argument("--save-overlays", action="store_true", help="also write D/overlays/<id>.png")
@@ -432,10 +433,12 @@ def _set_threads(threads) -> None:
     before any model loads (a thread pool sized once, for the whole command)."""
     if threads is None:
         return
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    from .engine.device import usable_cpus
+
+    cpus = usable_cpus()
     if threads > cpus:
-        raise ValueError(f"--threads {threads} is more than the {cpus} CPUs this process may run on: more threads "
-                         "than cores only make them wait for each other")
+        raise ValueError(f"--threads {threads} is more than the {cpus} CPU{'' if cpus == 1 else 's'} this process "
+                         "may run on: more threads than cores only make them wait for each other")
     import torch
 
     torch.set_num_threads(threads)

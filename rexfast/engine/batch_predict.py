@@ -292,13 +292,15 @@ def predict_pairs(pairs: PairList, out_dir, load_segmenter: Callable, args: dict
     when this rank has pairs left, after every check passed and before anything is
     written); ``args`` is
     :func:`run_arguments`' record of the run; ``workers`` DataLoader workers decode the
-    images (default ``min(2, CPUs)``; 0: in this process)."""
+    images (default ``min(2, CPUs this process may run on)``; 0: in this process)."""
     from . import distributed
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"--batch-size must be a positive integer, got {batch_size!r}")
     if workers is None:
-        workers = min(2, os.cpu_count() or 1)
+        from .device import usable_cpus
+
+        workers = min(2, usable_cpus())  # taskset -c 0: one worker, not two on one core
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise ValueError(f"--workers must be a non-negative integer, got {workers!r}")
     out = check_out_dir(out_dir, args, overwrite=overwrite)

@@ -238,3 +238,20 @@ def test_an_image_broken_after_the_check_stops_the_run_but_keeps_the_lines(pairs
                       progress=False, device="cpu")
     assert len((tmp_path / "out" / "predictions.jsonl").read_text().splitlines()) == 5
     assert batch_predict.RUN_FILE in {p.name for p in (tmp_path / "out").iterdir()}
+
+
+@pytest.mark.parametrize("cpus, workers", [({0}, 1), ({0, 1, 2, 3}, 2)])
+def test_default_workers_follow_the_cpus_this_process_may_use(pairs_file, tmp_path, monkeypatch, cpus, workers):
+    """``--workers`` defaults to min(2, the CPUs of the process's affinity mask): under
+    ``taskset -c 0`` one decoding process, not two on one core."""
+    import os
+
+    from rexfast.engine import batch_predict
+
+    seen = []
+    batches = batch_predict._batches
+    monkeypatch.setattr(batch_predict, "_batches", lambda dataset, batch_size, n: seen.append(n) or
+                        batches(dataset, batch_size, 0))  # decoded here: the count is what is tested
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: cpus, raising=False)
+    _run(pairs_file, tmp_path / "out", workers=None)
+    assert seen == [workers]
