@@ -388,9 +388,12 @@ def _run(todo: list, target: Path, segmenter, pairs: PairList, *, batch_size: in
                     if "error" in item:
                         if not skip_bad:
                             appender.write(lines)  # the pairs before it are done
-                            raise ValueError(f"{pairs.source}, {pair.where}: {item['error']} (the {written + len(lines)} "
-                                             "lines before it are kept: fix it and run again to continue, or pass "
-                                             "--skip-bad)")
+                            kept = written + len(lines)
+                            kept_text = ("this run wrote no line before it" if kept == 0 else
+                                         "the 1 line before it is kept" if kept == 1 else
+                                         f"the {kept} lines before it are kept")
+                            raise ValueError(f"{pairs.source}, {pair.where}: {item['error']} ({kept_text}: fix it "
+                                             "and run again to continue, or pass --skip-bad)")
                         lines.append(record_line(error_record(pair.id, pair.source_image, pair.text, item["error"])))
                         continue
                     result = next(results)

@@ -233,12 +233,41 @@ def test_an_image_broken_after_the_check_stops_the_run_but_keeps_the_lines(pairs
     pairs = read_pairs(pairs_file)
     (pairs_file.parent / "imgs" / "5.png").write_bytes(b"broken")
     args = run_arguments("fake-model", pairs, mask_threshold=0.5, no_target_threshold=0.5, precision="fp32")
-    with pytest.raises(ValueError, match=r"line 6: cannot read image .*5.png.*the 5 lines before it are kept"):
+    with pytest.raises(ValueError, match=r"line 6: cannot read image .*5.png.*\(the 5 lines before it are kept: "):
         predict_pairs(pairs, tmp_path / "out", lambda d: FakeSegmenter(), args, batch_size=4, workers=0,
                       progress=False, device="cpu")
     assert len((tmp_path / "out" / "predictions.jsonl").read_text().splitlines()) == 5
     assert batch_predict.RUN_FILE in {p.name for p in (tmp_path / "out").iterdir()}
+    (pairs_file.parent / "imgs" / "0.png").write_bytes(b"broken")  # none before it
+    with pytest.raises(ValueError, match=r"line 1: cannot read image .*0.png.*\(this run wrote no line before it: "):
+        predict_pairs(pairs, tmp_path / "none", lambda d: FakeSegmenter(), args, batch_size=4, workers=0,
+                      progress=False, device="cpu")
 
+
+
+def test_a_truncated_jpeg_passes_the_header_check_and_is_found_during_the_run(pairs_file, tmp_path):
+    """Only the header is read up front: a JPEG cut in half passes, then stops the run when it
+    is decoded, keeping the line before it (said in the singular); rerun with skip_bad, it is
+    an error line and the rest is predicted."""
+    import io
+
+    data = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(data, "JPEG")
+    (pairs_file.parent / "imgs" / "1.png").write_bytes(data.getvalue()[: len(data.getvalue()) // 2])
+    pairs = read_pairs(pairs_file)
+    assert not pairs.bad
+    args = run_arguments("fake-model", pairs, mask_threshold=0.5, no_target_threshold=0.5, precision="fp32")
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"line 2: cannot read image .*1.png: image file is truncated .*"
+                                         r"\(the 1 line before it is kept: fix it and run again to continue, or "
+                                         r"pass --skip-bad\)$"):
+        predict_pairs(pairs, out, lambda d: FakeSegmenter(), args, batch_size=4, workers=0, progress=False,
+                      device="cpu")
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 1
+    summary = predict_pairs(pairs, out, lambda d: FakeSegmenter(), args, batch_size=4, workers=0, progress=False,
+                            device="cpu", skip_bad=True)
+    recs = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(recs) == 11 and "truncated" in recs[1]["error"] and summary.resumed == 1 and summary.errors == 1
 
 @pytest.mark.parametrize("cpus, workers", [({0}, 1), ({0, 1, 2, 3}, 2)])
 def test_default_workers_follow_the_cpus_this_process_may_use(pairs_file, tmp_path, monkeypatch, cpus, workers):
