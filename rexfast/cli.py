@@ -108,6 +108,11 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _flags_belong(given: list) -> str:
+    """``--a belongs`` / ``--a, --b belong``: the flags a form does not take, as a sentence's subject."""
+    return f"{', '.join(given)} {'belongs' if len(given) == 1 else 'belong'}"
+
+
 def _eval_predictions_file(args) -> dict:
     """``eval --predictions F --config C``: score a file; the model-only flags make no sense here."""
     from .engine.evaluator import score_predictions
@@ -115,7 +120,7 @@ def _eval_predictions_file(args) -> dict:
     given = [flag for flag, value in (("--checkpoint", args.checkpoint), ("--save-predictions", args.save_predictions),
                                       ("--tokenizer", args.tokenizer), ("--compile", args.compile)) if value]
     if given:
-        raise ValueError(f"--predictions scores a file; {', '.join(given)} belong(s) to evaluating a model")
+        raise ValueError(f"--predictions scores a file; {_flags_belong(given)} to evaluating a model")
     if args.config is None:
         raise ValueError("--predictions needs --config C: the config whose data section names the dataset")
     return score_predictions(args.predictions, args.config, split=args.split, overrides=args.set or [],
@@ -159,9 +164,10 @@ def _predict_thresholds(args) -> tuple:
 
 
 # ----------------------------------------------------------------------------- predict: the batch forms
+# the batch forms' own flags; --full-decode is not among them: --image always decodes in full (its
+# overlay is drawn on the full image), so there it is accepted and changes nothing
 BATCH_FLAGS = (("--batch-size", "batch_size"), ("--workers", "workers"), ("--save-masks", "save_masks"),
-               ("--save-overlays", "save_overlays"), ("--full-decode", "full_decode"), ("--skip-bad", "skip_bad"),
-               ("--overwrite", "overwrite"))
+               ("--save-overlays", "save_overlays"), ("--skip-bad", "skip_bad"), ("--overwrite", "overwrite"))
 
 
 def _predict_form(args) -> str:
@@ -179,7 +185,7 @@ def _predict_form(args) -> str:
     if form == "--image":
         given = [flag for flag, dest in BATCH_FLAGS if getattr(args, dest) not in (None, False)]
         if given:
-            raise ValueError(f"{', '.join(given)} belong(s) to the batch forms (--pairs, --images)")
+            raise ValueError(f"{_flags_belong(given)} to the batch forms (--pairs, --images)")
     elif getattr(args, "explain", False):
         raise ValueError("--explain draws one figure for one pair: it goes with --image, not with --pairs or --images")
     elif args.out_dir is None:
@@ -230,13 +236,15 @@ def _predict_batch_flags(p) -> None:
                    help="predict --text on every image in DIR (sorted; the id is the file name)")
     p.add_argument("--batch-size", type=_positive_int, default=None, help="pairs per model call (default 8)")
     p.add_argument("--workers", type=_non_negative_int, default=None,
-                   help="DataLoader workers decoding the images (default min(2, CPUs); 0: in the main process)")
+                   help="DataLoader worker processes decoding the images (default min(2, the CPUs this process may "
+                        "run on); 0: in the main process)")
     p.add_argument("--save-masks", action="store_true", help="also write D/masks/<id>.png (0/255, empty for "
                                                               "'no target')")
     p.add_argument("--save-overlays", action="store_true", help="also write D/overlays/<id>.png")
     p.add_argument("--full-decode", action="store_true",
-                   help="decode every JPEG in full (by default one over twice the model's input side is decoded at "
-                        "1/2, 1/4 or 1/8 scale: much faster, and 99.7-99.98%% of mask pixels agree)")
+                   help="decode every JPEG in full (by default a JPEG whose shorter side is at least 4 times the "
+                        "model's input side is decoded at the 1/2, 1/4 or 1/8 scale that keeps at least twice that "
+                        "side: much faster, and 99.7-99.98%% of mask pixels agree); --image always decodes in full")
     p.add_argument("--skip-bad", action="store_true",
                    help="write bad rows (missing or unreadable image, empty text, ...) as {\"id\", \"error\"} lines "
                         "and go on, instead of stopping before the model loads")
@@ -425,10 +433,12 @@ def _set_threads(threads) -> None:
     before any model loads (a thread pool sized once, for the whole command)."""
     if threads is None:
         return
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    from .engine.device import usable_cpus
+
+    cpus = usable_cpus()
     if threads > cpus:
-        raise ValueError(f"--threads {threads} is more than the {cpus} CPUs this process may run on: more threads "
-                         "than cores only make them wait for each other")
+        raise ValueError(f"--threads {threads} is more than the {cpus} CPU{'' if cpus == 1 else 's'} this process "
+                         "may run on: more threads than cores only make them wait for each other")
     import torch
 
     torch.set_num_threads(threads)

@@ -618,15 +618,46 @@ class ClampedReader(io.BufferedReader):
 DRAFT_MARGIN = 2
 
 
+# EXIF orientation (tag 0x0112) -> the transpose that shows the image as a viewer does: the
+# EXIF 2.3 table, the one PIL's ImageOps.exif_transpose and browsers apply
+_EXIF_ORIENTATION = 0x0112
+_ORIENTATION_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _transpose_box(box: tuple, size: tuple, method) -> tuple:
+    """``box`` (left, upper, right, lower, in an image of ``size`` = (w, h)) after
+    ``image.transpose(method)``: each corner (x, y), as a point on the image's continuous
+    plane, goes where the transpose sends it (ROTATE_90, counter-clockwise: (y, w - x);
+    ROTATE_270: (h - y, x); TRANSPOSE: (y, x); TRANSVERSE: (h - y, w - x); the flips and
+    ROTATE_180 mirror one or both axes)."""
+    w, h = size
+    T = Image.Transpose
+    move = {
+        T.FLIP_LEFT_RIGHT: lambda x, y: (w - x, y), T.FLIP_TOP_BOTTOM: lambda x, y: (x, h - y),
+        T.ROTATE_180: lambda x, y: (w - x, h - y), T.ROTATE_90: lambda x, y: (y, w - x),
+        T.ROTATE_270: lambda x, y: (h - y, x), T.TRANSPOSE: lambda x, y: (y, x),
+        T.TRANSVERSE: lambda x, y: (h - y, w - x),
+    }[method]
+    (x0, y0), (x1, y1) = move(box[0], box[1]), move(box[2], box[3])
+    return (min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
+
+
 class DecodedImage(NamedTuple):
     """An image as :func:`decode_image` read it.
 
-    ``image``: the RGB PIL image, possibly decoded at a reduced size;
-    ``original_size``: (width, height) of the image in the file (its header);
-    ``box``: (left, upper, right, lower) of the region of ``image`` that the file's full
-    image covers, in ``image``'s pixels (``image.resize(size, box=box)`` lines the reduced
+    ``image``: the RGB PIL image, possibly decoded at a reduced size (and, with
+    ``exif_transpose``, turned as its EXIF orientation says);
+    ``original_size``: (width, height) of the full image: the file's own size (its header),
+    with its sides swapped where ``exif_transpose`` turned it a quarter turn;
+    ``box``: (left, upper, right, lower) of the region of ``image`` that the full image
+    covers, in ``image``'s pixels (``image.resize(size, box=box)`` lines the reduced
     image up with the full one exactly: the decoder rounds a partial 8-pixel block up to a
-    whole output pixel); None when ``image`` is the full image."""
+    whole output pixel, and a turn moves that rounding to the side it turns to); None when
+    ``image`` is the full image."""
 
     image: Image.Image
     original_size: tuple
@@ -638,25 +669,37 @@ class DecodedImage(NamedTuple):
         return self.box is not None
 
 
-def decode_image(path: PathLike, *, min_side: Optional[int] = None) -> DecodedImage:
+def decode_image(path: PathLike, *, min_side: Optional[int] = None, exif_transpose: bool = False) -> DecodedImage:
     """Read an image file, a JPEG at a reduced size where the use needs far fewer pixels.
 
     With ``min_side``, a JPEG of at least ``2 * min_side`` pixels on each side is decoded at
     the smallest of the decoder's scales 1/2, 1/4, 1/8 that keeps every side at least
     ``min_side`` (PIL's ``Image.draft``: the scaled inverse DCT, which never builds the full
     image; a 12000x9000 JPEG is 324 MB decoded in full, 5 MB at 1/8). Every other format, and
-    every call without ``min_side``, decodes in full. ``original_size`` is always the file's own
-    size, so a caller can answer at the full size.
+    every call without ``min_side``, decodes in full. ``original_size`` is always the full
+    image's size, so a caller can answer at the full size.
+
+    ``exif_transpose=True`` turns the image as its EXIF orientation tag says, as viewers,
+    browsers and the web page (``rexfast serve``) show it: a phone photo stored 4000x3000 and
+    tagged "rotate 90° clockwise" comes back 3000x4000, and so does ``original_size``. The
+    default reads the pixels as stored: dataset annotations (COCO, RefCOCO, gRefCOCO) are
+    in the stored orientation, and the authors' pipelines do not turn their images.
 
     The pixel limit (:func:`max_image_pixels`) applies to the size in the header, before
     anything is decoded, and no read asks for more bytes than the file has
-    (:class:`ClampedReader`). FileNotFoundError / ValueError naming the path."""
+    (:class:`ClampedReader`). FileNotFoundError / ValueError naming the path; TypeError for
+    a ``min_side`` that is not an int or ``exif_transpose`` that is not a bool."""
     import warnings
 
     from PIL import JpegImagePlugin
 
-    if min_side is not None and (isinstance(min_side, bool) or not isinstance(min_side, int) or min_side < 1):
-        raise ValueError(f"min_side must be a positive int or None, got {min_side!r}")
+    if min_side is not None:
+        if isinstance(min_side, bool) or not isinstance(min_side, int):
+            raise TypeError(f"min_side must be a positive int or None, got {type(min_side).__name__} {min_side!r}")
+        if min_side < 1:
+            raise ValueError(f"min_side must be a positive int or None, got {min_side!r}")
+    if not isinstance(exif_transpose, bool):
+        raise TypeError(f"exif_transpose must be True or False, got {exif_transpose!r}")
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"image {path} is a folder, not an image file")
@@ -680,20 +723,31 @@ def decode_image(path: PathLike, *, min_side: Optional[int] = None) -> DecodedIm
                     if drafted is not None and im.size != (width, height):
                         box = tuple(drafted[1])
                 im.load()
-                return DecodedImage(im.convert("RGB"), (width, height), box)
+                image = im.convert("RGB")
+                method = _ORIENTATION_TRANSPOSE.get(im.getexif().get(_EXIF_ORIENTATION)) if exif_transpose else None
+                if method is not None:
+                    if box is not None:
+                        box = _transpose_box(box, image.size, method)
+                    image = image.transpose(method)
+                    if method in (Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_270, Image.Transpose.TRANSPOSE,
+                                  Image.Transpose.TRANSVERSE):
+                        width, height = height, width
+                return DecodedImage(image, (width, height), box)
     except Image.DecompressionBombError as e:  # PIL's own check, at the open
         raise ValueError(f"image {path} is too large to decode: {e}") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from None
 
 
-def load_image(path: PathLike) -> Image.Image:
+def load_image(path: PathLike, *, exif_transpose: bool = False) -> Image.Image:
     """An RGB PIL image, decoded in full; FileNotFoundError / ValueError naming the path.
+    ``exif_transpose=True`` turns it as its EXIF orientation says (see :func:`decode_image`);
+    the default gives the pixels as stored, as the datasets' annotations need them.
 
     An image of more than :func:`max_image_pixels` pixels is refused from its header,
     before it is decoded (a 69-byte PNG can claim 100,000 x 100,000 pixels: 30 GB as RGB);
     no read asks for more bytes than the file has (:class:`ClampedReader`)."""
-    return decode_image(path).image
+    return decode_image(path, exif_transpose=exif_transpose).image
 
 
 __all__ = ["UnsafeFileError", "ClampedReader", "safe_torch_load", "atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_write_png",

@@ -41,5 +41,6 @@ def eval_mask(item: dict) -> torch.Tensor:
 
 
 def original_image(item: dict) -> np.ndarray:
-    """The sample's image as uint8 (H, W, 3) at its original resolution."""
-    return np.asarray(load_image(item["image_path"]))
+    """The sample's image as uint8 (H, W, 3) at its original resolution, as stored (the
+    annotations' orientation: no EXIF turn)."""
+    return np.asarray(load_image(item["image_path"], exif_transpose=False))

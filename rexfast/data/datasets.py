@@ -275,9 +275,11 @@ class ReferringDataset:
         height, width = int(info["height"]), int(info["width"])
         path = self.image_path(ref)
         # decoded in full, never at a reduced size (rexfast.io.decode_image's min_side, which the
-        # Segmenter uses for large JPEGs): training and evaluation see the pixels the authors' pipelines
-        # saw, so scores stay comparable with the published ones
-        image = load_image(path)
+        # Segmenter uses for large JPEGs), and as stored, never turned by an EXIF orientation tag (as
+        # the Segmenter turns a user's photo): the annotations are in the stored orientation, and
+        # training and evaluation see the pixels the authors' pipelines saw, so scores stay comparable
+        # with the published ones
+        image = load_image(path, exif_transpose=False)
         if image.size != (width, height):
             raise ValueError(f"image {path} is {image.size[0]}x{image.size[1]} (WxH) but its annotations say "
                              f"{width}x{height}")

@@ -7,7 +7,8 @@ Output folder ``D``:
 * ``D/predictions.jsonl``: one line per pair, in pair order when the run ends;
 * ``D/predictions.run.json``: the run's arguments (model source and its weights file's size
   and modification time, thresholds, precision, ``--set`` overrides, tokenizer, the pairs'
-  digest, which PNGs are saved). A run into a folder whose arguments differ is refused
+  digest, which PNGs are saved, whether large JPEGs were decoded in full, that images were
+  turned as their EXIF orientation says). A run into a folder whose arguments differ is refused
   (``overwrite=True`` / ``--overwrite`` starts over instead), so that one file never mixes
   the results of two runs. The batch size, workers and device may change between runs;
 * ``D/masks/<name>.png`` (``save_masks``: the mask as shown, empty for "no target", 0/255)
@@ -60,6 +61,16 @@ RUN_FILE = "predictions.run.json"
 PART_PATTERN = re.compile(r"^predictions\.rank(\d+)\.jsonl$")
 # run-file keys that may differ between the runs writing one folder (they do not change a prediction)
 _INFORMATIONAL = ("rexfast", "pairs_source")
+# what a run did before its run file recorded a key (the value a missing key stands for, and why):
+# every JPEG was decoded in full (the reduced decode came with the key), and no image was turned by
+# its EXIF orientation
+_BEFORE_RECORDED = {
+    "full_decode": (True, "an earlier rexfast, which decoded every JPEG in full: --full-decode continues it"),
+    "exif_transpose": (False, "an earlier rexfast, which read every image as stored"),
+}
+# keys no flag sets, so a rerun cannot repeat an earlier value: only a new folder or --overwrite helps
+_NOT_A_FLAG = {"exif_transpose": "an earlier rexfast read the images as stored; this one turns them as their EXIF "
+                                 "orientation says, as viewers show them, so an oriented photo's lines would differ"}
 
 
 def source_fingerprint(source) -> Optional[dict]:
@@ -104,6 +115,9 @@ def run_arguments(source, pairs: PairList, *, mask_threshold: float, no_target_t
         "save_masks": bool(save_masks),
         "save_overlays": bool(save_overlays),
         "full_decode": bool(full_decode),  # a reduced JPEG decode moves a few pixels (README)
+        # images are turned as their EXIF orientation says (Processor.decode): masks, height and width
+        # are in the orientation a viewer shows
+        "exif_transpose": True,
     }
 
 
@@ -166,11 +180,20 @@ def check_out_dir(out_dir, args: dict, *, overwrite: bool) -> Path:
             raise ValueError("not an object")
     except (ValueError, UnicodeDecodeError) as exc:
         raise ValueError(f"cannot read {run_file} ({exc}); pass --overwrite to start over") from None
+    recorded = set(before)
+    before = {**{key: value for key, (value, _) in _BEFORE_RECORDED.items()}, **before}
     changed = [key for key in sorted(set(before) | set(args)) if key not in _INFORMATIONAL
                and before.get(key) != args.get(key)]
     if changed:
-        what = "; ".join(f"{key}: {json.dumps(before.get(key))} then, {json.dumps(args.get(key))} now"
-                         for key in changed[:3])
+        def then(key):
+            value = json.dumps(before.get(key))
+            return value if key in recorded else f"{value} (not recorded: {_BEFORE_RECORDED[key][1]})"
+
+        what = "; ".join(f"{key}: {then(key)} then, {json.dumps(args.get(key))} now" for key in changed[:3])
+        fixed = [_NOT_A_FLAG[key] for key in changed if key in _NOT_A_FLAG]
+        if fixed:
+            raise ValueError(f"--out-dir {out} holds predictions of a run with other arguments ({what}): "
+                             f"{'; '.join(fixed)}; choose another --out-dir, or pass --overwrite to start over")
         raise ValueError(f"--out-dir {out} holds predictions of a run with other arguments ({what}); a rerun must "
                          "repeat them to continue, or choose another --out-dir, or pass --overwrite to start over")
     return out
@@ -239,8 +262,8 @@ class _PairInputs(torch.utils.data.Dataset):
         if pair.error is not None:
             return {"k": k, "error": pair.error}
         try:
-            # the path, not a decoded image: the processor decodes a large JPEG at a reduced size
-            # unless the overlay needs the full image (keep_image)
+            # the path, not a decoded image: the processor decodes a large JPEG at a reduced size for
+            # the model (and, for an overlay, the full image besides: keep_image changes no prediction)
             inputs = self.processor(pair.image, pair.text, keep_image=self.keep_image)
         except (OSError, ValueError, TypeError) as exc:  # deleted or corrupt since the up-front check
             return {"k": k, "error": str(exc) or type(exc).__name__}
@@ -269,13 +292,15 @@ def predict_pairs(pairs: PairList, out_dir, load_segmenter: Callable, args: dict
     when this rank has pairs left, after every check passed and before anything is
     written); ``args`` is
     :func:`run_arguments`' record of the run; ``workers`` DataLoader workers decode the
-    images (default ``min(2, CPUs)``; 0: in this process)."""
+    images (default ``min(2, CPUs this process may run on)``; 0: in this process)."""
     from . import distributed
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"--batch-size must be a positive integer, got {batch_size!r}")
     if workers is None:
-        workers = min(2, os.cpu_count() or 1)
+        from .device import usable_cpus
+
+        workers = min(2, usable_cpus())  # taskset -c 0: one worker, not two on one core
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise ValueError(f"--workers must be a non-negative integer, got {workers!r}")
     out = check_out_dir(out_dir, args, overwrite=overwrite)
@@ -363,9 +388,12 @@ def _run(todo: list, target: Path, segmenter, pairs: PairList, *, batch_size: in
                     if "error" in item:
                         if not skip_bad:
                             appender.write(lines)  # the pairs before it are done
-                            raise ValueError(f"{pairs.source}, {pair.where}: {item['error']} (the {written + len(lines)} "
-                                             "lines before it are kept: fix it and run again to continue, or pass "
-                                             "--skip-bad)")
+                            kept = written + len(lines)
+                            kept_text = ("this run wrote no line before it" if kept == 0 else
+                                         "the 1 line before it is kept" if kept == 1 else
+                                         f"the {kept} lines before it are kept")
+                            raise ValueError(f"{pairs.source}, {pair.where}: {item['error']} ({kept_text}: fix it "
+                                             "and run again to continue, or pass --skip-bad)")
                         lines.append(record_line(error_record(pair.id, pair.source_image, pair.text, item["error"])))
                         continue
                     result = next(results)

@@ -11,9 +11,19 @@ Only torch is imported here.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-__all__ = ["available_devices", "resolve_device"]
+__all__ = ["available_devices", "resolve_device", "usable_cpus"]
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask: ``taskset -c 0`` gives 1 on any
+    machine), where the OS reports it; else ``os.cpu_count()``, which counts the machine's."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(len(os.sched_getaffinity(0)), 1)
+    return os.cpu_count() or 1
 
 
 def available_devices() -> list[str]:

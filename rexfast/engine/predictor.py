@@ -49,7 +49,9 @@ def predict_to_files(checkpoint_path, image_path, text, *, out_dir=".", mask_thr
                      precision="auto", compile=False, explain=False) -> tuple[list[str], Segmentation]:
     """Write the mask and overlay PNGs (the mask is empty when the model says "no target");
     with ``explain``, also ``…_explain.png``, the figure of what the model grouped
-    (:mod:`rexfast.engine.explain_figure`). Every input is checked before the model loads."""
+    (:mod:`rexfast.engine.explain_figure`). Every input is checked before the model loads.
+    The image is always decoded in full (the overlay is drawn on it), turned as its EXIF
+    orientation tag says: the mask is in the orientation a viewer shows."""
     check_precision(precision, "--precision")
     if not isinstance(text, str) or not text.strip():
         raise ValueError("the text is empty: say what to segment, e.g. --text \"the red circle\"")
@@ -57,8 +59,9 @@ def predict_to_files(checkpoint_path, image_path, text, *, out_dir=".", mask_thr
     no_target_threshold = check_threshold(no_target_threshold, "--no-target-threshold")
     out = check_output_dir(out_dir, "--out-dir")
     # fail fast, before loading the model; decoded in full (not at a reduced size, as a Segmenter
-    # does for a large JPEG given as a path) because the overlay is drawn on the full image
-    image = load_image(image_path)
+    # does for a large JPEG given as a path) because the overlay is drawn on the full image; turned
+    # as its EXIF orientation says, as the Segmenter, the batch forms and the web page turn it
+    image = load_image(image_path, exif_transpose=True)
     check_image_size(image, f"image {image_path}")
     segmenter = Segmenter.from_pretrained(checkpoint_path, device=device, tokenizer=tokenizer, overrides=overrides,
                                           precision=precision, compile=compile)

@@ -166,7 +166,9 @@ def _check_image(image, name: str) -> None:
 
 
 def _as_pil(image, name: str = "image"):
-    """An RGB PIL image from a PIL image, a uint8 (H, W, 3) array or a path."""
+    """An RGB PIL image from a PIL image, a uint8 (H, W, 3) array or a path (a file is turned
+    as its EXIF orientation says, as viewers and the web page show it; PIL images and arrays
+    are used as they are)."""
     from PIL import Image
 
     from ..io import load_image
@@ -177,7 +179,7 @@ def _as_pil(image, name: str = "image"):
         _check_array(image, name)
         return Image.fromarray(np.ascontiguousarray(image))
     if isinstance(image, (str, os.PathLike)):
-        return load_image(image)
+        return load_image(image, exif_transpose=True)
     raise TypeError(f"{name} must be a PIL image, a uint8 (H, W, 3) numpy array or a path, got "
                     f"{type(image).__name__}")
 
@@ -208,17 +210,23 @@ class Processor:
 
     ``processor(image, text)`` → ``{"image": float32 (3, S, S), "input_ids": int64 (L,),
     "attention_mask": int64 (L,), "original_size": (h, w), "text": text}``; with
-    ``keep_image=True`` also ``"original_image"`` (the RGB PIL image, for overlays).
+    ``keep_image=True`` also ``"original_image"`` (the RGB PIL image in full, for overlays).
     ``S`` and ``L`` are the preprocessing's ``image_size`` and ``max_tokens``.
+
+    An image given as a path is turned as its EXIF orientation tag says (a phone photo stored
+    4000x3000 and tagged "rotate 90°" is 3000x4000, as viewers and ``rexfast serve`` show it),
+    so masks and ``original_size`` are in the orientation the user sees. PIL images and
+    arrays are used as they are (``PIL.Image.open`` does not turn an image).
 
     A JPEG given as a path and at least ``4 S`` pixels on each side is decoded at a reduced
     size (the decoder's 1/2, 1/4 or 1/8 scale that keeps at least ``2 S`` =
     :data:`rexfast.io.DRAFT_MARGIN` ``S`` per side, :func:`rexfast.io.decode_image`): the model
     sees the image resized to ``S`` either way, and the reduced decode gives nearly the same
     input (README, "Large JPEGs") in a fraction of the time and memory. ``original_size`` is
-    still the file's own size, so masks come back at the full size. ``keep_image=True`` (the
-    image itself is wanted, for an overlay) and ``reduce_large_jpegs=False`` decode in full.
-    Images given as PIL images or arrays are used as they are."""
+    still the full image's size, so masks come back at the full size. ``keep_image=True`` (the
+    image itself is wanted, for an overlay) decodes the full image besides, without changing
+    the model's input: an option that only adds a picture never changes the answer.
+    ``reduce_large_jpegs=False`` decodes in full for the model too."""
 
     def __init__(self, tokenizer, preprocessing, *, reduce_large_jpegs: bool = True):
         from rexfast.models.preprocessing import Preprocessing
@@ -234,7 +242,8 @@ class Processor:
     def decode(self, image, name: str = "image", *, full: bool = False):
         """``image`` (a PIL image, a uint8 (H, W, 3) array or a path) as a
         :class:`rexfast.io.DecodedImage`: a path to a large JPEG is decoded at a reduced size
-        unless ``full`` (or ``reduce_large_jpegs`` is off); ``original_size`` is (width, height)."""
+        unless ``full`` (or ``reduce_large_jpegs`` is off), and a path is turned as its EXIF
+        orientation says; ``original_size`` is (width, height)."""
         from rexfast.data.datasets import MIN_IMAGE_SIDE
 
         from ..io import DecodedImage, DRAFT_MARGIN, decode_image
@@ -244,7 +253,7 @@ class Processor:
         if isinstance(image, (str, os.PathLike)) and self.reduce_large_jpegs and not full:
             # never reduced below the smallest image rexfast segments (an input side under 4)
             min_side = max(DRAFT_MARGIN * self.preprocessing.image_size, MIN_IMAGE_SIDE)
-            return decode_image(image, min_side=min_side)
+            return decode_image(image, min_side=min_side, exif_transpose=True)
         pil = _as_pil(image, name)
         return DecodedImage(pil, pil.size)
 
@@ -265,13 +274,14 @@ class Processor:
 
     def __call__(self, image, text: str, *, keep_image: bool = False) -> dict:
         text = _check_text(text)
-        decoded = self.decode(image, full=keep_image)
+        decoded = self.decode(image)
         ids, mask = self.text_tensors(text)
         width, height = decoded.original_size
         item = {"image": self.image_tensor(decoded), "input_ids": ids, "attention_mask": mask,
                 "original_size": (height, width), "text": text}
         if keep_image:
-            item["original_image"] = decoded.image
+            # the model's input stays the decode above; a reduced one is no picture to draw on
+            item["original_image"] = self.decode(image, full=True).image if decoded.reduced else decoded.image
         return item
 
     def __repr__(self) -> str:

@@ -336,6 +336,26 @@ def test_eval_dataset_one_sample_per_sentence(root, tok, mask_utils):
     assert len(ReferringDataset(root, "refcoco", "test", tokenizer=tok)) == 2
 
 
+def test_dataset_images_are_read_as_stored_whatever_their_exif_orientation(root, tok, mask_utils):
+    """COCO-style annotations are in the stored pixel orientation, and the authors' pipelines do
+    not turn images: an image tagged "rotate 90°" is read as stored (only the user-facing
+    readers, predict and the Segmenter, turn images: ``load_image(exif_transpose=True)``)."""
+    from rexfast.data.batch import original_image
+    from rexfast.data.datasets import preprocess_image
+    from rexfast.io import load_image
+
+    path = root / "images" / "train2014" / "img1.png"
+    stored = np.asarray(Image.open(path).convert("RGB"))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(path, exif=exif.tobytes())
+    assert load_image(path, exif_transpose=True).size == (H1, W1)  # the tag is there: turned, 20 wide
+    item = ReferringDataset(root, "refcoco", "train", tokenizer=tok, image_size=24).get(0)
+    assert item["orig_size"] == (H1, W1) and np.array_equal(item["orig_mask"].numpy(), expected_masks()["rect"])
+    assert np.array_equal(original_image(item), stored)
+    assert torch.equal(item["image"], preprocess_image(stored, 24))
+
+
 def test_item_contents(root, tok, mask_utils):
     S = 24
     ds = ReferringDataset(root, "refcoco", "train", tokenizer=tok, image_size=S, max_tokens=10)

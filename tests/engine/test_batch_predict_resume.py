@@ -88,7 +88,7 @@ def _run(pairs_file, out, segmenter=None, **kw):
     pairs = read_pairs(pairs_file, skip_bad=kw.get("skip_bad", False))
     args = run_arguments("fake-model", pairs, mask_threshold=kw.pop("mask_threshold", 0.5), no_target_threshold=0.5,
                          precision="fp32", save_masks=kw.get("save_masks", False),
-                         save_overlays=kw.get("save_overlays", False))
+                         save_overlays=kw.get("save_overlays", False), full_decode=kw.pop("full_decode", False))
     segmenter = segmenter or FakeSegmenter()
     kw.setdefault("workers", 0)
     return predict_pairs(pairs, out, lambda device: segmenter, args, progress=False, device="cpu", **kw), segmenter
@@ -167,6 +167,35 @@ def test_other_arguments_are_refused_unless_overwrite(pairs_file, tmp_path):
         _run(pairs_file, other)
 
 
+def test_a_run_file_from_before_a_key_was_recorded(pairs_file, tmp_path):
+    """A folder written before ``full_decode`` was recorded decoded every JPEG in full: a missing
+    key stands for true, so ``--full-decode`` continues it and a run without it is told why.
+    One written before ``exif_transpose`` read the images as stored: no flag repeats that, and
+    the refusal says so."""
+    out = tmp_path / "out"
+    _run(pairs_file, out, full_decode=True)
+    lines = (out / "predictions.jsonl").read_bytes().splitlines(keepends=True)
+    (out / "predictions.jsonl").write_bytes(b"".join(lines[:4]))  # stopped after 4 pairs
+    run = json.loads((out / RUN_FILE).read_text())
+    old = {k: v for k, v in run.items() if k not in ("full_decode", "exif_transpose")}
+    (out / RUN_FILE).write_text(json.dumps({k: v for k, v in run.items() if k != "full_decode"}))
+    with pytest.raises(ValueError, match=r"full_decode: true \(not recorded: an earlier rexfast, which decoded every "
+                                         r"JPEG in full: --full-decode continues it\) then, false now\); a rerun must "
+                                         r"repeat them"):
+        _run(pairs_file, out)
+    summary, _ = _run(pairs_file, out, full_decode=True)
+    assert summary.resumed == 4 and summary.predicted == 7
+    assert (out / "predictions.jsonl").read_bytes() == b"".join(lines)
+
+    (out / RUN_FILE).write_text(json.dumps(old))
+    with pytest.raises(ValueError, match=r"exif_transpose: false \(not recorded: an earlier rexfast, which read every "
+                                         r"image as stored\) then, true now\): an earlier rexfast read the images as "
+                                         r"stored; this one turns them .*; choose another --out-dir, or pass "
+                                         r"--overwrite to start over$"):
+        _run(pairs_file, out, full_decode=True)
+    assert (out / "predictions.jsonl").read_bytes() == b"".join(lines)
+
+
 def test_png_names_never_collide_and_show_the_shown_mask(pairs_file, tmp_path):
     out = tmp_path / "out"
     _run(pairs_file, out, save_masks=True, save_overlays=True, workers=1)
@@ -204,8 +233,54 @@ def test_an_image_broken_after_the_check_stops_the_run_but_keeps_the_lines(pairs
     pairs = read_pairs(pairs_file)
     (pairs_file.parent / "imgs" / "5.png").write_bytes(b"broken")
     args = run_arguments("fake-model", pairs, mask_threshold=0.5, no_target_threshold=0.5, precision="fp32")
-    with pytest.raises(ValueError, match=r"line 6: cannot read image .*5.png.*the 5 lines before it are kept"):
+    with pytest.raises(ValueError, match=r"line 6: cannot read image .*5.png.*\(the 5 lines before it are kept: "):
         predict_pairs(pairs, tmp_path / "out", lambda d: FakeSegmenter(), args, batch_size=4, workers=0,
                       progress=False, device="cpu")
     assert len((tmp_path / "out" / "predictions.jsonl").read_text().splitlines()) == 5
     assert batch_predict.RUN_FILE in {p.name for p in (tmp_path / "out").iterdir()}
+    (pairs_file.parent / "imgs" / "0.png").write_bytes(b"broken")  # none before it
+    with pytest.raises(ValueError, match=r"line 1: cannot read image .*0.png.*\(this run wrote no line before it: "):
+        predict_pairs(pairs, tmp_path / "none", lambda d: FakeSegmenter(), args, batch_size=4, workers=0,
+                      progress=False, device="cpu")
+
+
+
+def test_a_truncated_jpeg_passes_the_header_check_and_is_found_during_the_run(pairs_file, tmp_path):
+    """Only the header is read up front: a JPEG cut in half passes, then stops the run when it
+    is decoded, keeping the line before it (said in the singular); rerun with skip_bad, it is
+    an error line and the rest is predicted."""
+    import io
+
+    data = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(data, "JPEG")
+    (pairs_file.parent / "imgs" / "1.png").write_bytes(data.getvalue()[: len(data.getvalue()) // 2])
+    pairs = read_pairs(pairs_file)
+    assert not pairs.bad
+    args = run_arguments("fake-model", pairs, mask_threshold=0.5, no_target_threshold=0.5, precision="fp32")
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"line 2: cannot read image .*1.png: image file is truncated .*"
+                                         r"\(the 1 line before it is kept: fix it and run again to continue, or "
+                                         r"pass --skip-bad\)$"):
+        predict_pairs(pairs, out, lambda d: FakeSegmenter(), args, batch_size=4, workers=0, progress=False,
+                      device="cpu")
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 1
+    summary = predict_pairs(pairs, out, lambda d: FakeSegmenter(), args, batch_size=4, workers=0, progress=False,
+                            device="cpu", skip_bad=True)
+    recs = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(recs) == 11 and "truncated" in recs[1]["error"] and summary.resumed == 1 and summary.errors == 1
+
+@pytest.mark.parametrize("cpus, workers", [({0}, 1), ({0, 1, 2, 3}, 2)])
+def test_default_workers_follow_the_cpus_this_process_may_use(pairs_file, tmp_path, monkeypatch, cpus, workers):
+    """``--workers`` defaults to min(2, the CPUs of the process's affinity mask): under
+    ``taskset -c 0`` one decoding process, not two on one core."""
+    import os
+
+    from rexfast.engine import batch_predict
+
+    seen = []
+    batches = batch_predict._batches
+    monkeypatch.setattr(batch_predict, "_batches", lambda dataset, batch_size, n: seen.append(n) or
+                        batches(dataset, batch_size, 0))  # decoded here: the count is what is tested
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: cpus, raising=False)
+    _run(pairs_file, tmp_path / "out", workers=None)
+    assert seen == [workers]

@@ -189,8 +189,10 @@ def test_eval_flag_mistakes_are_one_error_line(tiny_cgformer_run, tmp_path, caps
     assert "needs --config" in one_error("--predictions", tmp_path / "p.jsonl")
     assert "predictions file not found" in one_error("--predictions", tmp_path / "p.jsonl", "--config",
                                                      _config(tmp_path, run))
-    assert "--save-predictions" in one_error("--predictions", tmp_path / "p.jsonl", "--config", _config(tmp_path, run),
-                                             "--save-predictions", tmp_path / "x.jsonl")
+    assert one_error("--predictions", tmp_path / "p.jsonl", "--config", _config(tmp_path, run), "--save-predictions",
+                     tmp_path / "x.jsonl").endswith("; --save-predictions belongs to evaluating a model")
+    assert one_error("--predictions", tmp_path / "p.jsonl", "--config", _config(tmp_path, run), "--checkpoint",
+                     run["best"], "--compile").endswith("; --checkpoint, --compile belong to evaluating a model")
     assert "--config goes with --predictions" in one_error("--checkpoint", run["best"], "--config",
                                                            _config(tmp_path, run))
     bad = tmp_path / "bad.jsonl"

@@ -1,7 +1,9 @@
 """Large JPEGs given as paths are decoded at a reduced size for the model (PIL's ``draft``,
 :func:`rexfast.io.decode_image`), and everything the user gets back stays at the file's own
-size: the mask, the probability, the RLE, the overlay. PNGs, ``keep_image=True`` and
-training/evaluation data decode in full; the pixel limit refuses from the header first.
+size: the mask, the probability, the RLE, the overlay. PNGs and training/evaluation data
+decode in full; ``keep_image=True`` decodes the full image besides, for the overlay, without
+changing the model's input; the pixel limit refuses from the header first. Images given as
+paths are turned as their EXIF orientation says (the stored pixels stay what datasets read).
 
 The agreement bounds come from measurements (README, "Large JPEGs"): on this test's image the
 reduced decode moves the model input by at most 3/255 (mean 0.18/255); without the box that
@@ -86,10 +88,15 @@ def test_other_formats_are_decoded_in_full(jpeg, tmp_path):
     assert not decoded.reduced and decoded.image.size == decoded.original_size == (WIDTH, HEIGHT)
 
 
-@pytest.mark.parametrize("bad", [0, -4, 1.5, True, "128"])
-def test_min_side_is_checked(jpeg, bad):
-    with pytest.raises(ValueError, match="min_side must be a positive int or None"):
+@pytest.mark.parametrize("bad, error", [(0, ValueError), (-4, ValueError), (1.5, TypeError), (True, TypeError),
+                                        ("128", TypeError), (128.0, TypeError)])
+def test_min_side_is_checked(jpeg, bad, error):
+    """A wrong type is a TypeError, a bad value of the right type a ValueError (the project's rule)."""
+    with pytest.raises(error, match="min_side must be a positive int or None") as raised:
         decode_image(jpeg, min_side=bad)
+    assert type(raised.value) is error
+    with pytest.raises(TypeError, match="exif_transpose must be True or False"):
+        decode_image(jpeg, exif_transpose=1)
 
 
 def test_the_pixel_limit_refuses_a_large_jpeg_before_decoding(tmp_path, monkeypatch, seg):
@@ -133,12 +140,15 @@ def test_masks_come_back_at_the_original_size(jpeg, seg):
     assert [r.mask.shape for r in seg([jpeg, jpeg], ["red", "the blue square"])] == [(HEIGHT, WIDTH)] * 2
 
 
-def test_keep_image_and_the_switch_decode_in_full(jpeg, seg):
+def test_keep_image_adds_the_full_image_and_the_switch_decodes_in_full(jpeg, seg):
     full = load_image(jpeg)
     expected = preprocess_image(full, S, seg.preprocessing.mean, seg.preprocessing.std)
     item = seg.processor(jpeg, "the red circle", keep_image=True)
     assert item["original_image"].size == (WIDTH, HEIGHT) and item["original_size"] == (HEIGHT, WIDTH)
-    assert torch.equal(item["image"], expected)
+    assert np.array_equal(np.asarray(item["original_image"]), np.asarray(full))
+    # the model's input is the reduced decode's, as without keep_image: the picture changes no answer
+    assert torch.equal(item["image"], seg.processor(jpeg, "the red circle")["image"])
+    assert not torch.equal(item["image"], expected)
     seg.processor.reduce_large_jpegs = False
     try:
         assert torch.equal(seg.processor(jpeg, "red")["image"], expected)
@@ -149,7 +159,7 @@ def test_keep_image_and_the_switch_decode_in_full(jpeg, seg):
         type(seg.processor)(seg.tokenizer, seg.preprocessing, reduce_large_jpegs="yes")
 
 
-def test_batch_prediction_reads_paths_reduced_unless_overlays_are_saved(jpeg, seg):
+def test_batch_prediction_reads_paths_reduced_also_when_overlays_are_saved(jpeg, seg):
     from rexfast.data.pairs import Pair
     from rexfast.engine.batch_predict import _PairInputs
 
@@ -159,6 +169,7 @@ def test_batch_prediction_reads_paths_reduced_unless_overlays_are_saved(jpeg, se
     assert plain["original_size"] == overlays["original_size"] == (HEIGHT, WIDTH)
     assert "original_image" not in plain and overlays["original_image"].size == (WIDTH, HEIGHT)
     assert torch.equal(plain["image"], seg.processor(jpeg, "red")["image"])
+    assert torch.equal(plain["image"], overlays["image"])
 
 
 # ----------------------------------------------------------------------------- agreement with the full decode
@@ -233,3 +244,155 @@ def test_predict_full_decode_turns_the_reduced_decode_off(jpeg, seg, tmp_path, m
                      "--workers", "0", "--no-progress", "--device", "cpu"]) == 0
     assert seg.processor.reduce_large_jpegs is True
     assert json.loads((tmp_path / "reduced" / batch_predict.RUN_FILE).read_text())["full_decode"] is False
+
+
+def _source_is(monkeypatch, segmenter) -> None:
+    """Every ``--checkpoint`` loads ``segmenter`` (the CLI's own code runs around it)."""
+    from rexfast.engine import batch_predict
+    from rexfast.engine.segmenter import Segmenter as SegmenterClass
+
+    monkeypatch.setattr(SegmenterClass, "from_pretrained", staticmethod(lambda source, **kw: segmenter))
+    monkeypatch.setattr(batch_predict, "source_fingerprint", lambda source: "test")
+
+
+def _predict_pairs(pairs, out, *flags) -> None:
+    from rexfast import cli
+
+    assert cli.main(["predict", "--checkpoint", "model", "--pairs", str(pairs), "--out-dir", str(out), "--workers", "0",
+                     "--no-progress", "--device", "cpu", *flags]) == 0
+
+
+def test_save_overlays_changes_no_prediction(seg, tmp_path, monkeypatch):
+    """``--save-overlays`` only adds PNGs: on a JPEG large enough to be decoded reduced (its
+    shorter side 1500 >= 4 S = 256: at 1/8 here) predictions.jsonl is byte-identical with and
+    without it, and so computed as the run file's ``full_decode: false`` says (a full decode
+    gives other bytes, so the comparison can fail)."""
+    import json
+
+    from rexfast.engine import batch_predict
+
+    big = tmp_path / "big.jpg"
+    photo_like(2000, 1500, seed=1).save(big, quality=90)
+    assert decode_image(big, min_side=DRAFT_MARGIN * S).image.size == (250, 188)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"image": "big.jpg", "text": "the red circle", "id": "big"}) + "\n")
+    _source_is(monkeypatch, seg)
+    _predict_pairs(pairs, tmp_path / "plain")
+    _predict_pairs(pairs, tmp_path / "overlays", "--save-overlays")
+    try:
+        _predict_pairs(pairs, tmp_path / "full", "--full-decode")
+    finally:
+        seg.processor.reduce_large_jpegs = True
+    lines = {name: (tmp_path / name / batch_predict.PREDICTIONS_FILE).read_bytes() for name in ("plain", "overlays", "full")}
+    assert lines["overlays"] == lines["plain"]
+    assert lines["full"] != lines["plain"]
+    run = json.loads((tmp_path / "overlays" / batch_predict.RUN_FILE).read_text())
+    assert run["full_decode"] is False and run["save_overlays"] is True
+    with Image.open(tmp_path / "overlays" / "overlays" / "big.png") as overlay:
+        assert overlay.size == (2000, 1500)  # drawn on the full image
+
+
+def test_image_takes_full_decode_as_what_it_does_anyway(seg, tmp_path, monkeypatch, capsys):
+    """``predict --image`` always decodes in full: ``--full-decode`` is accepted and changes
+    nothing; the batch forms' other flags are one error naming them, in good grammar."""
+    from rexfast import cli
+
+    _source_is(monkeypatch, seg)
+    image = tmp_path / "small.jpg"
+    photo_like(300, 280).save(image, quality=90)
+    outputs = {}
+    for name, flags in (("plain", []), ("full", ["--full-decode"])):
+        assert cli.main(["predict", "--checkpoint", "model", "--image", str(image), "--text", "the red circle",
+                         "--out-dir", str(tmp_path / name), "--device", "cpu", *flags]) == 0
+        outputs[name] = {p.name: p.read_bytes() for p in (tmp_path / name).iterdir()}
+    assert outputs["full"] == outputs["plain"] and len(outputs["plain"]) == 2
+    capsys.readouterr()
+    for flags, says in ((["--save-masks"], "--save-masks belongs to the batch forms"),
+                        (["--save-masks", "--skip-bad"], "--save-masks, --skip-bad belong to the batch forms")):
+        assert cli.main(["predict", "--checkpoint", "model", "--image", str(image), "--text", "red", *flags]) == 2
+        assert capsys.readouterr().err.strip() == f"rexfast: error: {says} (--pairs, --images)"
+
+
+# ----------------------------------------------------------------------------- EXIF orientation
+def _oriented(path, pixels: np.ndarray, orientation: int, **save) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(pixels).save(path, exif=exif.tobytes(), **save)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_user_images_are_turned_as_their_exif_orientation_says(tmp_path, orientation):
+    """``exif_transpose=True`` gives what PIL's ``ImageOps.exif_transpose`` and the web page
+    (``rexfast serve``'s ``open_image``) give, in full and at a reduced size: the reduced
+    image's box turns with it (the model input stays within the measured 3/255 of the full
+    decode's; the unturned box is off by 12-20/255 for a flip, more for a quarter turn). The
+    default reads the stored pixels."""
+    from PIL import ImageOps
+
+    from rexfast.serve.checks import open_image
+
+    path = tmp_path / f"o{orientation}.jpg"
+    _oriented(path, np.asarray(photo_like(WIDTH, HEIGHT)), orientation, quality=90)
+    with Image.open(path) as im:
+        stored, viewed = np.asarray(im.convert("RGB")), np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+    assert np.array_equal(np.asarray(load_image(path)), stored)
+    assert np.array_equal(np.asarray(load_image(path, exif_transpose=True)), viewed)
+    assert np.array_equal(np.asarray(open_image(path)), viewed)
+    turned = orientation >= 5
+    size = (HEIGHT, WIDTH) if turned else (WIDTH, HEIGHT)
+    reduced = decode_image(path, min_side=DRAFT_MARGIN * S, exif_transpose=True)
+    assert reduced.reduced and reduced.original_size == size
+    assert reduced.image.size == ((193, 257) if turned else (257, 193))
+    full = preprocess_image(Image.fromarray(viewed), S, *PIXEL)
+    diff = (preprocess_image(reduced.image, S, *PIXEL, box=reduced.box) - full).abs()
+    assert diff.max() <= 4 and diff.mean() <= 0.25  # measured 3 and 0.18 for every orientation
+    if orientation in (2, 3, 4):
+        stored_box = decode_image(path, min_side=DRAFT_MARGIN * S).box
+        assert reduced.box != stored_box
+        assert (preprocess_image(reduced.image, S, *PIXEL, box=stored_box) - full).abs().max() >= 8
+
+
+def test_predict_answers_in_the_orientation_a_viewer_shows(seg, tmp_path, monkeypatch):
+    """A JPEG stored 48x32 and tagged orientation 6 (shown 32x48): ``predict --image`` and
+    ``--pairs`` answer at 32x48, exactly as for the already-turned pixels (a PNG of them); a
+    large one decoded reduced answers at its turned size too, and the run file says so."""
+    import json
+
+    from rexfast import cli
+    from rexfast.data.masks import decode_segmentation
+    from rexfast.engine import batch_predict
+
+    _source_is(monkeypatch, seg)
+    stored = np.asarray(photo_like(48, 32, seed=3))
+    _oriented(tmp_path / "phone.jpg", stored, 6, quality=95)
+    upright = np.asarray(load_image(tmp_path / "phone.jpg", exif_transpose=True))
+    assert upright.shape == (48, 32, 3)
+    Image.fromarray(upright).save(tmp_path / "upright.png")
+    _oriented(tmp_path / "big_phone.jpg", np.asarray(photo_like(WIDTH, HEIGHT)), 6, quality=90)
+
+    files = {}
+    for name in ("phone.jpg", "upright.png"):
+        out = tmp_path / f"single_{name}"
+        assert cli.main(["predict", "--checkpoint", "model", "--image", str(tmp_path / name), "--text",
+                         "the red circle", "--out-dir", str(out), "--device", "cpu"]) == 0
+        files[name] = {p.name.split("_", 1)[1]: p.read_bytes() for p in out.iterdir()}
+    assert files["phone.jpg"] == files["upright.png"] and len(files["phone.jpg"]) == 2
+    for written in (tmp_path / "single_phone.jpg").iterdir():  # the mask and the overlay
+        with Image.open(written) as png:
+            assert png.size == (32, 48)
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"image": name, "text": "the red circle", "id": name}) + "\n"
+                             for name in ("phone.jpg", "upright.png", "big_phone.jpg")))
+    _predict_pairs(pairs, tmp_path / "batch")
+    records = [json.loads(line) for line in (tmp_path / "batch" / batch_predict.PREDICTIONS_FILE).read_text().splitlines()]
+    phone, png, big = records
+    assert (phone["height"], phone["width"]) == (48, 32) and phone["segmentation"]["size"] == [48, 32]
+    assert {k: v for k, v in phone.items() if k not in ("id", "image")} == {
+        k: v for k, v in png.items() if k not in ("id", "image")}
+    assert (big["height"], big["width"]) == (WIDTH, HEIGHT)  # 1027 tall, 771 wide: as shown
+    assert decode_segmentation(big["segmentation"], WIDTH, HEIGHT).shape == (WIDTH, HEIGHT)
+    assert json.loads((tmp_path / "batch" / batch_predict.RUN_FILE).read_text())["exif_transpose"] is True
+    # the Python API and its overlay agree
+    result = seg(tmp_path / "big_phone.jpg", "the red circle")
+    assert result.mask.shape == (WIDTH, HEIGHT) and result.overlay().size == (HEIGHT, WIDTH)

@@ -36,7 +36,8 @@ def threads_restored():
 
 @pytest.mark.parametrize("command", list(COMMANDS))
 def test_threads_is_set_before_the_model_loads(threads_restored, capsys, command):
-    torch.set_num_threads(CPUS)
+    torch.set_num_threads(2)  # torch takes 2 on any machine, 1 CPU included: a change to 1 is seen
+    assert torch.get_num_threads() == 2
     # the image or model is missing: the command fails there, after the thread count is set
     assert cli.main([*COMMANDS[command], "--threads", "1"]) == 2
     assert torch.get_num_threads() == 1
@@ -60,4 +61,14 @@ def test_bad_threads_is_one_error_line(threads_restored, capsys, command, value)
 def test_without_threads_torch_keeps_its_own(threads_restored):
     torch.set_num_threads(1)
     assert cli.main([*COMMANDS["eval"]]) == 2
+    assert torch.get_num_threads() == 1
+
+
+def test_one_cpu_is_one_cpu(threads_restored, capsys, monkeypatch):
+    """The bound is the CPUs this process may run on (``taskset -c 0``: 1), said in good grammar."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    torch.set_num_threads(1)
+    assert cli.main([*COMMANDS["eval"], "--threads", "2"]) == 2
+    assert capsys.readouterr().err.strip() == ("rexfast: error: --threads 2 is more than the 1 CPU this process may "
+                                               "run on: more threads than cores only make them wait for each other")
     assert torch.get_num_threads() == 1
