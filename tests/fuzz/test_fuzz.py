@@ -69,6 +69,31 @@ def test_corpus_input_keeps_the_contract(folders, monkeypatch, name, path):
     check_one(TARGETS[name], path.read_bytes(), folder)
 
 
+@pytest.mark.parametrize("broken, refusing", [("load_image", "open_image"), ("open_image", "load_image")])
+def test_image_target_does_not_mask_a_forbidden_exception(folders, monkeypatch, broken, refusing):
+    """One image reader raising an undocumented exception is a finding even when the other
+    reader refuses the same file with its documented ValueError (here: bytes that are no
+    image); a ``try/finally`` between the two let the refusal replace the finding."""
+    import rexfast.io
+    import rexfast.serve.checks
+
+    module = {"load_image": rexfast.io, "open_image": rexfast.serve.checks}
+
+    def crash(path, *args, **kwargs):
+        raise RuntimeError("a reader's bug")
+
+    monkeypatch.setattr(module[broken], broken, crash)
+    folder = folders["image"]
+    monkeypatch.chdir(folder)
+    fuzz_harness.install_guards(folder)
+    data = b"not an image at all"
+    (folder / "image").write_bytes(data)
+    with pytest.raises(ValueError):  # the other reader alone refuses these bytes (documented) ...
+        getattr(module[refusing], refusing)(folder / "image")
+    with pytest.raises(RuntimeError, match="a reader's bug"):  # ... and does not hide the crash
+        check_one(TARGETS["image"], data, folder)
+
+
 def test_every_target_has_seeds():
     for name in TARGETS:
         assert any(p.name.startswith("seed-") for p in corpus_files(name)), name
