@@ -34,6 +34,19 @@ def test_runtime_options_are_keyword_arguments_and_not_config_fields():
         CGFormerConfig.tiny(ops_backend="reference")  # no longer a config field
 
 
+def test_an_unknown_ops_backend_is_refused_when_the_model_is_built_or_loaded(tmp_path):
+    """Not at the first forward pass: the options check their backend name."""
+    with pytest.raises(ValueError, match="ops_backend must be one of reference, cpu, cuda, triton or None"):
+        CGFormer(CGFormerConfig.tiny(), ops_backend="bogus")
+    folder = _tiny(ReLA).save_pretrained(tmp_path / "folder")
+    with pytest.raises(ValueError, match="got 'Reference'"):
+        load_model_source(folder, model_overrides={"ops_backend": "Reference"}, require_tokenizer=False)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "ops_backend": "gpu"}))  # an old folder's key
+    with pytest.raises(ValueError, match="got 'gpu'"):
+        ReLA.from_pretrained(folder)
+
+
 @pytest.mark.parametrize("cls", [CGFormer, ReLA])
 def test_folders_and_checkpoints_written_with_the_old_config_keys_load_them_as_options(cls, tmp_path, recwarn):
     """A config.json and a training checkpoint's run config written before the options left the
