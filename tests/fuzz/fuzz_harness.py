@@ -211,7 +211,10 @@ def join_model_folder(config: bytes, weights: bytes) -> bytes:
 
 
 def model_folder_run(data: bytes, folder: Path) -> None:
-    from rexfast.models import registry
+    """The loader's reading of a model folder, up to building the model: ``config.json`` (the
+    runtime options a config written before they left it holds are split out and built, so
+    their own checks see hostile values) and ``model.safetensors``."""
+    from rexfast.models.loading import stored_model_config
     from rexfast.models.pretrained import read_pretrained_config, read_pretrained_weights
 
     config, weights = split_model_folder(data)
@@ -221,7 +224,7 @@ def model_folder_run(data: bytes, folder: Path) -> None:
     (model / "model.safetensors").write_bytes(weights)
     name, fields = read_pretrained_config(model)
     read_pretrained_weights(model)
-    registry.get(name).config_class.from_dict(fields)  # what load_model does with config.json next
+    stored_model_config(name, fields)  # what load_model_source does with config.json next
 
 
 # -- 4. COCO / gRefCOCO annotations with masks ---------------------------------------------------
@@ -341,8 +344,8 @@ TARGETS = {
                          ("rexfast.io", "rexfast.engine.checkpoint", "torch.serialization",
                           "torch._weights_only_unpickler", "zipfile", "pickle", "pickletools")),
     "model_folder": Target("model_folder", model_folder_run, (ValueError, TypeError),
-                           ("rexfast.models.pretrained", "rexfast.models.base", "rexfast.models.cgformer.config",
-                            "rexfast.models.rela.config", "safetensors", "json")),
+                           ("rexfast.models.pretrained", "rexfast.models.loading", "rexfast.models.base",
+                            "rexfast.models.cgformer.config", "rexfast.models.rela.config", "safetensors", "json")),
     "annotations": Target("annotations", annotations_run, (ValueError,),
                           ("rexfast.data.refer", "rexfast.data.masks", "json", "pycocotools"), annotations_setup),
     "image": Target("image", image_run, IMAGE_ALLOWED, ("rexfast.io", "rexfast.serve.checks", "PIL")),

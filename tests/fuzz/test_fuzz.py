@@ -94,6 +94,32 @@ def test_image_target_does_not_mask_a_forbidden_exception(folders, monkeypatch, 
         check_one(TARGETS["image"], data, folder)
 
 
+def test_model_folder_target_reads_config_json_as_the_loader_does(folders, monkeypatch):
+    """Old configs that still hold runtime options load (the options are split out, as
+    load_model_source does), and a hostile option value reaches the options' own checks."""
+    import json
+
+    from fuzz_harness import join_model_folder, split_model_folder
+
+    folder = folders["model_folder"]
+    monkeypatch.chdir(folder)
+    fuzz_harness.install_guards(folder)
+    target = TARGETS["model_folder"]
+    old = corpus_files("model_folder")
+    old = [p for p in old if p.name.startswith("old-config-with-runtime-keys-")]
+    assert len(old) == 2
+    for path in old:
+        assert check_one(target, path.read_bytes(), folder) == "ok", path.name
+    config, weights = split_model_folder(old[0].read_bytes())
+    fields = json.loads(config)
+    for value, error, message in (("bogus", ValueError, "ops_backend must be one of reference, cpu, cuda, triton"),
+                                  (5, ValueError, "model.ops_backend: expected a string")):
+        hostile = join_model_folder(json.dumps({**fields, "ops_backend": value}).encode(), weights)
+        with pytest.raises(error, match=message):
+            target.run(hostile, folder)
+        assert check_one(target, hostile, folder) == error.__name__
+
+
 def test_every_target_has_seeds():
     for name in TARGETS:
         assert any(p.name.startswith("seed-") for p in corpus_files(name)), name
