@@ -16,11 +16,13 @@ What it does to the copy (the given model is not touched: same weights, same mod
 5. The precision (:mod:`rexfast.engine.precision`): ``bf16`` casts the weights and the
    input images to bf16 — activations then stay bf16 from end to end instead of being
    cast at every layer, as ``torch.autocast`` does — except the submodules the model
-   lists in ``fp32_modules()`` (ReLA's deformable pixel decoder, which the authors run
-   in float32 under any autocast, and the Swin backbone's pixel-word attentions), which keep
+   lists in ``fp32_modules()`` (the Swin backbone's pixel-word attentions), which keep
    their float32 weights unrounded and whose outputs are cast back to bf16 at their boundary.
-   Norm layers, softmax and the rexfast ops accumulate in float32 internally on bf16
-   data. On a CPU, every bf16 ``nn.Linear`` with a bias adds it inside oneDNN's matmul
+   ReLA's deformable pixel decoder, which the authors run in float32 under any autocast, is
+   no such island: it runs in bf16 here, its matmuls and norms accumulating in float32 and
+   ``ms_deform_attn`` sampling in float32 from the bf16 values, locations and weights
+   (:mod:`rexfast.models.rela.pixel_decoder`). Norm layers, softmax and the rexfast ops
+   accumulate in float32 internally on bf16 data. On a CPU, every bf16 ``nn.Linear`` with a bias adds it inside oneDNN's matmul
    (:class:`rexfast.models.layers.BiasInMatmulLinear`) instead of first copying it into every
    output row as ``torch.addmm`` does: those copies were 235 of a bf16 ReLA R50's 414
    ``aten::copy_`` calls.
