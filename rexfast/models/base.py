@@ -342,7 +342,8 @@ class ReferringModel(nn.Module):
         """The authors' released checkpoint (a path, read with ``weights_only=True``, or a loaded
         dict; wrappers and DDP ``module.`` prefixes handled), loaded strictly, in eval mode. The
         architecture is inferred from the weights unless ``config`` is given; keyword arguments
-        override config fields (ReLA also takes ``honour_lang_weight``). Runs the loader the
+        override config fields or set runtime options (:attr:`runtime_class`, e.g.
+        ``ops_backend="cpu"``; ReLA also takes ``honour_lang_weight``). Runs the loader the
         model's registry entry names (:mod:`rexfast.models.registry`)."""
         from .registry import get
 
