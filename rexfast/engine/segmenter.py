@@ -229,7 +229,18 @@ class Processor:
             raise TypeError(f"preprocessing must be a rexfast Preprocessing, got {type(preprocessing).__name__}")
         self.tokenizer = tokenizer
         self.preprocessing = preprocessing
-        self.reduce_large_jpegs = _check_flag(reduce_large_jpegs, "reduce_large_jpegs")
+        self.reduce_large_jpegs = reduce_large_jpegs
+
+    @property
+    def reduce_large_jpegs(self) -> bool:
+        """Whether a large JPEG given as a path is decoded at a reduced size (default True).
+        Set it to turn that off (``processor.reduce_large_jpegs = False``, as README says);
+        only True or False is taken: anything else is a TypeError, not a value read as true."""
+        return self._reduce_large_jpegs
+
+    @reduce_large_jpegs.setter
+    def reduce_large_jpegs(self, value: bool) -> None:
+        self._reduce_large_jpegs = _check_flag(value, "reduce_large_jpegs")
 
     def decode(self, image, name: str = "image", *, full: bool = False):
         """``image`` (a PIL image, a uint8 (H, W, 3) array or a path) as a
