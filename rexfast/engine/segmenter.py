@@ -355,7 +355,9 @@ class Segmenter:
         (``precision``: fp32 | bf16 | auto, bf16 where the CPU has native bf16; ``compile``:
         torch.compile, the first call compiles). ``device``: auto (CUDA when there is one) | cpu |
         cuda[:N]. ``overrides``: ``section.key=value`` strings (``model.eval_noise=false``,
-        ``data.image_size=480``). The thresholds (and ``explain``) become the defaults of every call."""
+        ``data.image_size=480``); a runtime option among them (``model.ops_backend=reference``)
+        is kept by ``rexfast.optimize``. The thresholds (and ``explain``) become the defaults of
+        every call."""
         from .optimize import optimize
         from .precision import check_precision
 
@@ -365,7 +367,7 @@ class Segmenter:
         no_target_threshold = check_threshold(no_target_threshold, "no_target_threshold")
         device = _resolve_device(device)
         loaded = load_model(source, overrides=overrides, tokenizer=tokenizer, device=device)
-        model = optimize(loaded.model, precision=precision, compile=compile)
+        model = optimize(loaded.model, precision=precision, compile=compile, runtime=loaded.runtime_overrides)
         return cls(model, loaded.tokenizer, loaded.preprocessing, mask_threshold=mask_threshold,
                    no_target_threshold=no_target_threshold, seed=seed, config=loaded.config, explain=explain)
 

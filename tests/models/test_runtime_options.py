@@ -102,3 +102,37 @@ def test_optimize_runs_the_fused_options_on_its_copy_only():
     assert opt.runtime == ReLARuntime()
     assert all(m.backend is None for m in opt.modules() if hasattr(m, "backend"))
     assert all(m.backend == "reference" for m in rela.modules() if hasattr(m, "backend"))
+
+
+def test_optimize_keeps_the_runtime_options_given_to_it():
+    """``runtime=`` (what a user set explicitly, e.g. ``--set model.ops_backend=reference``) is
+    kept on the copy; optimize's fused choice applies to the other options only."""
+    import rexfast
+
+    model = CGFormer(CGFormerConfig.tiny(), ops_backend="reference", fused=False).eval()
+    opt = rexfast.optimize(model, precision="fp32", runtime={"ops_backend": "reference"})
+    assert opt.runtime == CGFormerRuntime(ops_backend="reference", fused=True, channels_last=True)
+    assert opt.optimization.runtime == {"ops_backend": "reference"}
+    assert "kept ops_backend=reference" in opt.optimization.description
+    # values as --set gives them (text), coerced; CGFormer's channels_last option decides the layout step
+    opt = rexfast.optimize(model, precision="fp32", runtime={"fused": "false", "channels_last": False})
+    assert opt.runtime == CGFormerRuntime(ops_backend=None, fused=False, channels_last=False)
+    assert not opt.optimization.channels_last and opt.input_memory_format is None
+    assert all(p.is_contiguous() for p in opt.parameters())
+    rela = ReLA(ReLAConfig.tiny()).eval()
+    opt = rexfast.optimize(rela, precision="fp32", runtime={"region_masks_at_key_resolution": False,
+                                                            "ops_backend": "reference"})
+    assert opt.runtime == ReLARuntime(ops_backend="reference", region_masks_at_key_resolution=False)
+    assert all(m.backend == "reference" for m in opt.modules() if hasattr(m, "backend"))
+    assert not opt.sem_seg_head.predictor.region_masks_at_key_resolution
+    images = torch.randn(1, 3, 64, 64)
+    ids, mask = torch.randint(0, 8, (1, 6)), torch.ones(1, 6, dtype=torch.long)
+    with torch.no_grad():  # the same model, run another way
+        assert torch.allclose(opt.predict(images, ids, mask).mask, rela.predict(images, ids, mask).mask, atol=1e-5)
+    for runtime, error, message in (({"fused": True}, ValueError, "ReLA has no runtime option 'fused'"),
+                                    ({"ops_backend": "gpu"}, ValueError, "ops_backend must be one of"),
+                                    ({"region_masks_at_key_resolution": "maybe"}, ValueError,
+                                     "region_masks_at_key_resolution: expected bool"),
+                                    (["ops_backend"], TypeError, "runtime must be a mapping")):
+        with pytest.raises(error, match=message):
+            rexfast.optimize(rela, precision="fp32", runtime=runtime)
