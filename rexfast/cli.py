@@ -490,7 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help=MODEL_SOURCE_HELP)
     _eval_predictions_flags(p)
     p.add_argument("--split", default=None, help="split name (default: the config's val split)")
-    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override e.g. data.root")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override e.g. data.root; model.FIELD a model config field, or a runtime option that the "
+                        "evaluated model keeps (e.g. model.ops_backend=reference)")
     p.add_argument("--out", help="write the metrics as JSON here")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="samples per forward pass")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
@@ -553,7 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="auto", help="cgformer | rela | auto (from the checkpoint's keys)")
     p.add_argument("--set", action="append", metavar="model.FIELD=VALUE",
                    help="a model config field the weights cannot tell, e.g. model.swin.pwam_heads=[8,8,8,8] "
-                        "(repeatable; the error message names the ones needed)")
+                        "(repeatable; the error message names the ones needed). Runtime options (model.ops_backend, "
+                        "...) are refused: a model folder does not hold them")
     p.set_defaults(func=_cmd_convert)
 
     from .export import MODES, OPSETS

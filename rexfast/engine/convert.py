@@ -8,7 +8,9 @@ have to be unpickled again. Any other model source (a training checkpoint, a fol
 converts the same way.
 What the weights cannot tell (head counts of an unreleased width) comes from
 ``--set model.FIELD=VALUE`` overrides, nested fields included
-(``--set model.swin.pwam_heads=[4,4,4,4]``).
+(``--set model.swin.pwam_heads=[4,4,4,4]``). Runtime options (``ops_backend``, ``fused``, …:
+how a model runs, :class:`rexfast.models.base.RuntimeOptions`) are refused: a model folder
+never holds them, so one given here would be dropped without a word.
 """
 
 from __future__ import annotations
@@ -34,6 +36,21 @@ def parse_model_overrides(overrides) -> dict:
                                             "from the weights")
 
 
+def _refuse_runtime_options(fields) -> None:
+    """ValueError for a runtime option of any registered model among ``fields``: it is chosen
+    when a model is loaded, and a model folder does not hold it (``config.json`` is what the
+    model is), so convert would drop it."""
+    from rexfast.models import registry
+
+    names = {name for entry in registry.MODELS.values() for name in entry.model_class.runtime_class.field_names()}
+    given = sorted(names & set(fields))
+    if given:
+        name = given[0]
+        raise ValueError(f"--set model.{name}: {name} is a runtime option (how a model runs), not part of a saved "
+                         f"model, so convert cannot store it: give it when the folder is loaded "
+                         f"(--set model.{name}=... with predict or eval)")
+
+
 def convert_official(path, out, *, model: str = "auto", tokenizer=None, overrides=(), model_overrides=None) -> str:
     """Write the model folder of ``path`` to ``out`` (with ``tokenizer``: self-contained).
     ``model_overrides`` (a dict) and ``overrides`` (``model.FIELD=VALUE`` strings, as ``--set`` gives them)
@@ -46,6 +63,7 @@ def convert_official(path, out, *, model: str = "auto", tokenizer=None, override
     if model != "auto":
         registry.get(model)  # a ValueError naming the choices, before anything is read
     fields = {**(model_overrides or {}), **parse_model_overrides(overrides)}
+    _refuse_runtime_options(fields)
     try:
         loaded = load_model_source(path, tokenizer=tokenizer, require_tokenizer=False, model_overrides=fields or None,
                                    official_model=None if model == "auto" else model)

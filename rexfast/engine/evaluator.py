@@ -100,13 +100,15 @@ def evaluate_checkpoint(path, *, split=None, overrides=(), out=None, batch_size=
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"{exc} (data.root is {cfg.data.root}; point it elsewhere with "
                                 "--set data.root=PATH)") from None
-    model = optimize(loaded.model, precision=precision, compile=compile)
+    model = optimize(loaded.model, precision=precision, compile=compile, runtime=loaded.runtime_overrides)
     lines = [] if save_predictions else None
     torch.manual_seed(0)  # a model that draws noise at inference (CGFormer eval_noise) scores the same every run
     metrics = evaluate(model, dataset, task=task_of(cfg.data.dataset), batch_size=batch_size, device=device,
                        max_samples=max_samples, progress=progress, lines=lines)
+    kept = model.optimization.runtime  # runtime options --set pinned (e.g. every op on its reference)
     metrics = {"checkpoint": str(path), "model": cfg.model.name, "dataset": cfg.data.dataset, "split": split,
-               "precision": model.optimization.precision, **metrics}
+               "precision": model.optimization.precision,
+               **({"runtime": ", ".join(f"{k}={v}" for k, v in kept.items())} if kept else {}), **metrics}
     if save_predictions:
         atomic_write_bytes(save_predictions, b"".join(lines))
     if out:

@@ -29,6 +29,9 @@ class Loaded:
     tokenizer: object
     preprocessing: object  # rexfast.models.preprocessing.Preprocessing, after --set data.image_size / max_tokens
     source: object = None  # the rexfast.models.loading.LoadedModel it came from
+    # the runtime options --set gave (e.g. {"ops_backend": "reference"}), as the model holds them:
+    # what the user chose explicitly, which rexfast.optimize keeps (its runtime=) instead of its own choice
+    runtime_overrides: dict = dataclasses.field(default_factory=dict)
 
 
 def load_model(source, *, overrides=(), tokenizer=None, device="cpu", require_tokenizer: bool = True) -> Loaded:
@@ -36,7 +39,8 @@ def load_model(source, *, overrides=(), tokenizer=None, device="cpu", require_to
     training checkpoint, a released ``.pth`` with a tokenizer, a Hub id) with its run config.
 
     ``overrides`` are ``section.key=value`` strings: ``model.*`` replace model config fields
-    before the weights load, ``data.*`` the data settings (``data.image_size`` and
+    before the weights load or set runtime options (kept in :attr:`Loaded.runtime_overrides`,
+    which the commands hand to :func:`rexfast.optimize`), ``data.*`` the data settings (``data.image_size`` and
     ``data.max_tokens`` also the preprocessing; ``data.tokenizer`` acts as ``tokenizer``).
     A training checkpoint brings its run config; other sources run at their stored
     preprocessing with the default data and train sections."""
@@ -72,7 +76,9 @@ def load_model(source, *, overrides=(), tokenizer=None, device="cpu", require_to
     if cfg.data.max_tokens < 2:
         raise ValueError(f"data.max_tokens must be >= 2 (room for [CLS] and [SEP]), got {cfg.data.max_tokens}")
     preprocessing = loaded.preprocessing.replace(image_size=cfg.data.image_size, max_tokens=cfg.data.max_tokens)
-    return Loaded(loaded.model, cfg, loaded.tokenizer, preprocessing, loaded)
+    given, _ = loaded.model.runtime_class.split(model_over)
+    runtime = {name: getattr(loaded.model.runtime, name) for name in given}
+    return Loaded(loaded.model, cfg, loaded.tokenizer, preprocessing, loaded, runtime)
 
 
 __all__ = ["Loaded", "load_model"]

@@ -9,18 +9,23 @@ What it does to the copy (the given model is not touched: same weights, same mod
    and replaced by ``nn.Identity``: exact up to rounding, one pass over the
    activations fewer per conv.
 3. Every op on its automatically chosen (fused) backend and the models' exact fused
-   formulations (``model.use_fused_ops()``), whatever the model's runtime options pinned.
+   formulations (``model.use_fused_ops()``), whatever the model's runtime options pinned —
+   except the options given in ``runtime=`` (what a user set explicitly, e.g.
+   ``--set model.ops_backend=reference``), which the copy keeps as given.
 4. Convolution weights and the image input channels-last (NHWC), the layout oneDNN's
    CPU convolutions compute in, so no conv reorders its input and output
-   (``model.use_channels_last()``).
+   (``model.use_channels_last()``); a model's own ``channels_last`` option given in
+   ``runtime=`` (CGFormer's) decides this step instead of the ``channels_last`` argument.
 5. The precision (:mod:`rexfast.engine.precision`): ``bf16`` casts the weights and the
    input images to bf16 — activations then stay bf16 from end to end instead of being
    cast at every layer, as ``torch.autocast`` does — except the submodules the model
-   lists in ``fp32_modules()`` (ReLA's deformable pixel decoder, which the authors run
-   in float32 under any autocast, and the Swin backbone's pixel-word attentions), which keep
+   lists in ``fp32_modules()`` (the Swin backbone's pixel-word attentions), which keep
    their float32 weights unrounded and whose outputs are cast back to bf16 at their boundary.
-   Norm layers, softmax and the rexfast ops accumulate in float32 internally on bf16
-   data. On a CPU, every bf16 ``nn.Linear`` with a bias adds it inside oneDNN's matmul
+   ReLA's deformable pixel decoder, which the authors run in float32 under any autocast, is
+   no such island: it runs in bf16 here, its matmuls and norms accumulating in float32 and
+   ``ms_deform_attn`` sampling in float32 from the bf16 values, locations and weights
+   (:mod:`rexfast.models.rela.pixel_decoder`). Norm layers, softmax and the rexfast ops
+   accumulate in float32 internally on bf16 data. On a CPU, every bf16 ``nn.Linear`` with a bias adds it inside oneDNN's matmul
    (:class:`rexfast.models.layers.BiasInMatmulLinear`) instead of first copying it into every
    output row as ``torch.addmm`` does: those copies were 235 of a bf16 ReLA R50's 414
    ``aten::copy_`` calls.
@@ -53,6 +58,7 @@ class Optimization:
     fp32_modules: tuple[str, ...]
     compiled: bool
     description: str  # the log line
+    runtime: dict = dataclasses.field(default_factory=dict)  # the runtime options kept as given (runtime=)
 
 
 def _cast_floating(value, dtype):
@@ -89,12 +95,34 @@ def _device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _kept_options(model, runtime) -> dict:
+    """``runtime`` checked against the model's runtime options: names it has (ValueError
+    listing them otherwise), values coerced to their types and checked by the options' class."""
+    from collections.abc import Mapping
+
+    if runtime is None:
+        return {}
+    if not isinstance(runtime, Mapping):
+        raise TypeError(f"runtime must be a mapping of runtime option names to values, got {type(runtime).__name__}")
+    options = model.runtime_class
+    unknown = sorted(set(runtime) - set(options.field_names()))
+    if unknown:
+        raise ValueError(f"runtime: {type(model).__name__} has no runtime option {unknown[0]!r}; its options: "
+                         f"{', '.join(options.field_names())}")
+    kept = options.coerce(runtime, "runtime")
+    options(**kept)  # the options' own checks
+    return kept
+
+
 def optimize(model: nn.Module, *, precision: str = "auto", compile: bool = False,
-             channels_last: bool = True) -> nn.Module:
+             channels_last: bool = True, runtime=None) -> nn.Module:
     """A copy of ``model`` prepared for inference (see the module docstring): BatchNorm
     folded, ops on their fused backends, channels-last convolutions, ``precision``
     (``fp32 | bf16 | auto``; ``auto``: bf16 where the CPU has native bf16), and with
-    ``compile=True`` its forward compiled. ``model`` itself is left unchanged."""
+    ``compile=True`` its forward compiled. ``runtime``: runtime options the copy keeps as
+    given instead of optimize's choice (e.g. ``{"ops_backend": "reference"}``: every op on its
+    PyTorch reference; the model's :class:`~rexfast.models.base.RuntimeOptions`). ``model``
+    itself is left unchanged."""
     from ..models.base import ReferringModel
     from ..models.layers import use_bias_in_matmul
 
@@ -105,6 +133,8 @@ def optimize(model: nn.Module, *, precision: str = "auto", compile: bool = False
         raise TypeError(f"compile must be True or False, got {compile!r}")
     if not isinstance(channels_last, bool):
         raise TypeError(f"channels_last must be True or False, got {channels_last!r}")
+    given = _kept_options(model, runtime)
+    channels_last = given.get("channels_last", channels_last)
     device = _device_of(model)
     resolved = resolve_precision(precision, device)
     dtype = torch.bfloat16 if resolved == "bf16" else torch.float32
@@ -116,6 +146,10 @@ def optimize(model: nn.Module, *, precision: str = "auto", compile: bool = False
     opt.use_fused_ops()
     if channels_last:
         opt.use_channels_last()
+    elif given.get("channels_last") is False:  # asked for: the weights of a channels-last model back to NCHW too
+        opt.to(memory_format=torch.contiguous_format)
+    if given:
+        opt.set_runtime(dataclasses.replace(opt.runtime, **given))
     islands: tuple[str, ...] = ()
     if dtype != torch.float32:
         islands = tuple(opt.fp32_modules())
@@ -135,11 +169,12 @@ def optimize(model: nn.Module, *, precision: str = "auto", compile: bool = False
         opt.forward_features = torch.compile(opt.forward_features)
     line = (f"rexfast.optimize: {type(model).__name__} on {device.type}, precision {describe(precision, device)}, "
             f"{folded} batch norms folded, {'channels-last' if channels_last else 'contiguous'}"
-            f"{', float32: ' + ', '.join(islands) if islands else ''}{', compiled' if compile else ''}")
+            f"{', float32: ' + ', '.join(islands) if islands else ''}{', compiled' if compile else ''}"
+            f"{', kept ' + ', '.join(f'{k}={v}' for k, v in given.items()) if given else ''}")
     log.info(line)
     opt.optimization = Optimization(precision=resolved, requested=precision, folded_batchnorms=folded,
                                     channels_last=channels_last, fp32_modules=islands, compiled=compile,
-                                    description=line)
+                                    description=line, runtime=given)
     return opt
 
 

@@ -237,7 +237,18 @@ class Processor:
             raise TypeError(f"preprocessing must be a rexfast Preprocessing, got {type(preprocessing).__name__}")
         self.tokenizer = tokenizer
         self.preprocessing = preprocessing
-        self.reduce_large_jpegs = _check_flag(reduce_large_jpegs, "reduce_large_jpegs")
+        self.reduce_large_jpegs = reduce_large_jpegs
+
+    @property
+    def reduce_large_jpegs(self) -> bool:
+        """Whether a large JPEG given as a path is decoded at a reduced size (default True).
+        Set it to turn that off (``processor.reduce_large_jpegs = False``, as README says);
+        only True or False is taken: anything else is a TypeError, not a value read as true."""
+        return self._reduce_large_jpegs
+
+    @reduce_large_jpegs.setter
+    def reduce_large_jpegs(self, value: bool) -> None:
+        self._reduce_large_jpegs = _check_flag(value, "reduce_large_jpegs")
 
     def decode(self, image, name: str = "image", *, full: bool = False):
         """``image`` (a PIL image, a uint8 (H, W, 3) array or a path) as a
@@ -354,7 +365,9 @@ class Segmenter:
         (``precision``: fp32 | bf16 | auto, bf16 where the CPU has native bf16; ``compile``:
         torch.compile, the first call compiles). ``device``: auto (CUDA when there is one) | cpu |
         cuda[:N]. ``overrides``: ``section.key=value`` strings (``model.eval_noise=false``,
-        ``data.image_size=480``). The thresholds (and ``explain``) become the defaults of every call."""
+        ``data.image_size=480``); a runtime option among them (``model.ops_backend=reference``)
+        is kept by ``rexfast.optimize``. The thresholds (and ``explain``) become the defaults of
+        every call."""
         from .optimize import optimize
         from .precision import check_precision
 
@@ -364,7 +377,7 @@ class Segmenter:
         no_target_threshold = check_threshold(no_target_threshold, "no_target_threshold")
         device = _resolve_device(device)
         loaded = load_model(source, overrides=overrides, tokenizer=tokenizer, device=device)
-        model = optimize(loaded.model, precision=precision, compile=compile)
+        model = optimize(loaded.model, precision=precision, compile=compile, runtime=loaded.runtime_overrides)
         return cls(model, loaded.tokenizer, loaded.preprocessing, mask_threshold=mask_threshold,
                    no_target_threshold=no_target_threshold, seed=seed, config=loaded.config, explain=explain)
 

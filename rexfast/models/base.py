@@ -187,7 +187,12 @@ class RuntimeOptions:
     ops_backend: Optional[str] = None  # pin every op's backend (reference | cpu | cuda | triton); None: chosen per call
 
     def __post_init__(self):
+        from ..ops.registry import BACKENDS
+
         check_field_types(self)
+        if self.ops_backend is not None and self.ops_backend not in BACKENDS:  # refused now, not at the first call
+            raise ValueError(f"ops_backend must be one of {', '.join(BACKENDS)} or None (chosen per call), "
+                             f"got {self.ops_backend!r}")
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -319,15 +324,16 @@ class ReferringModel(nn.Module):
     def from_pretrained(cls, directory):
         """The model of a :meth:`save_pretrained` folder (no code runs while reading it), in eval mode.
         (:func:`rexfast.models.loading.load_model_source` also gives its tokenizer and preprocessing.)"""
+        from .loading import stored_model_config
         from .pretrained import read_pretrained_config, read_pretrained_weights
 
         model_type, fields = read_pretrained_config(directory)
         if model_type != cls.model_type:
             raise ValueError(f"{directory} holds a {model_type!r} model, not a {cls.model_type!r} ({cls.__name__})")
-        options, fields = cls.runtime_class.split(fields)  # (keys of folders written before they left the config)
-        config = cls.config_class.from_dict(fields)
+        # the loader's reading of config.json (keys of folders written before the runtime options left it: options)
+        _, config, options = stored_model_config(model_type, fields)
         state = read_pretrained_weights(directory)
-        model = cls(config, **cls.runtime_class.coerce(options))
+        model = cls(config, **options)
         load_state_strict(model, state, directory)
         return model.eval()
 
@@ -336,7 +342,8 @@ class ReferringModel(nn.Module):
         """The authors' released checkpoint (a path, read with ``weights_only=True``, or a loaded
         dict; wrappers and DDP ``module.`` prefixes handled), loaded strictly, in eval mode. The
         architecture is inferred from the weights unless ``config`` is given; keyword arguments
-        override config fields (ReLA also takes ``honour_lang_weight``). Runs the loader the
+        override config fields or set runtime options (:attr:`runtime_class`, e.g.
+        ``ops_backend="cpu"``; ReLA also takes ``honour_lang_weight``). Runs the loader the
         model's registry entry names (:mod:`rexfast.models.registry`)."""
         from .registry import get
 

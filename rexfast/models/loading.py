@@ -150,11 +150,30 @@ def _check_tokenizer_fits(model, tokenizer, source) -> None:
 def _runtime_options(entry, fields: Mapping, overrides: Mapping) -> tuple[dict, dict, dict]:
     """(the model's runtime options, the stored config fields, the config overrides): the
     options a stored config holds (one written before they left the configs: read once, as
-    options) updated by those among ``overrides``, coerced to their types."""
+    options) updated by those among ``overrides``, coerced to their types and checked by the
+    options' own class (a :class:`~rexfast.models.base.RuntimeOptions` built from them)."""
     runtime = entry.model_class.runtime_class
     stored, fields = runtime.split(fields)
     given, overrides = runtime.split(overrides)
-    return runtime.coerce({**stored, **given}), fields, overrides
+    options = runtime.coerce({**stored, **given})
+    runtime(**options)  # its own checks (types, a known ops_backend), before any weights are read
+    return options, fields, overrides
+
+
+def stored_model_config(name, fields: Mapping, overrides: Optional[Mapping] = None):
+    """(registry entry, config, runtime options) of a stored model config: what every loader
+    does with a model folder's ``config.json`` fields
+    (:func:`rexfast.models.pretrained.read_pretrained_config`) and with a training checkpoint's
+    run config. Keys of runtime options in ``fields`` (configs written before the options left
+    them) become options; ``overrides`` replace config fields and set options. The options come
+    back as keyword arguments of the model class, already checked; ValueError/TypeError for an
+    unknown model, field or option, or a value of the wrong kind."""
+    from . import registry
+
+    entry = registry.get(name)
+    options, fields, overrides = _runtime_options(entry, fields, dict(overrides or {}))
+    config = entry.config_class.from_dict(fields).with_overrides(overrides)
+    return entry, config, options
 
 
 def load_model_source(source, *, tokenizer=None, model_overrides: Optional[Mapping] = None, device="cpu",
@@ -195,10 +214,7 @@ def load_model_source(source, *, tokenizer=None, model_overrides: Optional[Mappi
 
     notes: list[str] = []
     if kind in ("folder", "hub"):
-        name, fields = read_pretrained_config(path)
-        entry = registry.get(name)
-        options, fields, overrides = _runtime_options(entry, fields, overrides)
-        config = entry.config_class.from_dict(fields).with_overrides(overrides)
+        entry, config, options = stored_model_config(*read_pretrained_config(path), overrides)
         model = entry.model_class(config, **options)
         load_state_strict(model, read_pretrained_weights(path), path)
         preprocessing = read_preprocessing(path)
@@ -227,9 +243,7 @@ def load_model_source(source, *, tokenizer=None, model_overrides: Optional[Mappi
                 raise CheckpointError(f"{path}: malformed rexfast checkpoint (its config names no model)")
             fields = {k: v for k, v in run["model"].items() if k not in ("name", "preset")}
             try:
-                entry = registry.get(run["model"]["name"])
-                options, fields, overrides = _runtime_options(entry, fields, overrides)
-                config = entry.config_class.from_dict(fields).with_overrides(overrides)
+                entry, config, options = stored_model_config(run["model"]["name"], fields, overrides)
             except (TypeError, ValueError) as exc:
                 raise CheckpointError(f"{path}: malformed rexfast checkpoint ({exc})") from None
             model = entry.model_class(config, **options)
@@ -268,4 +282,4 @@ def load_model_source(source, *, tokenizer=None, model_overrides: Optional[Mappi
 
 
 __all__ = ["CHECKPOINT_FORMAT", "KINDS", "CheckpointError", "LoadedModel", "load_model_source", "looks_like_hub_id",
-           "resolve_hub", "read_training_checkpoint", "is_training_checkpoint"]
+           "resolve_hub", "read_training_checkpoint", "is_training_checkpoint", "stored_model_config"]

@@ -34,8 +34,9 @@ def open_image(path, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: Optional[str
     """The RGB PIL image at ``path``, oriented as its EXIF tag says (as browsers show it).
 
     The size is read from the header and checked against ``max_pixels`` before the pixels
-    are decoded; :class:`RequestError` for a file that is not an image, an image over the
-    limit (PIL's DecompressionBombError included), or one that cannot be decoded."""
+    are decoded; :class:`RequestError` for an upload that is missing or cannot be read, a file
+    that is not an image, an image over the limit (PIL's DecompressionBombError included), or
+    one that cannot be decoded."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     from ..io import ClampedReader
@@ -43,10 +44,18 @@ def open_image(path, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: Optional[str
     shown = name or os.path.basename(os.fspath(path))
     if not os.path.isfile(path):
         raise RequestError(f"the upload {shown} did not arrive as a file: upload it again")
-    if os.path.getsize(path) == 0:
-        raise RequestError(f"{shown} is empty (0 bytes): upload a PNG, JPEG, WebP, BMP or GIF image")
-    # no read asks for more bytes than the upload holds (a chunk may claim gigabytes)
-    with ClampedReader(path) as upload:
+    # no read asks for more bytes than the upload holds (a chunk may claim gigabytes); opened
+    # here, so that an upload that vanished since the check above or cannot be read is refused
+    # with a message like every other bad upload, not escaped as an OSError
+    try:
+        upload = ClampedReader(path)
+    except FileNotFoundError:
+        raise RequestError(f"the upload {shown} did not arrive as a file: upload it again") from None
+    except OSError as exc:
+        raise RequestError(f"the upload {shown} could not be read ({exc.strerror or exc}): upload it again") from None
+    with upload:
+        if os.fstat(upload.fileno()).st_size == 0:
+            raise RequestError(f"{shown} is empty (0 bytes): upload a PNG, JPEG, WebP, BMP or GIF image")
         try:
             image = Image.open(upload)  # reads the header only
         except Image.DecompressionBombError as exc:

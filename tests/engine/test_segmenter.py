@@ -261,6 +261,19 @@ def test_processor_pickles_and_segment_items_runs_a_dataloader_batch(tokenizer, 
     assert results[0].overlay(Image.open(paths[0])).size == Image.open(paths[0]).size
 
 
+def test_reduce_large_jpegs_takes_only_true_or_false(tokenizer):
+    """README tells users to set the attribute: a value that is no bool ("no", 0) is refused
+    instead of being kept and read as true; the processor still pickles with the setting."""
+    seg = Segmenter(build("rela", "tiny", tokenizer), tokenizer, Preprocessing(image_size=64))
+    assert seg.processor.reduce_large_jpegs is True
+    for bad in ("no", 0, None, 1.0):
+        with pytest.raises(TypeError, match=f"reduce_large_jpegs must be True or False, got {bad!r}"):
+            seg.processor.reduce_large_jpegs = bad
+        assert seg.processor.reduce_large_jpegs is True  # unchanged
+    seg.processor.reduce_large_jpegs = False
+    assert pickle.loads(pickle.dumps(seg.processor)).reduce_large_jpegs is False
+
+
 # ----------------------------------------------------------------------------- bad input
 def test_bad_inputs_raise_naming_the_argument(tokenizer, tmp_path):
     seg = Segmenter(build("rela", "tiny", tokenizer), tokenizer, Preprocessing(image_size=64))

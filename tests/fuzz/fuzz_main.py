@@ -37,6 +37,7 @@ def main() -> None:
 
             import rexfast.engine.checkpoint  # noqa: F401
         elif name == "model_folder":
+            import rexfast.models.loading  # noqa: F401
             import rexfast.models.pretrained  # noqa: F401
             import rexfast.models.registry  # noqa: F401
             import safetensors.torch  # noqa: F401

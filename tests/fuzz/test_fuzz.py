@@ -69,6 +69,57 @@ def test_corpus_input_keeps_the_contract(folders, monkeypatch, name, path):
     check_one(TARGETS[name], path.read_bytes(), folder)
 
 
+@pytest.mark.parametrize("broken, refusing", [("load_image", "open_image"), ("open_image", "load_image")])
+def test_image_target_does_not_mask_a_forbidden_exception(folders, monkeypatch, broken, refusing):
+    """One image reader raising an undocumented exception is a finding even when the other
+    reader refuses the same file with its documented ValueError (here: bytes that are no
+    image); a ``try/finally`` between the two let the refusal replace the finding."""
+    import rexfast.io
+    import rexfast.serve.checks
+
+    module = {"load_image": rexfast.io, "open_image": rexfast.serve.checks}
+
+    def crash(path, *args, **kwargs):
+        raise RuntimeError("a reader's bug")
+
+    monkeypatch.setattr(module[broken], broken, crash)
+    folder = folders["image"]
+    monkeypatch.chdir(folder)
+    fuzz_harness.install_guards(folder)
+    data = b"not an image at all"
+    (folder / "image").write_bytes(data)
+    with pytest.raises(ValueError):  # the other reader alone refuses these bytes (documented) ...
+        getattr(module[refusing], refusing)(folder / "image")
+    with pytest.raises(RuntimeError, match="a reader's bug"):  # ... and does not hide the crash
+        check_one(TARGETS["image"], data, folder)
+
+
+def test_model_folder_target_reads_config_json_as_the_loader_does(folders, monkeypatch):
+    """Old configs that still hold runtime options load (the options are split out, as
+    load_model_source does), and a hostile option value reaches the options' own checks."""
+    import json
+
+    from fuzz_harness import join_model_folder, split_model_folder
+
+    folder = folders["model_folder"]
+    monkeypatch.chdir(folder)
+    fuzz_harness.install_guards(folder)
+    target = TARGETS["model_folder"]
+    old = corpus_files("model_folder")
+    old = [p for p in old if p.name.startswith("old-config-with-runtime-keys-")]
+    assert len(old) == 2
+    for path in old:
+        assert check_one(target, path.read_bytes(), folder) == "ok", path.name
+    config, weights = split_model_folder(old[0].read_bytes())
+    fields = json.loads(config)
+    for value, error, message in (("bogus", ValueError, "ops_backend must be one of reference, cpu, cuda, triton"),
+                                  (5, ValueError, "model.ops_backend: expected a string")):
+        hostile = join_model_folder(json.dumps({**fields, "ops_backend": value}).encode(), weights)
+        with pytest.raises(error, match=message):
+            target.run(hostile, folder)
+        assert check_one(target, hostile, folder) == error.__name__
+
+
 def test_every_target_has_seeds():
     for name in TARGETS:
         assert any(p.name.startswith("seed-") for p in corpus_files(name)), name

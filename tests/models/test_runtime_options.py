@@ -34,6 +34,19 @@ def test_runtime_options_are_keyword_arguments_and_not_config_fields():
         CGFormerConfig.tiny(ops_backend="reference")  # no longer a config field
 
 
+def test_an_unknown_ops_backend_is_refused_when_the_model_is_built_or_loaded(tmp_path):
+    """Not at the first forward pass: the options check their backend name."""
+    with pytest.raises(ValueError, match="ops_backend must be one of reference, cpu, cuda, triton or None"):
+        CGFormer(CGFormerConfig.tiny(), ops_backend="bogus")
+    folder = _tiny(ReLA).save_pretrained(tmp_path / "folder")
+    with pytest.raises(ValueError, match="got 'Reference'"):
+        load_model_source(folder, model_overrides={"ops_backend": "Reference"}, require_tokenizer=False)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "ops_backend": "gpu"}))  # an old folder's key
+    with pytest.raises(ValueError, match="got 'gpu'"):
+        ReLA.from_pretrained(folder)
+
+
 @pytest.mark.parametrize("cls", [CGFormer, ReLA])
 def test_folders_and_checkpoints_written_with_the_old_config_keys_load_them_as_options(cls, tmp_path, recwarn):
     """A config.json and a training checkpoint's run config written before the options left the
@@ -89,3 +102,37 @@ def test_optimize_runs_the_fused_options_on_its_copy_only():
     assert opt.runtime == ReLARuntime()
     assert all(m.backend is None for m in opt.modules() if hasattr(m, "backend"))
     assert all(m.backend == "reference" for m in rela.modules() if hasattr(m, "backend"))
+
+
+def test_optimize_keeps_the_runtime_options_given_to_it():
+    """``runtime=`` (what a user set explicitly, e.g. ``--set model.ops_backend=reference``) is
+    kept on the copy; optimize's fused choice applies to the other options only."""
+    import rexfast
+
+    model = CGFormer(CGFormerConfig.tiny(), ops_backend="reference", fused=False).eval()
+    opt = rexfast.optimize(model, precision="fp32", runtime={"ops_backend": "reference"})
+    assert opt.runtime == CGFormerRuntime(ops_backend="reference", fused=True, channels_last=True)
+    assert opt.optimization.runtime == {"ops_backend": "reference"}
+    assert "kept ops_backend=reference" in opt.optimization.description
+    # values as --set gives them (text), coerced; CGFormer's channels_last option decides the layout step
+    opt = rexfast.optimize(model, precision="fp32", runtime={"fused": "false", "channels_last": False})
+    assert opt.runtime == CGFormerRuntime(ops_backend=None, fused=False, channels_last=False)
+    assert not opt.optimization.channels_last and opt.input_memory_format is None
+    assert all(p.is_contiguous() for p in opt.parameters())
+    rela = ReLA(ReLAConfig.tiny()).eval()
+    opt = rexfast.optimize(rela, precision="fp32", runtime={"region_masks_at_key_resolution": False,
+                                                            "ops_backend": "reference"})
+    assert opt.runtime == ReLARuntime(ops_backend="reference", region_masks_at_key_resolution=False)
+    assert all(m.backend == "reference" for m in opt.modules() if hasattr(m, "backend"))
+    assert not opt.sem_seg_head.predictor.region_masks_at_key_resolution
+    images = torch.randn(1, 3, 64, 64)
+    ids, mask = torch.randint(0, 8, (1, 6)), torch.ones(1, 6, dtype=torch.long)
+    with torch.no_grad():  # the same model, run another way
+        assert torch.allclose(opt.predict(images, ids, mask).mask, rela.predict(images, ids, mask).mask, atol=1e-5)
+    for runtime, error, message in (({"fused": True}, ValueError, "ReLA has no runtime option 'fused'"),
+                                    ({"ops_backend": "gpu"}, ValueError, "ops_backend must be one of"),
+                                    ({"region_masks_at_key_resolution": "maybe"}, ValueError,
+                                     "region_masks_at_key_resolution: expected bool"),
+                                    (["ops_backend"], TypeError, "runtime must be a mapping")):
+        with pytest.raises(error, match=message):
+            rexfast.optimize(rela, precision="fp32", runtime=runtime)

@@ -228,6 +228,29 @@ def test_open_image_follows_exif_orientation(tmp_path):
     assert opened.size == (20, 40) and opened.mode == "RGB"  # as a browser shows it: upright
 
 
+def test_open_image_refuses_an_upload_that_vanished_or_cannot_be_read(tmp_path, monkeypatch):
+    """The file is checked, then opened: what goes wrong in between (the upload removed, no
+    permission to read it) is a RequestError with its own message, not a raw OSError. (Tests may
+    run as root, where chmod 000 does not stop a read: the two cases are made directly.)"""
+    import rexfast.io
+    import rexfast.serve.checks as checks
+
+    gone = tmp_path / "gone.png"
+    monkeypatch.setattr(checks.os.path, "isfile", lambda path: True)  # it was there when checked
+    with pytest.raises(RequestError, match="the upload gone.png did not arrive as a file: upload it again"):
+        open_image(gone)
+    monkeypatch.undo()
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "locked.png")
+
+    def refuse(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(rexfast.io, "ClampedReader", refuse)
+    with pytest.raises(RequestError, match=r"the upload locked.png could not be read \(Permission denied\)"):
+        open_image(tmp_path / "locked.png")
+
+
 def test_sentence_checks_and_the_tokenizers_cut(served):
     tokenizer = served["segmenters"]["ReLA"].tokenizer
     cut = sentence_cut(tokenizer, "the red circle", 20)

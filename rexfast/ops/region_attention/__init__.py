@@ -13,7 +13,8 @@ with the same files as every other op (``op.py``, ``reference.py``,
   arguments);
 * :mod:`.checks` — the q, k, v and scale checks both ops make;
 * :mod:`.triton_kernels` — the Triton kernels of both ops and their host
-  wrappers (imports triton; loaded by the registry on the first Triton call);
+  wrappers (imports triton; each op registers them through
+  :func:`rexfast.ops.common.lazy`, which imports the module on the first Triton call);
 * :mod:`.region_image_attention` (RIA: masked by region logits) and
   :mod:`.region_language_attention` (RLA: an optional key padding mask).
 
