@@ -259,21 +259,27 @@ IMAGE_ALLOWED = (ValueError,)
 
 
 def image_run(data: bytes, folder: Path) -> None:
-    """``load_image`` (the CLI's and the Python API's reader), then the web page's check of an
-    upload (``rexfast.serve.checks.open_image``: its RequestError is a ValueError).
+    """``load_image`` (the datasets' reader: pixels as stored, in full), predict's reader of a
+    user's image (``decode_image`` with a ``min_side``, so a JPEG of 32 px or more takes the
+    reduced-scale draft path, and ``exif_transpose=True``: the EXIF orientation parsed and
+    applied, the draft box turned with it), then the web page's check of an upload
+    (``rexfast.serve.checks.open_image``: its RequestError is a ValueError).
 
-    Both readers always run, each in its own ``try``, and the first exception that is not
+    The readers always run, each in its own ``try``, and the first exception that is not
     allowed is the one raised: the two limits differ (a header of 50-179 MP passes
     ``load_image``'s and is decoded there, while ``open_image`` refuses it at 50 MP), so if one
     reader's allowed refusal replaced the other's forbidden exception (as in
     ``try: ... finally: ...``) the finding would be recorded as a documented refusal."""
-    from rexfast.io import load_image
+    from rexfast.io import decode_image, load_image
     from rexfast.serve.checks import open_image
+
+    def predict_reader(path):
+        return decode_image(path, min_side=16, exif_transpose=True).image
 
     path = folder / "image"
     path.write_bytes(data)
     errors = []
-    for read in (load_image, open_image):
+    for read in (load_image, predict_reader, open_image):
         try:
             read(path).tobytes()
         except Exception as exc:  # noqa: BLE001 - sorted below: forbidden ones first
