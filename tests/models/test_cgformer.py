@@ -568,3 +568,10 @@ def test_forward_takes_every_argument_positionally():
     images, ids, mask, _ = make_batch()
     with torch.no_grad():
         assert torch.equal(model(images, ids, mask, None, None), model(images, ids, mask))
+
+
+@pytest.mark.parametrize("swin", [0, 1.5, [], None, True])
+def test_a_swin_field_of_the_wrong_kind_is_a_type_error(swin):
+    # it used to fail later, on `self.swin.depths`, with an AttributeError
+    with pytest.raises(TypeError, match="swin"):
+        CGFormerConfig.from_dict({**CGFormerConfig.tiny().to_dict(), "swin": swin})

@@ -385,3 +385,13 @@ def test_backbone_configs_check_their_scalar_fields():
     for preset in ReLAConfig.PRESETS:
         config = ReLAConfig.preset(preset)
         assert ReLAConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize("field", ["conv_dim", "mask_dim", "enc_heads", "enc_points", "enc_ffn", "hidden_dim",
+                                   "nheads", "dim_feedforward"])
+@pytest.mark.parametrize("value", [0, -8])
+def test_sizes_below_one_are_a_value_error_naming_them(field, value):
+    # enc_heads = 0 in a config.json reached `conv_dim % enc_heads`: ZeroDivisionError (fuzzing,
+    # tests/fuzz/corpus/model_folder/crash-rela-enc-heads-zero.bin)
+    with pytest.raises(ValueError, match=field):
+        ReLAConfig.from_dict({**ReLAConfig.tiny().to_dict(), field: value})

@@ -54,6 +54,9 @@ class CGFormerConfig(ConfigBase):
             base = swin.pop("name", None)
             self.swin = swin_config(base, **swin) if base else SwinConfig(**{
                 k: tuple(v) if isinstance(v, list) else v for k, v in swin.items()})
+        if not isinstance(self.swin, SwinConfig):
+            raise TypeError(f"CGFormerConfig.swin must be a preset name, a dict of SwinConfig fields or a SwinConfig, "
+                            f"got {type(self.swin).__name__}")
         self.hitmap_loss_weights = tuple(self.hitmap_loss_weights)
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")

@@ -89,6 +89,10 @@ class ReLAConfig(ConfigBase):
             self.resnet = ResNetConfig()
         if self.backbone == "resnet":
             self.swin = None
+        for name in ("conv_dim", "mask_dim", "enc_heads", "enc_points", "enc_ffn", "hidden_dim", "nheads",
+                     "dim_feedforward"):
+            if getattr(self, name) < 1:  # before any divisibility test below divides by one of them
+                raise ValueError(f"ReLAConfig.{name} must be >= 1, got {getattr(self, name)}")
         self.class_weights = tuple(float(w) for w in self.class_weights)
         if len(self.class_weights) != 2:
             raise ValueError(f"class_weights needs 2 values, got {self.class_weights}")
