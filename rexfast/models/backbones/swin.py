@@ -146,32 +146,34 @@ def window_token_index(h: int, w: int, window: int, shift: int, device=None) -> 
     The block zero-pads the (h, w) token map to (hp, wp), multiples of ``window``, rolls it by
     ``-shift`` on both axes and cuts it into windows (windows row-major, tokens row-major in each);
     afterwards it merges the windows, rolls back and crops. All of that moves data without
-    arithmetic, so it is ``index_select`` with two index vectors, computed in closed form:
+    arithmetic, so it is ``index_select`` with two index vectors, made by applying those same
+    moves to index grids:
 
-    - ``into`` (nW·window²,): window position p = wid·window² + k holds rolled padded cell
-      (R, C) = ((wid // (wp/window))·window + k // window, (wid mod (wp/window))·window + k mod window),
-      which is padded cell (i, j) = ((R + shift) mod hp, (C + shift) mod wp): token i·w + j where
-      i < h and j < w, else h·w (a zero row appended after the tokens: the padding);
-    - ``back`` (h·w,): token (i, j) sits at rolled cell ((i − shift) mod hp, (j − shift) mod wp),
-      whose window position the first formula gives.
+    - ``into`` (nW·window²,): the token numbers laid out as the (h, w) map, padded, rolled and
+      cut into windows: the token each window position reads. Where the map needs padding the
+      block puts one row of zeros *before* its tokens, so tokens are numbered 1 … h·w and the
+      padding reads row 0 (a constant pad value: h·w would specialise a symbolic size);
+      otherwise 0 … h·w−1;
+    - ``back`` (h·w,): the window positions 0 … nW·window²−1 merged into the padded map, rolled
+      back and cropped: the window position each token is read back from.
 
     One copy each way instead of the pad, the roll (a ``cat`` per axis), the window reshape and,
-    after attention, their inverses: bit-identical values. Integer tensor ops only, so it traces
-    with symbolic h, w like :func:`shifted_window_mask`."""
+    after attention, their inverses: bit-identical values. Only pad, roll, reshape and slice (no
+    integer division, whose ONNX form compares booleans, which TensorRT does not take), so it
+    traces with symbolic h, w like :func:`shifted_window_mask`."""
     hp, wp = -(-h // window) * window, -(-w // window) * window
-    across = wp // window  # windows per row
-    area = window * window
-
-    def position(r: Tensor, c: Tensor) -> Tensor:
-        return ((r // window) * across + c // window) * area + (r % window) * window + c % window
-
-    p = torch.arange(hp * wp, device=device)
-    wid, k = p // area, p % area
-    i = ((wid // across) * window + k // window + shift) % hp
-    j = ((wid % across) * window + k % window + shift) % wp
-    into = torch.where((i < h) & (j < w), i * w + j, torch.full_like(i, h * w))
-    t = torch.arange(h * w, device=device)
-    back = position((t // w - shift) % hp, (t % w - shift) % wp)
+    padded = hp != h or wp != w
+    grid = torch.arange(int(padded), h * w + int(padded), device=device).view(h, w)
+    if padded:
+        grid = F.pad(grid, (0, wp - w, 0, hp - h), value=0)
+    if shift:
+        grid = torch.roll(grid, shifts=(-shift, -shift), dims=(0, 1))
+    into = grid.view(hp // window, window, wp // window, window).permute(0, 2, 1, 3).reshape(-1)
+    positions = torch.arange(hp * wp, device=device).view(hp // window, wp // window, window, window)
+    merged = positions.permute(0, 2, 1, 3).reshape(hp, wp)
+    if shift:
+        merged = torch.roll(merged, shifts=(shift, shift), dims=(0, 1))
+    back = merged[:h, :w].reshape(-1)
     return into, back
 
 
@@ -197,8 +199,8 @@ class SwinTransformerBlock(nn.Module):
         into, back = index
         shortcut = x
         x = self.norm1(x)
-        if (-h) % ws or (-w) % ws:  # the padding: one zero token that the padded cells gather
-            x = torch.cat([x, x.new_zeros(b, 1, c)], dim=1)
+        if (-h) % ws or (-w) % ws:  # the padding: one zero token, row 0, that the padded cells gather
+            x = torch.cat([x.new_zeros(b, 1, c), x], dim=1)
         windows = x.index_select(1, into).view(-1, ws * ws, c)
         windows = self.attn(windows, shift_mask if self.shift_size else None)
         x = windows.view(b, -1, c).index_select(1, back)
