@@ -16,9 +16,16 @@ from rexfast.models.backbones.swin import (
     shifted_window_mask,
     swin_config,
     window_partition,
-    window_reverse,
     window_token_index,
 )
+
+
+def window_reverse(windows, w, h, wd):
+    """The released inverse of window_partition (the blocks now gather back with window_token_index)."""
+    c = windows.shape[-1]
+    b = windows.shape[0] // ((h // w) * (wd // w))
+    x = windows.view(b, h // w, wd // w, w, w, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h, wd, c)
 
 
 def test_window_partition_round_trip():

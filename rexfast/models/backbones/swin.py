@@ -133,13 +133,6 @@ def window_partition(x: Tensor, w: int) -> Tensor:
     return x.reshape(-1, w * w, c)
 
 
-def window_reverse(windows: Tensor, w: int, h: int, wd: int) -> Tensor:
-    c = windows.shape[-1]
-    b = windows.shape[0] // ((h // w) * (wd // w))
-    x = windows.view(b, h // w, wd // w, w, w, c).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, h, wd, c)
-
-
 def window_token_index(h: int, w: int, window: int, shift: int, device=None) -> tuple[Tensor, Tensor]:
     """The released block's way into windows and back, as one gather each.
 
