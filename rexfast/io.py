@@ -574,8 +574,10 @@ DEFAULT_MAX_IMAGE_PIXELS = 178_956_970  # where PIL's decompression-bomb check r
 def max_image_pixels() -> int:
     """The most pixels an image (or a mask of one) may have: ``REXFAST_MAX_IMAGE_PIXELS``,
     default 178,956,970, where PIL refuses an image as a decompression bomb (an RGB image
-    of that size is 512 MB decoded). PIL's own refusal still applies above it. A value that
-    is not a whole number >= 1 is a ValueError naming the variable."""
+    of that size is 512 MiB as an 8-bit array, 683 MiB in PIL, which keeps RGB at 4 bytes a
+    pixel; a reader holds 2 to 4 such images at its peak, see :func:`decode_image`). PIL's
+    own refusal still applies above it. A value that is not a whole number >= 1 is a
+    ValueError naming the variable."""
     raw = os.environ.get("REXFAST_MAX_IMAGE_PIXELS")
     if raw is None or raw.strip() == "":
         return DEFAULT_MAX_IMAGE_PIXELS
@@ -688,10 +690,14 @@ def decode_image(path: PathLike, *, min_side: Optional[int] = None, exif_transpo
     The pixel limit (:func:`max_image_pixels`) applies to the size in the header, before
     anything is decoded, and no read asks for more bytes than the file has
     (:class:`ClampedReader`). FileNotFoundError / ValueError naming the path; TypeError for
-    a ``min_side`` that is not an int or ``exif_transpose`` that is not a bool."""
-    import warnings
+    a ``min_side`` that is not an int or ``exif_transpose`` that is not a bool.
 
-    from PIL import JpegImagePlugin
+    Memory: the file's image is freed before the RGB one is turned, so the peak is the
+    stored pixels and their RGB conversion: 2x the returned image in PIL's RGB (4 bytes a
+    pixel), 2.25x for float pixels, 4x for WebP, whose decoder keeps its canvas and the
+    frame as bytes beside PIL's pixels (2.7 GiB at the default pixel limit); measured in
+    tests/engine/test_io_hostile.py."""
+    import warnings
 
     if min_side is not None:
         if isinstance(min_side, bool) or not isinstance(min_side, int):
@@ -709,34 +715,58 @@ def decode_image(path: PathLike, *, min_side: Optional[int] = None, exif_transpo
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # PIL's notice at half its limit
-            with ClampedReader(path) as f, Image.open(f) as im:
-                width, height = im.size
-                if width * height > limit:
-                    raise ValueError(f"image {path} is {width}x{height} pixels, more than {limit} "
-                                     "(REXFAST_MAX_IMAGE_PIXELS)")
-                box = None
-                if (min_side is not None and isinstance(im, JpegImagePlugin.JpegImageFile)
-                        and min(width, height) >= 2 * min_side):
-                    # draft picks the largest scale s in (8, 4, 2) with s <= min(width, height) // min_side;
-                    # None where it cannot scale (a JPEG of several tiles)
-                    drafted = im.draft("RGB", (min_side, min_side))
-                    if drafted is not None and im.size != (width, height):
-                        box = tuple(drafted[1])
-                im.load()
-                image = im.convert("RGB")
-                method = _ORIENTATION_TRANSPOSE.get(im.getexif().get(_EXIF_ORIENTATION)) if exif_transpose else None
-                if method is not None:
-                    if box is not None:
-                        box = _transpose_box(box, image.size, method)
-                    image = image.transpose(method)
-                    if method in (Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_270, Image.Transpose.TRANSPOSE,
-                                  Image.Transpose.TRANSVERSE):
-                        width, height = height, width
-                return DecodedImage(image, (width, height), box)
+            with ClampedReader(path) as f:
+                image, (width, height), box, method = _decode_rgb(f, path, limit, min_side, exif_transpose)
     except Image.DecompressionBombError as e:  # PIL's own check, at the open
         raise ValueError(f"image {path} is too large to decode: {e}") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from None
+    # the file's image (its pixels in the stored mode, and a decoder's own buffer: WebP keeps
+    # the whole decoded frame) is gone by here, so the turn holds two RGB copies at most
+    if method is not None:
+        if box is not None:
+            box = _transpose_box(box, image.size, method)
+        image = image.transpose(method)
+        if method in _QUARTER_TURNS:
+            width, height = height, width
+    return DecodedImage(image, (width, height), box)
+
+
+_QUARTER_TURNS = (Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_270, Image.Transpose.TRANSPOSE,
+                  Image.Transpose.TRANSVERSE)
+
+
+def orientation_transpose(image: Image.Image) -> Optional[Image.Transpose]:
+    """The transpose that shows ``image`` as its EXIF orientation tag (0x0112) says, as viewers
+    and browsers show it; None for no tag, orientation 1 or a value outside the EXIF table."""
+    return _ORIENTATION_TRANSPOSE.get(image.getexif().get(_EXIF_ORIENTATION))
+
+
+def _decode_rgb(f, path: Path, limit: int, min_side: Optional[int], exif_transpose: bool):
+    """(RGB image, the file's (width, height), draft box or None, orientation transpose or None)
+    of the open file ``f``. Its own function so that the file's image object dies on return:
+    the decoded pixels in the stored mode, and a decoder's buffer beside them, are then freed
+    before the caller turns the RGB copy (a 179 MP image is 716 MB in PIL's RGB, so every
+    copy alive at once counts)."""
+    from PIL import JpegImagePlugin
+
+    with Image.open(f) as im:
+        width, height = im.size
+        if width * height > limit:
+            raise ValueError(f"image {path} is {width}x{height} pixels, more than {limit} "
+                             "(REXFAST_MAX_IMAGE_PIXELS)")
+        box = None
+        if min_side is not None and isinstance(im, JpegImagePlugin.JpegImageFile) and min(width, height) >= 2 * min_side:
+            # draft picks the largest scale s in (8, 4, 2) with s <= min(width, height) // min_side;
+            # None where it cannot scale (a JPEG of several tiles)
+            drafted = im.draft("RGB", (min_side, min_side))
+            if drafted is not None and im.size != (width, height):
+                box = tuple(drafted[1])
+        im.load()
+        method = orientation_transpose(im) if exif_transpose else None
+        image = im.convert("RGB")
+        im.close()  # the stored-mode pixels go now, not when the with block ends
+        return image, (width, height), box, method
 
 
 def load_image(path: PathLike, *, exif_transpose: bool = False) -> Image.Image:
@@ -752,4 +782,5 @@ def load_image(path: PathLike, *, exif_transpose: bool = False) -> Image.Image:
 
 __all__ = ["UnsafeFileError", "ClampedReader", "safe_torch_load", "atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_write_png",
            "check_output_dir", "check_output_file", "load_image", "decode_image", "DecodedImage", "DRAFT_MARGIN", "max_image_pixels", "check_pickle", "pickle_opcodes",
-           "check_torch_file", "RefusedOpcode", "HASHABLE_SCALARS", "DEFAULT_MAX_IMAGE_PIXELS"]
+           "check_torch_file", "RefusedOpcode", "HASHABLE_SCALARS", "DEFAULT_MAX_IMAGE_PIXELS",
+           "orientation_transpose"]

@@ -37,8 +37,6 @@ def open_image(path, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: Optional[str
     are decoded; :class:`RequestError` for an upload that is missing or cannot be read, a file
     that is not an image, an image over the limit (PIL's DecompressionBombError included), or
     one that cannot be decoded."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
     from ..io import ClampedReader
 
     shown = name or os.path.basename(os.fspath(path))
@@ -56,29 +54,44 @@ def open_image(path, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: Optional[str
     with upload:
         if os.fstat(upload.fileno()).st_size == 0:
             raise RequestError(f"{shown} is empty (0 bytes): upload a PNG, JPEG, WebP, BMP or GIF image")
+        rgb, method = _decode_upload(upload, shown, max_pixels)
+    # the upload's own image object (its stored-mode pixels, a decoder's buffer) is gone by
+    # here, so turning the RGB copy holds two images of its size at most
+    return rgb if method is None else rgb.transpose(method)
+
+
+def _decode_upload(upload, shown: str, max_pixels: int):
+    """(RGB image, EXIF orientation transpose or None) of the open upload, checked; a
+    function of its own so that the decoded file's image dies when it returns."""
+    from PIL import Image, UnidentifiedImageError
+
+    from ..io import orientation_transpose
+
+    try:
+        image = Image.open(upload)  # reads the header only
+    except Image.DecompressionBombError as exc:
+        raise RequestError(f"{shown} is refused: it would decode to more pixels than PIL allows ({exc})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        raise RequestError(f"{shown} is not an image this page can read: upload a PNG, JPEG, WebP, BMP or GIF "
+                           "image") from None
+    with image:
+        width, height = image.size
+        if width < 1 or height < 1:
+            raise RequestError(f"{shown} has no pixels ({width}×{height})")
+        if width * height > max_pixels:
+            raise RequestError(
+                f"{shown} is {width}×{height} = {_megapixels(width * height)}; this server takes images of at "
+                f"most {_megapixels(max_pixels)} (a decompression-bomb guard): scale it down and upload it again")
         try:
-            image = Image.open(upload)  # reads the header only
+            image.load()
+            method = orientation_transpose(image)
+            rgb = image.convert("RGB")
         except Image.DecompressionBombError as exc:
-            raise RequestError(f"{shown} is refused: it would decode to more pixels than PIL allows ({exc})") from None
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-            raise RequestError(f"{shown} is not an image this page can read: upload a PNG, JPEG, WebP, BMP or GIF "
-                               "image") from None
-        with image:
-            width, height = image.size
-            if width < 1 or height < 1:
-                raise RequestError(f"{shown} has no pixels ({width}×{height})")
-            if width * height > max_pixels:
-                raise RequestError(
-                    f"{shown} is {width}×{height} = {_megapixels(width * height)}; this server takes images of at "
-                    f"most {_megapixels(max_pixels)} (a decompression-bomb guard): scale it down and upload it again")
-            try:
-                image.load()
-                oriented = ImageOps.exif_transpose(image)
-                return oriented.convert("RGB")
-            except Image.DecompressionBombError as exc:
-                raise RequestError(f"{shown} is refused: {exc}") from None
-            except (OSError, SyntaxError, ValueError) as exc:
-                raise RequestError(f"{shown} could not be decoded ({exc}): it may be truncated or damaged") from None
+            raise RequestError(f"{shown} is refused: {exc}") from None
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise RequestError(f"{shown} could not be decoded ({exc}): it may be truncated or damaged") from None
+        image.close()  # the stored-mode pixels go now
+        return rgb, method
 
 
 def check_image_size(image, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:

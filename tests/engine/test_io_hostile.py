@@ -159,3 +159,67 @@ def test_a_chunk_claiming_4gb_is_not_allocated(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
     assert len(lines) == 2 and all(line.startswith(("decoded (3, 4)", "refused")) for line in lines), proc.stdout
+
+
+# ----------------------------------------------------------------------------- decoding memory
+def _reset_peak() -> int:
+    """Reset this process's peak resident memory (VmHWM) and return the resident memory now, kB."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pytest.skip("the peak resident memory cannot be reset here (Linux /proc/self/clear_refs)")
+    return _status_kb("VmRSS")
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _orientation_6() -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned a quarter: every reader that follows EXIF makes one more image
+    return exif.tobytes()
+
+
+# (mode, file suffix, save options): the stored modes that cost the most to convert, and WebP,
+# whose decoder keeps its own canvas and the decoded frame beside PIL's pixels
+_MEMORY_CASES = [("RGB", ".png", {}), ("RGBA", ".png", {}), ("P", ".png", {}), ("I;16", ".png", {}),
+                 ("CMYK", ".jpg", {}), ("F", ".tif", {"compression": "tiff_deflate"}), ("RGB", ".webp", {"lossless": True})]
+
+
+@pytest.mark.parametrize("mode, suffix, save", _MEMORY_CASES, ids=[f"{m}{s}" for m, s, _ in _MEMORY_CASES])
+def test_decoding_holds_few_copies_of_the_image(tmp_path, mode, suffix, save):
+    """What each reader of a user's image needs at its peak, in RGB images of the result's size
+    (PIL keeps RGB at 4 bytes a pixel): the stored pixels and their RGB conversion (2x; 2.25x
+    for float pixels, which convert through 8-bit gray; more for WebP, whose decoder holds the
+    frame twice beside PIL's pixels: 3x, and 4x while converting), never a third copy for the
+    EXIF turn: the file's image is freed before the RGB one is turned. At the default pixel
+    limit one RGB image is 716 MB; before this, a turned photo took 3x in predict and the web
+    page (3.0 measured for RGB PNG), a turned WebP 5x (3.6 GB), which is what broke the fuzz
+    run's memory limit in CI."""
+    from rexfast.io import decode_image
+    from rexfast.serve.checks import open_image
+
+    width, height = 4000, 3000  # 48 MB as PIL's RGB: large beside the allocator's noise
+    path = tmp_path / f"image{suffix}"
+    Image.new(mode, (width, height)).save(path, exif=_orientation_6(), **save)
+    readers = {
+        "load_image (datasets: stored orientation)": lambda: load_image(path),
+        # (a min_side that keeps a JPEG whole: a reduced decode is another test's subject)
+        "decode_image (predict: EXIF turn)": lambda: decode_image(path, min_side=height, exif_transpose=True).image,
+        "open_image (web page: EXIF turn)": lambda: open_image(path),
+    }
+    allowed = 4.1 if suffix == ".webp" else 2.4
+    rgb_kb = 4 * width * height / 1024
+    for name, read in readers.items():
+        resident = _reset_peak()
+        image = read()
+        peak = (_status_kb("VmHWM") - resident) / rgb_kb
+        # PIL's libtiff path applies a TIFF's orientation tag itself as it loads, for every reader
+        turned = name != "load_image (datasets: stored orientation)" or suffix == ".tif"
+        assert image.mode == "RGB" and image.size == ((height, width) if turned else (width, height)), name
+        del image
+        assert peak <= allowed, f"{name} held {peak:.2f} RGB images at its peak ({mode}{suffix}), at most {allowed}"

@@ -6,9 +6,14 @@ to the contract of issue 39:
 
 - only the documented exception types escape (:attr:`Target.allowed`), each with a message;
 - no hang: each input within :data:`INPUT_SECONDS` (libFuzzer's ``-timeout`` when fuzzing);
-- memory stays bounded: the fuzzing process runs with an address-space cap and libFuzzer's
-  ``-rss_limit_mb``, and an error that says an allocation failed is a finding too (the file
-  was not refused before the allocation);
+- memory stays bounded: each input may raise the process's peak resident memory by at most
+  its target's :attr:`Target.peak_mb` (measured per input: the kernel's high-water mark is
+  reset before it, ``/proc/self/clear_refs``), so the finding is the input that made the
+  peak. libFuzzer's ``-rss_limit_mb`` cannot say that: it compares the process's lifetime
+  peak with the limit once a second and blames whatever input runs then (CI saved a
+  harmless 150-byte BMP that way, long after a large image had made the peak). The
+  fuzzing process also runs under an address-space cap, and an error that says an
+  allocation failed is a finding too (the file was not refused before the allocation);
 - nothing is written outside the target's folder: an audit hook sees every ``open`` for
   writing, rename, remove, mkdir, … made from Python while an input runs;
 - no code runs: the seeds carry pickles whose ``__reduce__`` calls ``builtins.exec`` (which
@@ -41,8 +46,18 @@ REPO = HERE.parents[1]
 CORPUS = HERE / "corpus"
 CANARY = "REXFAST_FUZZ_CANARY"
 INPUT_SECONDS = 10.0
-ADDRESS_SPACE_HEADROOM = 3 << 30  # bytes above what the process holds once the readers are imported
-RSS_LIMIT_MB = 3072
+# What one input may add to the process's peak resident memory. A reader of a stranger's
+# file holds what the file's own header justifies and no more; for most targets that is little.
+PEAK_MB = 1024
+# The image readers decode up to the pixel limit, 178,956,970 pixels (rexfast.io.max_image_pixels):
+# the RGB image is 4 bytes a pixel in PIL, and the most any format needs at once is 4 such
+# images: WebP's decoder canvas, the decoded frame as bytes, PIL's pixels and the RGB copy
+# (tests/test_io.py::test_decoding_holds_few_copies_of_the_image measures each format).
+IMAGE_PEAK_MB = (16 * 178_956_970 >> 20) + 256
+ADDRESS_SPACE_HEADROOM = 4 << 30  # bytes above what the process holds once the readers are imported
+# libFuzzer's own limit only as the backstop for memory that grows over many inputs: above
+# the resident memory after the imports (about 260 MB) plus the largest per-input peak
+RSS_LIMIT_MB = 4096
 # what an error message says when the reader tried an allocation the file did not justify
 _ALLOCATION_FAILURES = ("can't allocate memory", "cannot allocate memory", "MemoryError", "out of memory",
                         "std::bad_alloc")
@@ -59,6 +74,7 @@ class Target:
     allowed: tuple  # exception types the reader documents
     instrument: tuple  # module prefixes atheris instruments for coverage
     setup: Callable[[Path], None] = lambda folder: None  # fixed files the reader needs beside the input
+    peak_mb: int = PEAK_MB  # what one input may add to the process's peak resident memory
 
 
 # ----------------------------------------------------------------------------- write and exec guards
@@ -110,11 +126,34 @@ def install_guards(folder: Path) -> None:
         _hook_installed = True
 
 
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def _status_kb(field: str) -> int:
+    for line in _STATUS.read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def reset_peak_memory() -> int | None:
+    """Reset the kernel's peak resident memory of this process (VmHWM) to what it holds now
+    and return that, in kB; None where it cannot be measured (not Linux, or no write to
+    ``/proc/self/clear_refs``): the per-input check is skipped there."""
+    try:
+        _CLEAR_REFS.write_text("5")
+        return _status_kb("VmRSS")
+    except (OSError, KeyError, ValueError):
+        return None
+
+
 def check_one(target: Target, data: bytes, folder: Path) -> str:
     """Run one input under the contract; a ContractViolation says how it broke it.
     Returns "ok" or the name of the documented exception the reader raised."""
     _state["violations"] = []
     outcome = "ok"
+    resident_kb = reset_peak_memory()
     t0 = time.perf_counter()
     _state["active"] = True
     try:
@@ -139,6 +178,11 @@ def check_one(target: Target, data: bytes, folder: Path) -> str:
         raise ContractViolation("a hostile payload ran a shell command (os.system created PWNED)")
     if elapsed > INPUT_SECONDS:
         raise ContractViolation(f"one input took {elapsed:.1f} s, more than {INPUT_SECONDS} s")
+    if resident_kb is not None:
+        peak_mb = (_status_kb("VmHWM") - resident_kb) / 1024
+        if peak_mb > target.peak_mb:
+            raise ContractViolation(f"one input raised the peak resident memory by {peak_mb:.0f} MB, more than "
+                                    f"the {target.peak_mb} MB the {target.name} target allows")
     return outcome
 
 
@@ -281,7 +325,7 @@ def image_run(data: bytes, folder: Path) -> None:
     errors = []
     for read in (load_image, predict_reader, open_image):
         try:
-            read(path).tobytes()
+            read(path).getextrema()  # every pixel, read without a copy (the readers' peak is what counts)
         except Exception as exc:  # noqa: BLE001 - sorted below: forbidden ones first
             errors.append(exc)
     forbidden = [exc for exc in errors if not isinstance(exc, IMAGE_ALLOWED)]
@@ -354,7 +398,8 @@ TARGETS = {
                             "rexfast.models.cgformer.config", "rexfast.models.rela.config", "safetensors", "json")),
     "annotations": Target("annotations", annotations_run, (ValueError,),
                           ("rexfast.data.refer", "rexfast.data.masks", "json", "pycocotools"), annotations_setup),
-    "image": Target("image", image_run, IMAGE_ALLOWED, ("rexfast.io", "rexfast.serve.checks", "PIL")),
+    "image": Target("image", image_run, IMAGE_ALLOWED, ("rexfast.io", "rexfast.serve.checks", "PIL"),
+                    peak_mb=IMAGE_PEAK_MB),
     "pairs": Target("pairs", pairs_run, (ValueError,), ("rexfast.data.pairs", "json", "csv"), pairs_setup),
 }
 

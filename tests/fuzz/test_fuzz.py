@@ -10,8 +10,9 @@ what fuzz_seeds.py writes.
 
 ``-m fuzz``: each target in a child process under glibc's ``MALLOC_CHECK_=3`` (with
 libc_malloc_debug preloaded, which glibc >= 2.34 needs for it), so heap corruption aborts
-at the input that caused it. libFuzzer's ``-timeout`` and ``-rss_limit_mb`` bound each
-input; a crash's input is written into ``corpus/<target>/`` as a new corpus file (commit it
+at the input that caused it. libFuzzer's ``-timeout`` bounds each input's time, the
+harness each input's memory (``Target.peak_mb``; ``-rss_limit_mb`` stays as a backstop for
+memory that grows over many inputs); a crash's input is written into ``corpus/<target>/`` as a new corpus file (commit it
 and fix the reader: it then runs in the default suite). Inputs that only add coverage go
 to a working corpus under ``tests/fuzz/.work/`` (not committed), and each run's figures
 (inputs executed, coverage, corpus size) to ``tests/fuzz/.work/<target>.json``.
@@ -93,6 +94,27 @@ def test_image_target_does_not_mask_a_forbidden_exception(folders, monkeypatch, 
         getattr(module[refusing], refusing)(folder / "image")
     with pytest.raises(RuntimeError, match="a reader's bug"):  # ... and does not hide the crash
         check_one(TARGETS["image"], data, folder)
+
+
+def test_an_input_over_its_memory_budget_is_the_finding(folders, monkeypatch):
+    """The peak is measured per input, so the input that made it is the one saved; an
+    input within its target's budget passes, and so does the next one after a large one."""
+    if fuzz_harness.reset_peak_memory() is None:
+        pytest.skip("the peak resident memory cannot be reset here (Linux /proc/self/clear_refs)")
+    folder = folders["image"]
+    monkeypatch.chdir(folder)
+    fuzz_harness.install_guards(folder)
+
+    def allocate(data, folder):
+        block = bytearray(int(data) << 20)
+        block[::4096] = b"x" * len(block[::4096])  # resident, not just reserved
+
+    target = fuzz_harness.Target("alloc", allocate, (ValueError,), (), peak_mb=64)
+    assert check_one(target, b"16", folder) == "ok"
+    with pytest.raises(fuzz_harness.ContractViolation, match=r"raised the peak resident memory by \d+ MB, more "
+                                                              r"than the 64 MB the alloc target allows"):
+        check_one(target, b"200", folder)
+    assert check_one(target, b"16", folder) == "ok"
 
 
 def test_model_folder_target_reads_config_json_as_the_loader_does(folders, monkeypatch):
