@@ -187,6 +187,8 @@ def _row(k: int, line: int, fields: dict, base: Path) -> dict:
     if "image" not in missing:
         if not isinstance(image, str) or not image.strip():
             errors.append(f"image must be a non-empty path string, got {json.dumps(image)}")
+        elif "\x00" in image:  # no file has one in its name (and "~user\x00" made expanduser raise)
+            errors.append(f"image path contains a NUL character: {json.dumps(image)[:200]}")
         else:
             path = Path(os.path.expanduser(image))
             row["image"] = path if path.is_absolute() else base / path

@@ -122,6 +122,20 @@ def test_rows_that_escaped_read_pairs_are_bad_rows(images, tmp_path):
     assert [p.where for p in bad] == ["line 3"] and bad[0].error.endswith(": File name too long")
 
 
+def test_an_image_path_with_a_nul_character_is_a_bad_row(images, tmp_path):
+    """tests/fuzz/corpus/pairs/crash-tilde-path-with-nul.csv: a CSV image name "~a.pn" followed by NUL bytes
+    escaped read_pairs as "ValueError: embedded null byte" (os.path.expanduser looked the user
+    up), even with skip_bad; any NUL in a path is now the row's own error."""
+    (tmp_path / "p.csv").write_bytes(b"image,text\nimgs/a.jpg,fine\n~a.pn\x00\x00,x\nimgs/a\x00.jpg,y\n")
+    pairs = read_pairs(tmp_path / "p.csv", skip_bad=True)
+    assert [p.error is None for p in pairs] == [True, False, False]
+    assert pairs.bad[0].error == 'image path contains a NUL character: "~a.pn\\u0000\\u0000"'
+    with pytest.raises(ValueError, match=r"2 of the 3 rows are bad; the first, line 3: image path contains a NUL"):
+        read_pairs(tmp_path / "p.csv")
+    _jsonl(tmp_path / "p.jsonl", [{"image": "~\u0000", "text": "x"}])
+    assert read_pairs(tmp_path / "p.jsonl", skip_bad=True).bad[0].error.startswith("image path contains a NUL")
+
+
 def test_file_level_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="pairs file not found"):
         read_pairs(tmp_path / "nope.jsonl")
