@@ -685,7 +685,9 @@ def decode_image(path: PathLike, *, min_side: Optional[int] = None, exif_transpo
     browsers and the web page (``rexfast serve``) show it: a phone photo stored 4000x3000 and
     tagged "rotate 90° clockwise" comes back 3000x4000, and so does ``original_size``. The
     default reads the pixels as stored: dataset annotations (COCO, RefCOCO, gRefCOCO) are
-    in the stored orientation, and the authors' pipelines do not turn their images.
+    in the stored orientation, and the authors' pipelines do not turn their images. One
+    exception is PIL's, not ours: a TIFF's orientation tag is applied by PIL's TIFF reader
+    itself (its header size is already the turned one), whatever ``exif_transpose`` says.
 
     The pixel limit (:func:`max_image_pixels`) applies to the size in the header, before
     anything is decoded, and no read asks for more bytes than the file has
