@@ -91,3 +91,27 @@ def test_convert_refuses_runtime_options(tiny_cgformer_run, tmp_path, capsys, op
     name = option.split("=")[0]
     assert len(lines) == 1 and lines[0].startswith(f"rexfast: error: --set {name}: ") and "runtime option" in lines[0]
     assert "not part of a saved model" in lines[0] and not out.exists()
+
+
+@pytest.mark.parametrize("command", ["predict", "export"])
+@pytest.mark.parametrize("source", ["best", "folder"])
+@pytest.mark.parametrize("option, message", [
+    ("model.ops_backend=bogus", "ops_backend must be one of reference, cpu, cuda, triton or None"),
+    ("model.eval_noise=maybe", "config model.eval_noise: expected bool, got 'maybe'"),
+])
+def test_a_bad_set_value_is_the_users_error_not_the_checkpoints(tiny_cgformer_run, tmp_path, capsys, command, source,
+                                                               option, message):
+    """A bad ``--set`` value on a training checkpoint was reported as "best.pt: malformed rexfast
+    checkpoint (...)", blaming a sound file; it reads as it does for a model folder, one line,
+    exit 2, nothing written."""
+    run = tiny_cgformer_run
+    out = tmp_path / "out"
+    args = (["--out", str(out / "m.onnx")] if command == "export"
+            else ["--image", str(run["image"]), "--text", "the red circle", "--out-dir", str(out)])
+    if command == "export":
+        out.mkdir()
+    code = main([command, "--checkpoint", str(run[source]), *args, "--set", option])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("rexfast: error: ") and message in lines[0] and "malformed" not in lines[0], lines[0]
+    assert not out.exists() or not any(out.iterdir())
