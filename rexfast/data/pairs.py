@@ -190,9 +190,13 @@ def _row(k: int, line: int, fields: dict, base: Path) -> dict:
         elif "\x00" in image:  # no file has one in its name (and "~user\x00" made expanduser raise)
             errors.append(f"image path contains a NUL character: {json.dumps(image)[:200]}")
         else:
-            path = Path(os.path.expanduser(image))
-            row["image"] = path if path.is_absolute() else base / path
-            row["source_image"] = image
+            try:  # "~user/...": the user's name is looked up, and must encode for it (a lone surrogate cannot)
+                path = Path(os.path.expanduser(image))
+            except ValueError as exc:
+                errors.append(f"image path {json.dumps(image)[:200]} cannot be expanded ({exc})")
+            else:
+                row["image"] = path if path.is_absolute() else base / path
+                row["source_image"] = image
     if errors:
         row["error"] = "; ".join(errors)
     return row

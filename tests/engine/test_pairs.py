@@ -134,6 +134,10 @@ def test_an_image_path_with_a_nul_character_is_a_bad_row(images, tmp_path):
         read_pairs(tmp_path / "p.csv")
     _jsonl(tmp_path / "p.jsonl", [{"image": "~\u0000", "text": "x"}])
     assert read_pairs(tmp_path / "p.jsonl", skip_bad=True).bad[0].error.startswith("image path contains a NUL")
+    # a lone surrogate after "~" escaped the same way (UnicodeEncodeError from expanduser; found in review)
+    (tmp_path / "s.jsonl").write_text('{"image": "~\\ud800/a.png", "text": "x"}\n')
+    bad = read_pairs(tmp_path / "s.jsonl", skip_bad=True).bad
+    assert len(bad) == 1 and bad[0].error.startswith('image path "~\\ud800/a.png" cannot be expanded ('), bad[0].error
 
 
 def test_file_level_errors(tmp_path):
