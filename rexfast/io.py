@@ -575,7 +575,7 @@ def max_image_pixels() -> int:
     """The most pixels an image (or a mask of one) may have: ``REXFAST_MAX_IMAGE_PIXELS``,
     default 178,956,970, where PIL refuses an image as a decompression bomb (an RGB image
     of that size is 512 MiB as an 8-bit array, 683 MiB in PIL, which keeps RGB at 4 bytes a
-    pixel; a reader holds 2 to 4 such images at its peak, see :func:`decode_image`). PIL's
+    pixel; a reader holds at most 4 such images at its peak, see :func:`decode_image`). PIL's
     own refusal still applies above it. A value that is not a whole number >= 1 is a
     ValueError naming the variable."""
     raw = os.environ.get("REXFAST_MAX_IMAGE_PIXELS")
@@ -740,8 +740,14 @@ _QUARTER_TURNS = (Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_270, Image.T
 
 def orientation_transpose(image: Image.Image) -> Optional[Image.Transpose]:
     """The transpose that shows ``image`` as its EXIF orientation tag (0x0112) says, as viewers
-    and browsers show it; None for no tag, orientation 1 or a value outside the EXIF table."""
-    return _ORIENTATION_TRANSPOSE.get(image.getexif().get(_EXIF_ORIENTATION))
+    and browsers show it; None for no tag, orientation 1, a value outside the EXIF table, or
+    an EXIF block that cannot be parsed (browsers then show the stored pixels too: a damaged
+    block of metadata does not make the image unreadable)."""
+    try:
+        orientation = image.getexif().get(_EXIF_ORIENTATION)
+    except Exception:  # noqa: BLE001 - PIL's EXIF parser raises struct.error, SyntaxError, ValueError, ... on a damaged block
+        return None
+    return _ORIENTATION_TRANSPOSE.get(orientation)
 
 
 def _decode_rgb(f, path: Path, limit: int, min_side: Optional[int], exif_transpose: bool):

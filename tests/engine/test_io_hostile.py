@@ -212,7 +212,7 @@ def test_decoding_holds_few_copies_of_the_image(tmp_path, mode, suffix, save):
         "decode_image (predict: EXIF turn)": lambda: decode_image(path, min_side=height, exif_transpose=True).image,
         "open_image (web page: EXIF turn)": lambda: open_image(path),
     }
-    allowed = 4.1 if suffix == ".webp" else 2.4
+    allowed = 4.3 if suffix == ".webp" else 2.4  # WebP measured 4.00-4.05 (fresh process), 4.99 before
     rgb_kb = 4 * width * height / 1024
     for name, read in readers.items():
         resident = _reset_peak()
@@ -223,3 +223,21 @@ def test_decoding_holds_few_copies_of_the_image(tmp_path, mode, suffix, save):
         assert image.mode == "RGB" and image.size == ((height, width) if turned else (width, height)), name
         del image
         assert peak <= allowed, f"{name} held {peak:.2f} RGB images at its peak ({mode}{suffix}), at most {allowed}"
+
+
+@pytest.mark.parametrize("exif", [b"MM\x00*\x00", b"Exif\x00\x00MM\x00*\x00"])
+def test_a_damaged_exif_block_turns_nothing_and_refuses_nothing(tmp_path, exif):
+    """An EXIF block PIL cannot parse (here cut short after its TIFF header, without and with the
+    "Exif" prefix) escaped predict's and the web page's readers as struct.error, not
+    their documented ValueError (found in review). The pixels are read; the orientation is
+    unknown, so the image is shown as stored, as browsers do."""
+    import numpy as np
+
+    from rexfast.io import decode_image
+    from rexfast.serve.checks import open_image
+
+    stored = np.arange(36, dtype=np.uint8).reshape(3, 4, 3)
+    path = tmp_path / "damaged.png"
+    Image.fromarray(stored).save(path, exif=exif)
+    for image in (load_image(path), decode_image(path, exif_transpose=True).image, open_image(path)):
+        assert np.array_equal(np.asarray(image), stored)
