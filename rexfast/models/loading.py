@@ -242,12 +242,17 @@ def load_model_source(source, *, tokenizer=None, model_overrides: Optional[Mappi
             if not isinstance(run.get("model"), dict) or not isinstance(run["model"].get("name"), str):
                 raise CheckpointError(f"{path}: malformed rexfast checkpoint (its config names no model)")
             fields = {k: v for k, v in run["model"].items() if k not in ("name", "preset")}
-            try:  # the checkpoint's own config first: an error there is the file's ...
-                entry, config, options = stored_model_config(run["model"]["name"], fields)
-            except (TypeError, ValueError) as exc:
-                raise CheckpointError(f"{path}: malformed rexfast checkpoint ({exc})") from None
-            if overrides:  # ... and one here is the caller's (--set), raised as a folder's would be
+            try:
                 entry, config, options = stored_model_config(run["model"]["name"], fields, overrides)
+            except (TypeError, ValueError) as exc:
+                # the file's fault only when its own config fails without the overrides too; else the
+                # caller's (--set), raised as a model folder's is (an override may also mend a stored
+                # value, e.g. an ops_backend this version does not know)
+                try:
+                    stored_model_config(run["model"]["name"], fields)
+                except (TypeError, ValueError) as stored:
+                    raise CheckpointError(f"{path}: malformed rexfast checkpoint ({stored})") from None
+                raise exc from None
             model = entry.model_class(config, **options)
             try:
                 load_state_strict(model, obj["model"], path)

@@ -115,3 +115,20 @@ def test_a_bad_set_value_is_the_users_error_not_the_checkpoints(tiny_cgformer_ru
     assert code == 2 and len(lines) == 1, lines
     assert lines[0].startswith("rexfast: error: ") and message in lines[0] and "malformed" not in lines[0], lines[0]
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_set_still_mends_a_checkpoint_whose_stored_option_this_version_refuses(tiny_cgformer_run, tmp_path, capsys):
+    """A training checkpoint whose run config holds a runtime option this version refuses (an
+    ops_backend it does not know) is the file's fault without --set, and loads with a --set that
+    replaces the value (as a model folder does)."""
+    import torch
+
+    obj = torch.load(tiny_cgformer_run["best"], map_location="cpu", weights_only=True)
+    obj["config"]["model"]["ops_backend"] = "gone"
+    best = tmp_path / "best.pt"
+    torch.save(obj, best)
+    args = ["predict", "--checkpoint", str(best), "--image", str(tiny_cgformer_run["image"]), "--text", "the red circle"]
+    assert main([*args, "--out-dir", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err
+    assert f"{best}: malformed rexfast checkpoint (ops_backend must be one of" in err, err
+    assert main([*args, "--out-dir", str(tmp_path / "mended"), "--set", "model.ops_backend=reference"]) == 0
