@@ -52,7 +52,7 @@ PEAK_MB = 1024
 # The image readers decode up to the pixel limit, 178,956,970 pixels (rexfast.io.max_image_pixels):
 # the RGB image is 4 bytes a pixel in PIL, and the most any format needs at once is 4 such
 # images: WebP's decoder canvas, the decoded frame as bytes, PIL's pixels and the RGB copy
-# (tests/test_io.py::test_decoding_holds_few_copies_of_the_image measures each format).
+# (tests/engine/test_io_hostile.py::test_decoding_holds_few_copies_of_the_image measures each format).
 IMAGE_PEAK_MB = (16 * 178_956_970 >> 20) + 256
 ADDRESS_SPACE_HEADROOM = 4 << 30  # bytes above what the process holds once the readers are imported
 # libFuzzer's own limit only as the backstop for memory that grows over many inputs: above
@@ -139,10 +139,12 @@ def _status_kb(field: str) -> int:
 
 def reset_peak_memory() -> int | None:
     """Reset the kernel's peak resident memory of this process (VmHWM) to what it holds now
-    and return that, in kB; None where it cannot be measured (not Linux, or no write to
-    ``/proc/self/clear_refs``): the per-input check is skipped there."""
+    and return that, in kB; None where it cannot be measured (not Linux, no write to
+    ``/proc/self/clear_refs``, no VmRSS/VmHWM in ``/proc/self/status``): the per-input check
+    is skipped there, and only libFuzzer's ``-rss_limit_mb`` bounds memory."""
     try:
         _CLEAR_REFS.write_text("5")
+        _status_kb("VmHWM")
         return _status_kb("VmRSS")
     except (OSError, KeyError, ValueError):
         return None
