@@ -770,10 +770,15 @@ def _decode_rgb(f, path: Path, limit: int, min_side: Optional[int], exif_transpo
             drafted = im.draft("RGB", (min_side, min_side))
             if drafted is not None and im.size != (width, height):
                 box = tuple(drafted[1])
-        im.load()
-        method = orientation_transpose(im) if exif_transpose else None
-        image = im.convert("RGB")
-        im.close()  # the stored-mode pixels go now, not when the with block ends
+        try:
+            im.load()
+            method = orientation_transpose(im) if exif_transpose else None
+            image = im.convert("RGB")
+        finally:
+            # the stored-mode pixels go now, not when the with block ends, and on a failed decode
+            # too: PIL allocates them before it decodes, and the traceback of an exception a
+            # caller keeps (a list of bad files) would hold this frame and the pixels with it
+            im.close()
         return image, (width, height), box, method
 
 

@@ -90,7 +90,8 @@ def _decode_upload(upload, shown: str, max_pixels: int):
             raise RequestError(f"{shown} is refused: {exc}") from None
         except (OSError, SyntaxError, ValueError) as exc:
             raise RequestError(f"{shown} could not be decoded ({exc}): it may be truncated or damaged") from None
-        image.close()  # the stored-mode pixels go now
+        finally:
+            image.close()  # the stored-mode pixels go now, also when the decode failed (see io._decode_rgb)
         return rgb, method
 
 
