@@ -117,6 +117,32 @@ def test_an_input_over_its_memory_budget_is_the_finding(folders, monkeypatch):
     assert check_one(target, b"16", folder) == "ok"
 
 
+def test_an_input_leaves_no_memory_to_the_next(folders, monkeypatch):
+    """corpus/image/oom-tall-bmp-117mp.bmp: a 174-byte BMP of 7 x 16,776,965 pixels, which PIL
+    allocates and then finds truncated. The image target kept each input's exceptions in a
+    reference cycle (their tracebacks hold the frame that listed them), so every run of it
+    left 256 MB resident and 1.15 GB of address space until a full garbage collection: fuzzing
+    from seed 2, a later input's allocation failed under the address-space cap (MemoryError);
+    from seed 1 (CI's gate), the process died of SIGALRM 6 s in. Four runs now hold what one
+    does."""
+    status = Path("/proc/self/status")
+    if not status.is_file():
+        pytest.skip("needs /proc/self/status (Linux)")
+
+    def resident_mb() -> float:
+        return fuzz_harness._status_kb("VmRSS") / 1024
+
+    folder = folders["image"]
+    monkeypatch.chdir(folder)
+    fuzz_harness.install_guards(folder)
+    data = (CORPUS / "image" / "oom-tall-bmp-117mp.bmp").read_bytes()
+    after = []
+    for _ in range(4):
+        assert check_one(TARGETS["image"], data, folder) == "ValueError"
+        after.append(resident_mb())
+    assert max(after) - after[0] < 64, f"resident memory after each run: {[round(m) for m in after]} MB"
+
+
 def test_model_folder_target_reads_config_json_as_the_loader_does(folders, monkeypatch):
     """Old configs that still hold runtime options load (the options are split out, as
     load_model_source does), and a hostile option value reaches the options' own checks."""
