@@ -628,6 +628,9 @@ _ORIENTATION_TRANSPOSE = {
     5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
+# the transposes that swap width and height
+_QUARTER_TURNS = (Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_270, Image.Transpose.TRANSPOSE,
+                  Image.Transpose.TRANSVERSE)
 
 
 def _transpose_box(box: tuple, size: tuple, method) -> tuple:
@@ -733,9 +736,6 @@ def decode_image(path: PathLike, *, min_side: Optional[int] = None, exif_transpo
             width, height = height, width
     return DecodedImage(image, (width, height), box)
 
-
-_QUARTER_TURNS = (Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_270, Image.Transpose.TRANSPOSE,
-                  Image.Transpose.TRANSVERSE)
 
 
 def orientation_transpose(image: Image.Image) -> Optional[Image.Transpose]:

@@ -54,6 +54,8 @@ PEAK_MB = 1024
 # the RGB image is 4 bytes a pixel in PIL, and the most any format needs at once is 4 such
 # images: WebP's decoder canvas, the decoded frame as bytes, PIL's pixels and the RGB copy
 # (tests/engine/test_io_hostile.py::test_decoding_holds_few_copies_of_the_image measures each format).
+# (rexfast.io.DEFAULT_MAX_IMAGE_PIXELS written out: importing rexfast.io here, before fuzz_main's
+# instrument_imports, would leave it uninstrumented; test_fuzz.py checks the two agree)
 IMAGE_PEAK_MB = (16 * 178_956_970 >> 20) + 256
 ADDRESS_SPACE_HEADROOM = 4 << 30  # bytes above what the process holds once the readers are imported
 # libFuzzer's own limit only as the backstop for memory that grows over many inputs: above

@@ -143,6 +143,12 @@ def test_an_input_leaves_no_memory_to_the_next(folders, monkeypatch):
     assert max(after) - after[0] < 64, f"resident memory after each run: {[round(m) for m in after]} MB"
 
 
+def test_image_budget_follows_the_pixel_limit():
+    from rexfast.io import DEFAULT_MAX_IMAGE_PIXELS
+
+    assert fuzz_harness.IMAGE_PEAK_MB == (16 * DEFAULT_MAX_IMAGE_PIXELS >> 20) + 256
+
+
 def test_model_folder_target_reads_config_json_as_the_loader_does(folders, monkeypatch):
     """Old configs that still hold runtime options load (the options are split out, as
     load_model_source does), and a hostile option value reaches the options' own checks."""
